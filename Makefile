@@ -1,0 +1,33 @@
+# Two entry points do all the set-up: `make run` (the notebook pipeline) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PROFILE ?= quick
+STAMP := $(VENV)/.advkit-installed
+
+.PHONY: run test notebooks lab clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[dev]'
+	# torchattacks is only a cross-check; its metadata pins requests~=2.25 (breaks jupyterlab): no deps.
+	$(BIN)/pip install -q --no-deps torchattacks==3.5.1
+	touch $(STAMP)
+
+## run the notebook pipeline: runs/$(PROFILE)/ and figures/
+run: $(STAMP)
+	$(BIN)/python -m advkit run --profile $(PROFILE)
+
+## unit tests and nbval notebook regression tests
+test: $(STAMP)
+	$(BIN)/python -m pytest --nbval tests notebooks
+
+## re-execute the notebooks in place (quick profile, fresh run directory) to refresh their outputs
+notebooks: $(STAMP)
+	ADVKIT_RUNS_DIR=$$(mktemp -d) ADVKIT_FIGURES_DIR=$$(mktemp -d) $(BIN)/python -m advkit refresh
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab notebooks/
+
+clean:
+	rm -rf runs/quick

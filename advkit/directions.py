@@ -1,0 +1,361 @@
+"""Directions in parameter space along which loss landscapes are drawn.
+
+Random Gaussian directions with filter normalization (Li et al. 2018; Eq. 6 of Xu et al.
+2019), and explicit directions (model differences, Hessian eigenvectors, another tool's
+directions) used exactly as given. A direction is a mapping from state-dict names
+(parameters and, for model differences, floating BatchNorm statistics) to tensors; names
+it does not mention are not perturbed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from torch import nn
+
+NORMS = ("filter", "layer", "weight", "none")
+BN_POLICIES = ("ignore", "include")
+# Modules whose affine parameters are "BatchNorm parameters" in Li et al.'s sense.
+NORM_MODULES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+Direction = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True, eq=False)
+class Directions:
+    """One or two directions, with how they were made (stored with every surface).
+
+    `kind` is "random", "explicit" or "model_difference"; `seed`, `norm` and `bn` describe
+    random directions ("given" for explicit ones). `raw_cosine` is the cosine between the
+    two directions before orthogonalization.
+    """
+
+    vectors: tuple[Direction, ...]
+    kind: str = "explicit"
+    seed: int | None = None
+    norm: str = "given"
+    bn: str = "given"
+    orthogonalized: bool = False
+    raw_cosine: float | None = None
+    note: str = ""
+    ignored: tuple[str, ...] = field(default=())
+
+    def __post_init__(self):
+        if len(self.vectors) not in (1, 2):
+            raise ValueError(f"Directions holds 1 or 2 directions, got {len(self.vectors)}")
+
+    @property
+    def ndim(self) -> int:
+        return len(self.vectors)
+
+    @cached_property
+    def sha256(self) -> str:
+        """Hash of the direction tensors' bytes (float32, CPU, names sorted): device independent."""
+        return directions_hash(self.vectors)
+
+    @cached_property
+    def cosine(self) -> float | None:
+        """Cosine between the two directions as used (None for a single direction)."""
+        return cosine_similarity(*self.vectors) if self.ndim == 2 else None
+
+    def settings(self) -> dict[str, str | int | float]:
+        """Flat description for file attributes (netCDF-friendly scalars and strings)."""
+        return {
+            "direction_kind": self.kind,
+            "direction_seed": "none" if self.seed is None else int(self.seed),
+            "direction_norm": self.norm,
+            "direction_bn": self.bn,
+            "direction_orthogonalized": int(self.orthogonalized),
+            "directions_sha256": self.sha256,
+        }
+
+    def to(self, device: torch.device | str) -> Directions:
+        """A copy with the tensors on `device` (hash and settings unchanged)."""
+        vectors = tuple({k: v.to(device) for k, v in d.items()} for d in self.vectors)
+        return Directions(vectors, self.kind, self.seed, self.norm, self.bn, self.orthogonalized,
+                          self.raw_cosine, self.note, self.ignored)
+
+
+# --- which parameters are "biases and BatchNorm parameters" --------------------------------
+
+
+def ignored_parameters(model: nn.Module) -> set[str]:
+    """Names of the normalization layers' affine parameters and of every module's `bias`.
+
+    Chosen by module type and attribute, not by parameter name or dimensionality: these
+    get a zero direction under bn="ignore" (Li et al.'s "biasbn").
+    """
+    ignored_ids = set()
+    for module in model.modules():
+        if isinstance(module, NORM_MODULES):
+            ignored_ids.update(id(p) for p in module.parameters(recurse=False))
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, nn.Parameter):
+            ignored_ids.add(id(bias))
+    return {name for name, p in model.named_parameters() if id(p) in ignored_ids}
+
+
+# --- normalization (Eq. 6 of Xu et al.) ----------------------------------------------------
+
+
+def normalize_direction(d: torch.Tensor, theta: torch.Tensor, norm: str) -> torch.Tensor:
+    """Rescale one tensor of a direction to the scale of the weights `theta`.
+
+    filter: each filter d_i (a slice along the first axis: an output channel of a conv,
+    a row of a linear layer; single numbers for 1-D tensors) gets norm ||theta_i||
+    (Li et al. 2018; Xu et al. Eq. 6). layer: the whole tensor gets norm ||theta||.
+    weight: d * |theta| elementwise. none: unchanged.
+    """
+    if norm not in NORMS:
+        raise ValueError(f"norm={norm!r} is not available; choose one of {list(NORMS)}")
+    d, theta = d.float(), theta.detach().float()
+    if norm == "none":
+        return d.clone()
+    if norm == "weight":
+        return d * theta.abs()
+    if norm == "layer":
+        return d * (theta.norm() / (d.norm() + 1e-10))
+    if d.dim() <= 1:
+        return d * (theta.abs() / (d.abs() + 1e-10))
+    d_norm = d.flatten(1).norm(dim=1)
+    t_norm = theta.flatten(1).norm(dim=1)
+    return d * (t_norm / (d_norm + 1e-10)).view(-1, *([1] * (d.dim() - 1)))
+
+
+def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not available; choose one of {list(allowed)}")
+
+
+def random_directions(model: nn.Module, n: int = 2, *, seed: int, norm: str = "filter",
+                      bn: str = "ignore", orthogonalize: bool = False) -> Directions:
+    """Seeded Gaussian directions over the model's parameters, normalized per `norm`.
+
+    The raw Gaussian entries are drawn on the CPU from one generator, parameter after
+    parameter in `named_parameters` order (ignored ones included), so the same seed gives
+    the same raw direction for every model of an architecture, on any device. With
+    `orthogonalize`, the second direction loses its component along the first (after
+    normalization, not renormalized: the filter norms change by the tiny overlap).
+    """
+    if n not in (1, 2):
+        raise ValueError(f"n must be 1 or 2, got {n}")
+    _check_choice("norm", norm, NORMS)
+    _check_choice("bn", bn, BN_POLICIES)
+    if not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    params = dict(model.named_parameters())
+    ignored = ignored_parameters(model) if bn == "ignore" else set()
+    device = next(iter(params.values())).device
+    gen = torch.Generator().manual_seed(seed)
+    vectors = []
+    for _ in range(n):
+        d = {}
+        for name, p in params.items():
+            raw = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            if name in ignored:
+                d[name] = torch.zeros_like(raw)
+            else:
+                d[name] = normalize_direction(raw, p.detach().cpu(), norm)
+        vectors.append(d)
+    raw_cos = cosine_similarity(*vectors) if n == 2 else None
+    if n == 2 and orthogonalize:
+        vectors[1] = orthogonalized(vectors[0], vectors[1])
+    vectors = [{k: v.to(device=device, dtype=params[k].dtype) for k, v in d.items()} for d in vectors]
+    return Directions(tuple(vectors), "random", seed, norm, bn, bool(orthogonalize and n == 2),
+                      raw_cos, ignored=tuple(sorted(ignored)))
+
+
+# --- explicit directions ----------------------------------------------------------------
+
+
+def perturbable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and persistent floating-point buffers (BatchNorm statistics), by name."""
+    state = {k: p for k, p in model.named_parameters()}
+    persistent = model.state_dict(keep_vars=True)
+    for k, b in model.named_buffers():
+        if k in persistent and b.is_floating_point():
+            state[k] = b
+    return state
+
+
+def as_direction(model: nn.Module, direction: Mapping[str, torch.Tensor] | Sequence[torch.Tensor],
+                 name: str = "direction") -> Direction:
+    """Check a given direction against the model: a name->tensor mapping, or tensors in
+    `named_parameters` order. Shapes must match; names must be parameters or float buffers."""
+    state = perturbable_state(model)
+    if isinstance(direction, Mapping):
+        d = dict(direction)
+    elif isinstance(direction, Sequence) and not isinstance(direction, (str, bytes)):
+        names = [k for k, _ in model.named_parameters()]
+        if len(direction) != len(names):
+            raise ValueError(f"{name}: a list direction needs one tensor per parameter "
+                             f"({len(names)}), got {len(direction)}")
+        d = dict(zip(names, direction))
+    else:
+        raise ValueError(f"{name} must be a mapping name->tensor or a list of tensors, "
+                         f"got {type(direction).__name__}")
+    unknown = sorted(set(d) - set(state))
+    if unknown:
+        raise ValueError(f"{name} names entries that are not parameters or float buffers of the "
+                         f"model: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+    out = {}
+    for k, v in d.items():
+        v = torch.as_tensor(v)
+        if tuple(v.shape) != tuple(state[k].shape):
+            raise ValueError(f"{name}[{k!r}] has shape {tuple(v.shape)}, the model's is {tuple(state[k].shape)}")
+        out[k] = v.detach().to(device=state[k].device, dtype=state[k].dtype)
+    return out
+
+
+def explicit_directions(model: nn.Module, *directions: Mapping[str, torch.Tensor] | Sequence[torch.Tensor],
+                        note: str = "") -> Directions:
+    """One or two given directions, used as they are (no normalization, no orthogonalization)."""
+    if len(directions) not in (1, 2):
+        raise ValueError(f"give 1 or 2 directions, got {len(directions)}")
+    vectors = tuple(as_direction(model, d, f"direction {i + 1}") for i, d in enumerate(directions))
+    return Directions(vectors, "explicit", note=note)
+
+
+def model_difference(model_a: nn.Module, model_b: nn.Module, buffers: bool = True) -> Direction:
+    """theta_b - theta_a over the parameters (and BatchNorm statistics when `buffers`)."""
+    sa, sb = perturbable_state(model_a), perturbable_state(model_b)
+    if not buffers:
+        names = {k for k, _ in model_a.named_parameters()}
+        sa = {k: v for k, v in sa.items() if k in names}
+    missing = sorted(set(sa) - set(sb))
+    if missing:
+        raise ValueError(f"model_b lacks entries of model_a (different architectures?): {missing[:5]}")
+    out = {}
+    for k, a in sa.items():
+        b = sb[k]
+        if a.shape != b.shape:
+            raise ValueError(f"{k!r}: shapes differ between the models: {tuple(a.shape)} vs {tuple(b.shape)}")
+        out[k] = (b.detach().to(a.device, a.dtype) - a.detach())
+    return out
+
+
+def interpolation_directions(model_a: nn.Module, model_b: nn.Module) -> Directions:
+    """The direction b - a (parameters and BatchNorm statistics): theta(t) = (1 - t) a + t b."""
+    return Directions((model_difference(model_a, model_b),), "model_difference",
+                      note="alpha is t in theta = (1 - t) theta_a + t theta_b")
+
+
+def plane_directions(model_a: nn.Module, model_b: nn.Module, model_c: nn.Module) -> Directions:
+    """Directions b - a and c - a: the plane through three models, b at (1, 0), c at (0, 1)."""
+    d1, d2 = model_difference(model_a, model_b), model_difference(model_a, model_c)
+    return Directions((d1, d2), "model_difference", raw_cosine=cosine_similarity(d1, d2),
+                      note="theta = a + alpha (b - a) + beta (c - a); b at (1, 0), c at (0, 1)")
+
+
+# --- exchange with tomgoldstein/loss-landscape ------------------------------------------------
+
+
+def save_loss_landscape_directions(directions: Directions, model: nn.Module, path: str | Path) -> Path:
+    """Write directions as a loss-landscape direction file (dir_type "weights": groups
+    xdirection/ydirection holding one dataset per parameter, "0", "1", ... in parameter order),
+    so the reference tool can compute the same surface for a point-by-point cross-check."""
+    import h5py
+
+    names = [k for k, _ in model.named_parameters()]
+    extra = sorted(set().union(*directions.vectors) - set(names))
+    if extra:
+        raise ValueError(f"directions perturb buffers {extra[:3]}...; loss-landscape's 'weights' files hold "
+                         "parameters only")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    params = dict(model.named_parameters())
+    with h5py.File(path, "w") as f:
+        for group, d in zip(("xdirection", "ydirection"), directions.vectors):
+            grp = f.create_group(group)
+            for i, k in enumerate(names):
+                v = d.get(k, torch.zeros_like(params[k]))
+                grp.create_dataset(str(i), data=v.detach().cpu().float().numpy())
+    return path
+
+
+def load_loss_landscape_directions(path: str | Path, model: nn.Module) -> Directions:
+    """Read a loss-landscape direction file (dir_type "weights": one entry per parameter; or
+    "states": one per state-dict entry) as explicit directions, used exactly as stored."""
+    import h5py
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no direction file at {path}")
+    params = [k for k, _ in model.named_parameters()]
+    state_keys = list(model.state_dict())
+    perturbable = perturbable_state(model)
+    vectors = []
+    with h5py.File(path, "r") as f:
+        for group in ("xdirection", "ydirection"):
+            if group not in f:
+                continue
+            arrays = [torch.from_numpy(f[group][str(i)][()]) for i in range(len(f[group]))]
+            if len(arrays) == len(params):
+                vectors.append(dict(zip(params, arrays)))
+            elif len(arrays) == len(state_keys):  # dir_type "states": skip integer counters
+                vectors.append({k: a for k, a in zip(state_keys, arrays) if k in perturbable})
+            else:
+                raise ValueError(f"{path}:{group} has {len(arrays)} entries; the model has {len(params)} "
+                                 f"parameters and {len(state_keys)} state-dict entries")
+    if not vectors:
+        raise ValueError(f"{path} holds no 'xdirection' group: not a loss-landscape direction file")
+    d = explicit_directions(model, *vectors, note=f"loaded from loss-landscape file {path.name}")
+    return d
+
+
+# --- geometry -------------------------------------------------------------------------------
+
+
+def _dot(d1: Mapping[str, torch.Tensor], d2: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    total = torch.zeros((), dtype=torch.float64)
+    for k in set(d1) & set(d2):
+        total += (d1[k].double() * d2[k].double()).sum().cpu()
+    return total
+
+
+def cosine_similarity(d1: Mapping[str, torch.Tensor], d2: Mapping[str, torch.Tensor]) -> float:
+    """Cosine between two directions flattened over all entries (missing names count as zero)."""
+    denom = (_dot(d1, d1) * _dot(d2, d2)).sqrt()
+    return float(_dot(d1, d2) / denom) if denom > 0 else 0.0
+
+
+def orthogonalized(d1: Mapping[str, torch.Tensor], d2: Mapping[str, torch.Tensor]) -> Direction:
+    """d2 minus its projection on d1 (Gram-Schmidt over all entries)."""
+    coef = float(_dot(d1, d2) / _dot(d1, d1))
+    return {k: v - coef * d1[k].to(v.dtype) if k in d1 else v.clone() for k, v in d2.items()}
+
+
+def directions_hash(vectors: Sequence[Mapping[str, torch.Tensor]]) -> str:
+    """sha256 over names, shapes and float32 bytes of every direction (names sorted)."""
+    h = hashlib.sha256()
+    for i, d in enumerate(vectors):
+        h.update(f"direction{i}".encode())
+        for k in sorted(d):
+            t = d[k].detach().to("cpu", torch.float32).contiguous()
+            h.update(f"{k}:{tuple(t.shape)}".encode())
+            h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def tensors_hash(*tensors: torch.Tensor) -> str:
+    """sha256 of tensors' shapes, dtypes and bytes (to identify a data subset or a model)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def state_hash(model: nn.Module) -> str:
+    """sha256 of a model's state dict (names sorted): identifies the centre of a surface."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(tensors_hash(v).encode())
+    return h.hexdigest()

@@ -1,0 +1,410 @@
+"""Training objectives: the pluggable piece of `advkit.train.fit`.
+
+An objective is any callable `objective(model, x, y) -> loss` (a scalar tensor to
+minimize). It may also define `after_backward(model)` and `after_step(model)`, which
+`fit` calls around the optimizer step (adversarial weight perturbation needs them):
+
+    loss = objective(model, x, y); opt.zero_grad(); loss.backward()
+    objective.after_backward(model); opt.step(); objective.after_step(model)
+
+Adversarial objectives split into `perturb(model, x, y) -> x_adv` (the inner maximization)
+and `training_loss(forward, x, x_adv, y)` (the outer loss; `forward` is the model or any
+callable with its signature), so wrappers such as AWP can reuse both halves. Their inner
+attacks take gradients w.r.t. the input only (`torch.autograd.grad`), so nothing leaks into
+`param.grad`. Random starts draw from `generator`, by default torch's global RNG, which `fit`
+reseeds from (TrainConfig.seed, epoch) at every epoch: interrupted runs resume exactly.
+Budgets are in [0, 1] pixel space; defaults are each paper's CIFAR-10 settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+ATTACK_MODES = ("train", "eval")
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Objective(Protocol):
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
+
+
+class Clean:
+    """Standard cross-entropy training, optionally with label smoothing (Szegedy et al. 2016)."""
+
+    def __init__(self, label_smoothing: float = 0.0):
+        if not 0 <= label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.label_smoothing = label_smoothing
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(x), y, label_smoothing=self.label_smoothing)
+
+    def __repr__(self) -> str:
+        return f"Clean(label_smoothing={self.label_smoothing})"
+
+
+# --- shared pieces of the inner maximization -------------------------------------------------
+
+
+def _check_number(value: Any, name: str, low: float = 0.0, high: float = math.inf,
+                  low_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bound = f"> {low:g}" if low_open else f">= {low:g}"
+        bound += f" and <= {high:g}" if math.isfinite(high) else ""
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+
+
+def _check_steps(steps: Any) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+
+
+def _check_mode(mode: Any) -> None:
+    if mode not in ATTACK_MODES:
+        raise ValueError(f"attack_mode={mode!r} is not available; choose one of {list(ATTACK_MODES)}")
+
+
+@contextlib.contextmanager
+def _mode(model: nn.Module, mode: str) -> Iterator[None]:
+    """Train or eval mode for the inner attack; every module's own flag is restored after."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.train(mode == "train")
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _linf_ascent(forward: Forward, x: torch.Tensor, start: torch.Tensor,
+                 loss_fn: Callable[[torch.Tensor], torch.Tensor], eps: float, alpha: float,
+                 steps: int) -> torch.Tensor:
+    """Signed-gradient ascent of loss_fn(logits) from `start`, projected onto the L-inf eps-ball
+    around x and the [0, 1] box after every step (Madry et al. 2018, Eq. 2-3). Gradients are
+    taken w.r.t. the input only; no host-device synchronisation in the loop."""
+    x = x.detach()
+    lower, upper = (x - eps).clamp_(min=0.0), (x + eps).clamp_(max=1.0)
+    x_adv = start.detach()
+    with torch.enable_grad():
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            loss = loss_fn(forward(x_adv).float())
+            (grad,) = torch.autograd.grad(loss, x_adv)
+            x_adv = torch.minimum(torch.maximum(x_adv.detach() + alpha * grad.sign(), lower), upper)
+    return x_adv.detach()
+
+
+def _uniform_start(x: torch.Tensor, eps: float, generator: torch.Generator | None) -> torch.Tensor:
+    """x + U[-eps, eps]^d, clipped to [0, 1] (the random start of Madry et al. and Wong et al.)."""
+    noise = torch.rand(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+    return (x + (2 * noise - 1) * eps).clamp_(0.0, 1.0)
+
+
+def _gaussian_start(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """x + 0.001 N(0, 1), clipped to [0, 1] (the start of TRADES' and MART's code)."""
+    noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+    return (x + 0.001 * noise).clamp_(0.0, 1.0)
+
+
+# --- adversarial objectives ----------------------------------------------------------------------
+
+
+class Adversarial:
+    """Base of the adversarial objectives: loss = training_loss(model, x, perturb(model, x, y), y)."""
+
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def training_loss(self, forward: Forward, x: torch.Tensor, x_adv: torch.Tensor,
+                      y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.training_loss(model, x, self.perturb(model, x, y), y)
+
+
+@dataclass
+class PGDAT(Adversarial):
+    """PGD adversarial training (Madry et al. 2018, Eq. 2.1): minimize CE on PGD examples.
+
+    Defaults: Rice et al. (2020)'s CIFAR-10 code, eps 8/255, step 2/255, 10 steps, uniform
+    random start. As in Rice et al.'s (and Madry et al.'s) code the attack runs with the model
+    in TRAIN mode (`attack_mode="train"`: BatchNorm uses batch statistics and its running
+    statistics are updated by the attack's forward passes). `label_smoothing` smooths the
+    outer loss only (the attack maximizes plain CE), a regularizer of Stutz et al. Table 1.
+    """
+
+    eps: float = 8 / 255
+    alpha: float = 2 / 255
+    steps: int = 10
+    random_start: bool = True
+    label_smoothing: float = 0.0
+    attack_mode: str = "train"
+    generator: torch.Generator | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        _check_number(self.eps, "eps", high=1.0)
+        _check_number(self.alpha, "alpha", high=1.0)
+        _check_steps(self.steps)
+        _check_number(self.label_smoothing, "label_smoothing", high=1.0)
+        if self.label_smoothing >= 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        _check_mode(self.attack_mode)
+
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        start = _uniform_start(x, self.eps, self.generator) if self.random_start else x
+        with _mode(model, self.attack_mode):
+            return _linf_ascent(model, x, start, lambda z: F.cross_entropy(z, y, reduction="sum"),
+                                self.eps, self.alpha, self.steps)
+
+    def training_loss(self, forward: Forward, x: torch.Tensor, x_adv: torch.Tensor,
+                      y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(forward(x_adv).float(), y, label_smoothing=self.label_smoothing)
+
+
+@dataclass
+class FGSMRS(PGDAT):
+    """FGSM training with random start, "Fast is better than free" (Wong et al. 2020, Alg. 3):
+    x_adv = Proj(x + delta + alpha sign(grad)), delta ~ U[-eps, eps], alpha = 1.25 eps.
+
+    A one-step PGDAT; the attack runs in TRAIN mode as in their code. Their schedule (cyclic
+    lr, 15 epochs) is in `PAPER_TRAINING["fgsm_rs"]`; catastrophic overfitting shows up as a
+    collapse of the held-out PGD accuracy, which early stopping on it catches.
+    """
+
+    alpha: float | None = None  # None: 1.25 * eps
+    steps: int = 1
+
+    def __post_init__(self):
+        if self.alpha is None:
+            _check_number(self.eps, "eps", high=1.0)
+            self.alpha = 1.25 * self.eps
+        super().__post_init__()
+
+
+@dataclass
+class TRADES(Adversarial):
+    """TRADES (Zhang et al. 2019, Eq. 5): CE(f(x), y) + beta * KL(f(x) || f(x_adv)), x_adv
+    maximizing the KL in the eps-ball by signed-gradient ascent from x + 0.001 N(0, 1).
+
+    Defaults from their CIFAR-10 code: eps 0.031 (~8/255; we use 8/255), step 0.007, 10 steps,
+    beta 6. As in their code the attack runs with the model in EVAL mode and the outer loss in
+    train mode (x and x_adv in separate forward passes). beta = 0 is clean training.
+    """
+
+    eps: float = 8 / 255
+    alpha: float = 0.007
+    steps: int = 10
+    beta: float = 6.0
+    attack_mode: str = "eval"
+    generator: torch.Generator | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        _check_number(self.eps, "eps", high=1.0)
+        _check_number(self.alpha, "alpha", high=1.0)
+        _check_steps(self.steps)
+        _check_number(self.beta, "beta")
+        _check_mode(self.attack_mode)
+
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        start = _gaussian_start(x, self.generator)
+        with _mode(model, self.attack_mode):
+            with torch.no_grad():
+                p_natural = F.softmax(model(x).float(), dim=1)
+            kl = lambda z: F.kl_div(F.log_softmax(z, dim=1), p_natural, reduction="sum")  # noqa: E731
+            return _linf_ascent(model, x, start, kl, self.eps, self.alpha, self.steps)
+
+    def training_loss(self, forward: Forward, x: torch.Tensor, x_adv: torch.Tensor,
+                      y: torch.Tensor) -> torch.Tensor:
+        logits = forward(x).float()
+        logits_adv = forward(x_adv).float()
+        robust = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits, dim=1), reduction="batchmean")
+        return F.cross_entropy(logits, y) + self.beta * robust
+
+
+@dataclass
+class MART(Adversarial):
+    """MART, misclassification-aware adversarial training (Wang et al. 2020, Eq. 9):
+    BCE(f(x_adv), y) + beta * KL(f(x) || f(x_adv)) * (1 - f_y(x)), with
+    BCE = -log f_y(x_adv) - log(1 - max_{k != y} f_k(x_adv)) (Eq. 7).
+
+    Defaults from their code: eps 0.031 (~8/255; we use 8/255), step 0.007, 10 steps of CE
+    ascent from x + 0.001 N(0, 1), beta 6 (their WideResNet script; their ResNet-18 script uses
+    5). The attack runs in EVAL mode and the loss in train mode, as in their code.
+    """
+
+    eps: float = 8 / 255
+    alpha: float = 0.007
+    steps: int = 10
+    beta: float = 6.0
+    attack_mode: str = "eval"
+    generator: torch.Generator | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        _check_number(self.eps, "eps", high=1.0)
+        _check_number(self.alpha, "alpha", high=1.0)
+        _check_steps(self.steps)
+        _check_number(self.beta, "beta")
+        _check_mode(self.attack_mode)
+
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        start = _gaussian_start(x, self.generator)
+        with _mode(model, self.attack_mode):
+            return _linf_ascent(model, x, start, lambda z: F.cross_entropy(z, y, reduction="sum"),
+                                self.eps, self.alpha, self.steps)
+
+    def training_loss(self, forward: Forward, x: torch.Tensor, x_adv: torch.Tensor,
+                      y: torch.Tensor) -> torch.Tensor:
+        logits = forward(x).float()
+        logits_adv = forward(x_adv).float()
+        p_adv = F.softmax(logits_adv, dim=1)
+        top2 = p_adv.topk(2, dim=1).indices
+        runner_up = torch.where(top2[:, 0] == y, top2[:, 1], top2[:, 0])  # argmax_{k != y} p_k(x_adv)
+        bce = F.cross_entropy(logits_adv, y) + F.nll_loss(torch.log(1.0001 - p_adv + 1e-12), runner_up)
+        p_natural = F.softmax(logits, dim=1)
+        p_true = p_natural.gather(1, y[:, None]).squeeze(1)
+        kl = F.kl_div(torch.log(p_adv + 1e-12), p_natural, reduction="none").sum(1)
+        return bce + self.beta * (kl * (1.0000001 - p_true)).mean()
+
+
+# --- adversarial weight perturbation -----------------------------------------------------------
+
+
+AWP_INNER = ("pgd_at", "fgsm_rs", "trades", "mart")
+
+
+@dataclass
+class AWP:
+    """Adversarial weight perturbation (Wu et al. 2020, Eq. 8-9) around an adversarial objective.
+
+    Per step: x_adv = inner.perturb(model, x, y) at the weights w; then one ascent step on the
+    inner training loss in weight space, layer-wise relative: v_l = gamma ||w_l|| g_l / ||g_l||
+    for every conv/linear weight (ndim > 1; BatchNorm and biases are left alone); the loss is
+    returned at w + v, so backward gives its gradient there. `after_backward` (called by `fit`
+    before the optimizer step) copies the saved weights back bit for bit, so the optimizer
+    steps from exactly w with the gradient taken at w + v. The ascent gradient comes from a
+    functional call with copies of the buffers (their proxy model): it leaves BatchNorm
+    statistics and `param.grad` untouched. gamma = 5e-3 (their TRADES-AWP; their AT-AWP code
+    uses 1e-2). Their warm-up (no AWP for the first epochs of TRADES-AWP) is not implemented.
+    """
+
+    inner: Adversarial | str = "pgd_at"
+    gamma: float = 5e-3
+    inner_kwargs: dict[str, Any] = field(default_factory=dict)
+    _saved: list[tuple[nn.Parameter, torch.Tensor]] | None = field(default=None, init=False, repr=False,
+                                                                    compare=False)
+
+    def __post_init__(self):
+        _check_number(self.gamma, "gamma")
+        if isinstance(self.inner, str):
+            if self.inner not in AWP_INNER:
+                raise ValueError(f"inner={self.inner!r} is not available for AWP; choose one of {list(AWP_INNER)} "
+                                 "or pass an Adversarial objective")
+            self.inner = get_objective(self.inner, **self.inner_kwargs)
+        elif not isinstance(self.inner, Adversarial):
+            raise ValueError(f"inner must be one of {list(AWP_INNER)} or an Adversarial objective, got {self.inner!r}")
+
+    def weight_perturbation(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor,
+                            y: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """(parameter, v) pairs of Eq. 9: one normalized ascent step on the inner training loss."""
+        params = dict(model.named_parameters())
+        perturbed = [p for p in params.values() if p.requires_grad and p.dim() > 1]
+        proxy_buffers = {n: b.clone() for n, b in model.named_buffers()}
+        with _mode(model, "train"), torch.enable_grad():
+            loss = self.inner.training_loss(
+                lambda inp: functional_call(model, {**params, **proxy_buffers}, (inp,)), x, x_adv, y)
+            grads = torch.autograd.grad(loss, perturbed)
+        with torch.no_grad():
+            return [(p, self.gamma * p.norm() / (g.norm() + 1e-20) * g) for p, g in zip(perturbed, grads)]
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self._saved is not None:
+            raise RuntimeError("AWP: the weights are still perturbed by the previous call; call "
+                               "after_backward(model) (fit does) before computing the next loss")
+        x_adv = self.inner.perturb(model, x, y)
+        perturbation = self.weight_perturbation(model, x, x_adv, y)
+        with torch.no_grad():
+            self._saved = [(p, p.detach().clone()) for p, _ in perturbation]
+            for p, v in perturbation:
+                p.add_(v)
+        return self.inner.training_loss(model, x, x_adv, y)
+
+    def restore(self) -> None:
+        """Copy the unperturbed weights back (exactly, not by subtracting v)."""
+        if self._saved is None:
+            return
+        with torch.no_grad():
+            for p, saved in self._saved:
+                p.copy_(saved)
+        self._saved = None
+
+    def after_backward(self, model: nn.Module) -> None:
+        self.restore()
+
+
+# --- registry ---------------------------------------------------------------------------------
+
+
+OBJECTIVES: dict[str, Callable[..., Objective]] = {
+    "clean": Clean,
+    "pgd_at": PGDAT,
+    "fgsm_rs": FGSMRS,
+    "trades": TRADES,
+    "mart": MART,
+    "awp": AWP,
+}
+
+
+def get_objective(name: str, **kwargs) -> Objective:
+    """Build a registered objective by name with its keyword settings (e.g. beta=6)."""
+    if name not in OBJECTIVES:
+        raise ValueError(f"objective={name!r} is not available; choose one of {sorted(OBJECTIVES)}")
+    cls = OBJECTIVES[name]
+    allowed = [p for p in inspect.signature(cls).parameters if not p.startswith("_")]
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise ValueError(f"objective {name!r} has no setting {unknown}; allowed: {allowed}")
+    return cls(**kwargs)
+
+
+# Training settings of each paper's CIFAR-10 code (TrainConfig fields), for `paper_config`.
+PAPER_TRAINING: dict[str, dict[str, Any]] = {
+    # Rice et al. 2020 (PreAct ResNet-18): SGD 0.1, x0.1 at 50% and 75% of 200 epochs.
+    "pgd_at": dict(epochs=200, batch_size=128, optimizer="sgd", lr=0.1, momentum=0.9, nesterov=False,
+                   weight_decay=5e-4, schedule="multistep", milestones=(0.5, 0.75), gamma=0.1),
+    # Wong et al. 2020: cyclic lr up to 0.2 over 15 epochs (OneCycleLR approximates their triangle).
+    "fgsm_rs": dict(epochs=15, batch_size=128, optimizer="sgd", lr=0.2, momentum=0.9, nesterov=False,
+                    weight_decay=5e-4, schedule="onecycle"),
+    # Zhang et al. 2019: SGD 0.1, wd 2e-4, 80 epochs, x0.1 at epoch 75.
+    "trades": dict(epochs=80, batch_size=128, optimizer="sgd", lr=0.1, momentum=0.9, nesterov=False,
+                   weight_decay=2e-4, schedule="multistep", milestones=(75 / 80,), gamma=0.1),
+    # Wang et al. 2020 (ResNet-18 script): SGD 0.01, wd 3.5e-3, 120 epochs, x0.1 at 75, 90, 100.
+    "mart": dict(epochs=120, batch_size=128, optimizer="sgd", lr=0.01, momentum=0.9, nesterov=False,
+                 weight_decay=3.5e-3, schedule="multistep", milestones=(75 / 120, 90 / 120, 100 / 120), gamma=0.1),
+    # Wu et al. 2020 AT-AWP (built on Rice et al.'s code): as pgd_at.
+    "awp": dict(epochs=200, batch_size=128, optimizer="sgd", lr=0.1, momentum=0.9, nesterov=False,
+                weight_decay=5e-4, schedule="multistep", milestones=(0.5, 0.75), gamma=0.1),
+}
+
+
+def paper_config(objective: str, epochs: int | None = None, **overrides):
+    """The TrainConfig of `objective`'s paper (PAPER_TRAINING); `epochs` rescales the schedule
+    (milestones are fractions of training), `overrides` replace any field."""
+    from advkit.train import TrainConfig  # train imports this module
+
+    if objective not in PAPER_TRAINING:
+        raise ValueError(f"objective={objective!r} has no paper config; choose one of {sorted(PAPER_TRAINING)}")
+    settings = {**PAPER_TRAINING[objective], **({"epochs": epochs} if epochs is not None else {}), **overrides}
+    return TrainConfig(**settings)

@@ -1,0 +1,301 @@
+"""Figures (matplotlib/seaborn): learning curves, attack results, landscapes, correlations.
+
+Every figure function returns a matplotlib Figure; `save_figure` writes it as PNG and PDF
+into `figures/` (reproducibly: no timestamps in the PDF).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
+
+from advkit.runs import figures_dir
+
+
+def save_figure(fig: plt.Figure, name: str, folder: str | Path | None = None, dpi: int = 150) -> list[Path]:
+    """Write `fig` as `<name>.png` and `<name>.pdf` into `folder` (default: figures/)."""
+    folder = Path(folder) if folder is not None else figures_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{name}.png", folder / f"{name}.pdf"]
+    fig.savefig(paths[0], dpi=dpi, bbox_inches="tight", metadata={"Software": None})
+    fig.savefig(paths[1], bbox_inches="tight", metadata={"CreationDate": None, "Producer": None, "Creator": None})
+    return paths
+
+
+def learning_curves(history: pd.DataFrame, title: str = "") -> plt.Figure:
+    """Loss (train and test) and accuracy per epoch from a `fit` history."""
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.2))
+    loss_cols = [c for c in history.columns if c.endswith("loss")]
+    acc_cols = [c for c in history.columns if c.endswith("acc")]
+    long = history.melt(id_vars="epoch", value_vars=loss_cols + acc_cols)
+    sns.lineplot(long[long.variable.isin(loss_cols)], x="epoch", y="value", hue="variable", marker="o", ax=ax_loss)
+    sns.lineplot(long[long.variable.isin(acc_cols)], x="epoch", y="value", hue="variable", marker="o", ax=ax_acc)
+    ax_loss.set(ylabel="cross-entropy", yscale="log")
+    ax_acc.set(ylabel="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.legend(title=None)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+# --- loss landscapes (advkit.landscape surfaces) ----------------------------------------------
+# Surfaces are xarray Datasets with coordinates alpha (and beta) and one variable per quantity.
+# Side-by-side figures share one colour scale (and contour levels) across models, so that a
+# sharper-looking panel really is sharper (Xu et al. Fig. 1-2).
+
+LANDSCAPE_KINDS = ("contour", "contourf", "heatmap", "surface")
+QUANTITY_LABELS = {"loss": "loss", "accuracy": "accuracy", "robust_loss": "robust loss",
+                   "robust_accuracy": "robust accuracy"}
+
+
+def quantity_label(ds, quantity: str) -> str:
+    """Axis label for a quantity; robust ones say whether the attack was re-run or fixed."""
+    label = QUANTITY_LABELS.get(quantity, quantity.replace("_", " "))
+    if quantity.startswith("robust") and ds.attrs.get("robust") == "fixed adversarial examples":
+        label += " (fixed adv. examples)"
+    return label
+
+
+def _axis_label(ds, name: str) -> str:
+    if name == "alpha" and ds.attrs.get("kind") == "interpolation":
+        return "t  (θ = (1-t) θ_a + t θ_b)"
+    return {"alpha": "α", "beta": "β"}.get(name, name)
+
+
+def _grid_values(ds, quantity: str):
+    """alpha, beta and the values as a (beta, alpha) array for matplotlib's (X, Y, Z) convention."""
+    import numpy as np
+
+    if quantity not in ds:
+        raise ValueError(f"quantity={quantity!r} is not in this surface; it has {sorted(ds.data_vars)}")
+    if "beta" not in ds[quantity].dims:
+        raise ValueError(f"{quantity!r} is a 1D surface: use curves_1d for it")
+    z = ds[quantity].transpose("beta", "alpha").values.astype(float)
+    return ds["alpha"].values, ds["beta"].values, np.ma.masked_invalid(z)
+
+
+def shared_norm(surfaces, quantity: str = "loss", *, log: bool = False, vmin: float | None = None,
+                vmax: float | None = None):
+    """One colour normalization covering `quantity` over all `surfaces` (computed points only)."""
+    import numpy as np
+    from matplotlib.colors import LogNorm, Normalize
+
+    values = np.concatenate([np.ravel(ds[quantity].values) for ds in surfaces])
+    values = values[np.isfinite(values) & ((values > 0) if log else True)]
+    if values.size == 0:
+        raise ValueError(f"no computed{' positive' if log else ''} values of {quantity!r} to scale colours by")
+    lo = float(values.min()) if vmin is None else vmin
+    hi = float(values.max()) if vmax is None else vmax
+    if hi <= lo:
+        hi = lo + (abs(lo) or 1.0) * 1e-6
+    return LogNorm(lo, hi) if log else Normalize(lo, hi)
+
+
+def _levels(norm, n: int):
+    import numpy as np
+    from matplotlib.colors import LogNorm
+
+    if isinstance(norm, LogNorm):
+        return np.geomspace(norm.vmin, norm.vmax, n)
+    return np.linspace(norm.vmin, norm.vmax, n)
+
+
+def _mark_models(ax, ds) -> None:
+    """Mark the centre (and, for a plane, the three models) on a 2D panel."""
+    if ds.attrs.get("kind") == "plane":
+        for (a, b), name in (((0, 0), "a"), ((1, 0), "b"), ((0, 1), "c")):
+            ax.plot(a, b, "w^", ms=6, mec="k")
+            ax.annotate(name, (a, b), textcoords="offset points", xytext=(4, 4), color="w")
+    else:
+        ax.plot(0, 0, "wx", ms=7, mew=2)
+
+
+def landscape_panel(ds, quantity: str = "loss", *, kind: str = "contourf", ax=None, norm=None,
+                    log: bool = False, levels: int = 25, cmap: str = "viridis", title: str | None = None):
+    """Draw one 2D surface on `ax` as a contour, filled contour, heatmap or 3D surface; returns the
+    colour mappable. Pass a `norm` from `shared_norm` to compare panels honestly."""
+    import numpy as np
+
+    if kind not in LANDSCAPE_KINDS:
+        raise ValueError(f"kind={kind!r} is not available; choose one of {list(LANDSCAPE_KINDS)}")
+    a, b, z = _grid_values(ds, quantity)
+    norm = norm or shared_norm([ds], quantity, log=log)
+    if ax is None:
+        fig = plt.figure(figsize=(4.2, 3.6))
+        ax = fig.add_subplot(projection="3d" if kind == "surface" else None)
+    if kind == "surface":
+        aa, bb = np.meshgrid(a, b)
+        zz = np.log10(z) if log else z
+        m = ax.plot_surface(aa, bb, zz.filled(np.nan), cmap=cmap, norm=norm, linewidth=0,
+                            antialiased=True, rcount=len(b), ccount=len(a))
+        if log:  # faces are coloured by their mean height: map it back to the quantity's units
+            m.set_array(10 ** np.asarray(m.get_array()))
+        lim = (np.log10(norm.vmin), np.log10(norm.vmax)) if log else (norm.vmin, norm.vmax)
+        ax.set_zlim(*lim)
+        ax.set_zlabel(("log10 " if log else "") + quantity_label(ds, quantity))
+    elif kind == "heatmap":
+        m = ax.pcolormesh(a, b, z, cmap=cmap, norm=norm, shading="nearest")
+    else:
+        lv = _levels(norm, levels)
+        if kind == "contourf":
+            m = ax.contourf(a, b, z, levels=lv, cmap=cmap, norm=norm, extend="both")
+        else:
+            m = ax.contour(a, b, z, levels=lv, cmap=cmap, norm=norm, linewidths=1)
+            ax.clabel(m, m.levels[::4], inline=True, fontsize=7, fmt="%.3g")
+    if kind != "surface":
+        ax.set_aspect("equal")
+        _mark_models(ax, ds)
+    ax.set_xlabel(_axis_label(ds, "alpha"))
+    ax.set_ylabel(_axis_label(ds, "beta"))
+    ax.set_title(title if title is not None else ds.attrs.get("model", ""))
+    return m
+
+
+def colour_mappables(fig) -> list:
+    """The colour-mapped artists of a figure's panels (not of its colorbars)."""
+    out = []
+    for ax in fig.axes:
+        if hasattr(ax, "_colorbar"):
+            continue
+        out += [c for c in list(ax.collections) + list(ax.images)
+                if getattr(c, "norm", None) is not None and c.get_array() is not None]
+    return out
+
+
+def compare_surfaces(surfaces, quantity: str = "loss", *, kind: str = "contourf", log: bool = False,
+                     vmin: float | None = None, vmax: float | None = None, levels: int = 25,
+                     cmap: str = "viridis", ncols: int | None = None, title: str | None = None) -> plt.Figure:
+    """Side-by-side 2D surfaces of several models with ONE colour scale (and contour levels),
+    optionally logarithmic: base vs FGSM vs PGD as in Xu et al. Fig. 1-2."""
+    if kind not in LANDSCAPE_KINDS:
+        raise ValueError(f"kind={kind!r} is not available; choose one of {list(LANDSCAPE_KINDS)}")
+    surfaces = dict(surfaces)
+    if not surfaces:
+        raise ValueError("surfaces is empty: give a mapping name -> surface Dataset")
+    norm = shared_norm(surfaces.values(), quantity, log=log, vmin=vmin, vmax=vmax)
+    n = len(surfaces)
+    ncols = ncols or min(n, 4)
+    nrows = -(-n // ncols)
+    fig = plt.figure(figsize=(3.4 * ncols + 0.8, 3.3 * nrows), layout="constrained")
+    axes = [fig.add_subplot(nrows, ncols, i + 1, projection="3d" if kind == "surface" else None)
+            for i in range(n)]
+    mappable = None
+    for ax, (name, ds) in zip(axes, surfaces.items()):
+        mappable = landscape_panel(ds, quantity, kind=kind, ax=ax, norm=norm, levels=levels,
+                                   cmap=cmap, title=name, log=log)
+    first = next(iter(surfaces.values()))
+    _colorbar(fig, mappable, axes, quantity_label(first, quantity), log)
+    fig.suptitle(title if title is not None else f"{quantity_label(first, quantity)}: {_describe(first)}")
+    return fig
+
+
+def _colorbar(fig, mappable, axes, label: str, log: bool, cax=None):
+    from matplotlib import ticker
+
+    kw = {"cax": cax} if cax is not None else {"ax": axes, "shrink": 0.85}
+    cbar = fig.colorbar(mappable, label=label + (" (log scale)" if log else ""), **kw)
+    if log:
+        cbar.ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        cbar.ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        cbar.ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+    return cbar
+
+
+def _describe(ds) -> str:
+    """What a surface shows, from its attributes: directions, data and robust mode."""
+    a = ds.attrs
+    if a.get("direction_kind") == "random":
+        dirs = f"{a.get('direction_norm')}-normalized random directions (seed {a.get('direction_seed')})"
+    else:
+        dirs = {"interpolation": "interpolation", "plane": "plane through three models"}.get(
+            a.get("kind"), f"{a.get('direction_kind', 'given')} directions")
+    robust = a.get("robust", "none")
+    return ", ".join(x for x in (dirs, a.get("data", ""), "" if robust == "none" else robust) if x)
+
+
+def landscape_figure(ds, quantity: str = "loss", *, kinds=("contour", "contourf", "heatmap", "surface"),
+                     log: bool = False, levels: int = 25, cmap: str = "viridis") -> plt.Figure:
+    """One surface drawn every way: contour, filled contour, heatmap and 3D surface."""
+    norm = shared_norm([ds], quantity, log=log)
+    fig = plt.figure(figsize=(3.6 * len(kinds) + 0.8, 3.4), layout="constrained")
+    mappable = None
+    axes = []
+    for i, kind in enumerate(kinds):
+        ax = fig.add_subplot(1, len(kinds), i + 1, projection="3d" if kind == "surface" else None)
+        mappable = landscape_panel(ds, quantity, kind=kind, ax=ax, norm=norm, levels=levels, cmap=cmap,
+                                   title=kind, log=log)
+        axes.append(ax)
+    _colorbar(fig, mappable, axes, quantity_label(ds, quantity), log)
+    fig.suptitle(f"{ds.attrs.get('model', '')}, {quantity_label(ds, quantity)}: {_describe(ds)}", fontsize=10)
+    return fig
+
+
+def curves_1d(surfaces, quantities=("loss", "accuracy"), *, log: bool = False, ax=None,
+              title: str | None = None) -> plt.Figure:
+    """1D landscapes (lines or interpolations) of several models: loss-type quantities solid on
+    the left axis, accuracy-type dashed on the right axis (Li et al. 2018 Fig. 1 style)."""
+    if hasattr(surfaces, "data_vars"):
+        surfaces = {surfaces.attrs.get("model", "model"): surfaces}
+    surfaces = dict(surfaces)
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(5.2, 3.4), layout="constrained")
+    else:
+        fig = ax.figure
+    losses = [q for q in quantities if "accuracy" not in q]
+    accs = [q for q in quantities if "accuracy" in q]
+    ax_acc = ax.twinx() if accs and losses else None
+    colors = sns.color_palette("tab10", len(surfaces))
+    handles = []
+    for color, (name, ds) in zip(colors, surfaces.items()):
+        x = ds["alpha"].values
+        for q in quantities:
+            if q not in ds:
+                continue
+            target = ax_acc if (ax_acc is not None and q in accs) else ax
+            style = {"loss": "-", "robust_loss": "-.", "accuracy": "--", "robust_accuracy": ":"}.get(q, "-")
+            (h,) = target.plot(x, ds[q].values, style, color=color, label=f"{name}: {quantity_label(ds, q)}")
+            handles.append(h)
+    first = next(iter(surfaces.values()))
+    ax.set_xlabel(_axis_label(first, "alpha"))
+    ax.set_ylabel(" / ".join(quantity_label(first, q) for q in (losses or accs)))
+    if log and losses:
+        ax.set_yscale("log")
+    if ax_acc is not None:
+        ax_acc.set_ylabel(" / ".join(quantity_label(first, q) for q in accs))
+        ax_acc.set_ylim(-0.02, 1.02)
+    title = title if title is not None else _describe(first)
+    if len(handles) > 4:
+        fig.legend(handles=handles, fontsize=7, loc="outside right upper")
+        fig.suptitle(title, fontsize=9)
+    else:
+        ax.legend(handles=handles, fontsize=7, loc="upper center")
+        ax.set_title(title, fontsize=9)
+    return fig
+
+
+def sensitivity_figure(table: pd.DataFrame, *, log: bool = True) -> plt.Figure:
+    """The sensitivity analysis as a figure: the sharpness metric against the span, one panel per
+    normalization, one line per model; titles give Kendall's tau against the reference ordering."""
+    fixed = {"norm", "span", "ordering", "kendall_tau", "same_ordering"}
+    models = [c for c in table.columns if c not in fixed]
+    norms = list(dict.fromkeys(table["norm"]))
+    fig, axes = plt.subplots(1, len(norms), figsize=(3.4 * len(norms), 3.2), layout="constrained", squeeze=False)
+    for ax, norm in zip(axes[0], norms):
+        sub = table[table["norm"] == norm].sort_values("span")
+        for m in models:
+            ax.plot(sub["span"], sub[m], "o-", label=m)
+        taus = ", ".join(f"{t:.2f}" for t in sub["kendall_tau"])
+        ax.set(title=f"{norm}  (τ: {taus})", xlabel="span of α", ylabel=table.attrs.get("metric", "metric"))
+        if log and (sub[models].to_numpy() > 0).all():
+            from matplotlib import ticker
+
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(ticker.LogFormatter())
+            ax.yaxis.set_minor_formatter(ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.4)))
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"does the ordering hold? reference: {table.attrs.get('reference', '')}")
+    return fig

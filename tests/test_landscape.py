@@ -1,0 +1,431 @@
+"""Directions, surfaces, files, sharpness numbers and landscape figures (advkit.directions,
+advkit.landscape, advkit.plots)."""
+
+import copy
+import functools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import xarray as xr
+from torch import nn
+
+from advkit import landscape as L
+from advkit.data import to_float
+from advkit.directions import (explicit_directions, ignored_parameters, load_loss_landscape_directions,
+                               model_difference, normalize_direction, random_directions,
+                               save_loss_landscape_directions)
+from advkit.models import get_model
+
+
+def _train_briefly(model, x, y, steps=15, seed=0):
+    """A few SGD steps: non-trivial weights and BatchNorm statistics in a second."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(y), (64,), generator=gen)
+        opt.zero_grad()
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: one thread is as fast, and far faster when CPU cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def train_xy(digits):
+    return to_float(digits.x_train[:512]), digits.y_train[:512]
+
+
+@pytest.fixture(scope="module")
+def cnn(train_xy):
+    torch.manual_seed(0)
+    return _train_briefly(get_model("small_cnn", 10, 1, width=8), *train_xy)
+
+
+@pytest.fixture(scope="module")
+def cnn_b(cnn, train_xy):
+    """cnn trained further: different weights and BatchNorm statistics."""
+    return _train_briefly(copy.deepcopy(cnn), *train_xy, steps=15, seed=1)
+
+
+@pytest.fixture(scope="module")
+def xy(digits):
+    return to_float(digits.x_test[:64]), digits.y_test[:64]
+
+
+def own_loss(model, x, y):
+    with torch.no_grad():
+        logits = model(x)
+    return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
+
+
+# --- directions -------------------------------------------------------------------------------
+
+
+def test_filter_normalization_matches_weight_filters_and_ignores_bias_bn(cnn):
+    dirs = random_directions(cnn, 2, seed=3, norm="filter", bn="ignore")
+    params = dict(cnn.named_parameters())
+    ignored = set(dirs.ignored)
+    assert ignored == {n for n in params if n.startswith("bn") or n == "linear.bias"}
+    for d in dirs.vectors:
+        for name, p in params.items():
+            if name in ignored:
+                assert torch.count_nonzero(d[name]) == 0, name
+            else:
+                assert p.dim() >= 2
+                torch.testing.assert_close(d[name].flatten(1).norm(dim=1), p.detach().flatten(1).norm(dim=1),
+                                           rtol=1e-5, atol=1e-7)
+    included = random_directions(cnn, 1, seed=3, norm="filter", bn="include").vectors[0]
+    assert torch.count_nonzero(included["bn1.weight"]) == included["bn1.weight"].numel()
+    torch.testing.assert_close(included["bn1.weight"].abs(), params["bn1.weight"].detach().abs())
+
+
+def test_same_seed_same_raw_direction_across_models(cnn, cnn_b):
+    a = random_directions(cnn, 2, seed=5, norm="none", bn="include")
+    b = random_directions(cnn_b, 2, seed=5, norm="none", bn="include")
+    c = random_directions(cnn, 2, seed=6, norm="none", bn="include")
+    assert a.sha256 == b.sha256 != c.sha256
+    one = random_directions(cnn, 1, seed=5, norm="none", bn="include")
+    torch.testing.assert_close(one.vectors[0], a.vectors[0])  # the first direction of two is the single one
+
+
+def test_layer_and_weight_normalization():
+    d, theta = torch.randn(4, 3, 3, 3), torch.randn(4, 3, 3, 3)
+    torch.testing.assert_close(normalize_direction(d, theta, "layer").norm(), theta.norm())
+    torch.testing.assert_close(normalize_direction(d, theta, "weight"), d * theta.abs())
+    torch.testing.assert_close(normalize_direction(d, theta, "none"), d)
+    with pytest.raises(ValueError, match="norm='batch'.*filter"):
+        normalize_direction(d, theta, "batch")
+
+
+def test_ignored_parameters_are_chosen_by_module_type_not_name():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, bias=True)
+            self.weights_of_norm = nn.BatchNorm2d(4)  # a BN not named "bn"
+            self.scale = nn.Parameter(torch.ones(4))  # 1-D but not a bias: perturbed
+
+        def forward(self, x):
+            return self.weights_of_norm(self.conv(x)) * self.scale.view(1, -1, 1, 1)
+
+    assert ignored_parameters(Odd()) == {"conv.bias", "weights_of_norm.weight", "weights_of_norm.bias"}
+
+
+def test_orthogonalization_reports_cosine(cnn):
+    plain = random_directions(cnn, 2, seed=1)
+    orth = random_directions(cnn, 2, seed=1, orthogonalize=True)
+    assert plain.raw_cosine == pytest.approx(orth.raw_cosine) and plain.cosine == pytest.approx(plain.raw_cosine)
+    assert abs(orth.cosine) < 1e-6 < abs(plain.cosine)
+    assert orth.sha256 != plain.sha256
+
+
+def test_explicit_directions_are_used_as_given(cnn, xy):
+    names = [n for n, _ in cnn.named_parameters()]
+    gen = torch.Generator().manual_seed(0)
+    given = [0.01 * torch.randn(p.shape, generator=gen) for p in cnn.parameters()]
+    dirs = explicit_directions(cnn, given)
+    assert dirs.kind == "explicit" and dirs.norm == "given"
+    torch.testing.assert_close(dirs.vectors[0], dict(zip(names, given)))
+    ds = L.line(cnn, dirs, *xy, span=(0, 1), resolution=2)
+    moved = copy.deepcopy(cnn)
+    with torch.no_grad():
+        for p, d in zip(moved.parameters(), given):
+            p.add_(d)
+    assert ds.loss.values[1] == pytest.approx(own_loss(moved, *xy)[0], rel=1e-5)
+    with pytest.raises(ValueError, match="conv1.weight.*shape"):
+        explicit_directions(cnn, {"conv1.weight": torch.zeros(2, 2)})
+    with pytest.raises(ValueError, match="one tensor per parameter"):
+        explicit_directions(cnn, given[:-1])
+
+
+def test_directions_round_trip_through_a_loss_landscape_file(cnn, tmp_path):
+    dirs = random_directions(cnn, 2, seed=9)
+    path = save_loss_landscape_directions(dirs, cnn, tmp_path / "dirs.h5")
+    loaded = load_loss_landscape_directions(path, cnn)
+    assert loaded.kind == "explicit" and loaded.sha256 == dirs.sha256
+
+
+# --- surfaces ---------------------------------------------------------------------------------
+
+
+def test_surface_centre_equals_model_loss(cnn, xy):
+    ds = L.grid(cnn, random_directions(cnn, 2, seed=0), *xy, resolution=3)
+    loss, acc = own_loss(cnn, *xy)
+    assert ds.loss.sel(alpha=0, beta=0).item() == pytest.approx(loss, rel=1e-5)
+    assert ds.accuracy.sel(alpha=0, beta=0).item() == pytest.approx(acc)
+    assert ds.loss.values.max() > loss  # the corners are off the minimum
+    assert ds.computed.values.all()
+
+
+def test_interpolation_endpoints_equal_both_models(cnn, cnn_b, xy):
+    assert not torch.equal(cnn.bn1.running_mean, cnn_b.bn1.running_mean)
+    diff = model_difference(cnn, cnn_b)  # parameters and BatchNorm statistics, not the step counter
+    torch.testing.assert_close(diff["bn1.running_mean"], cnn_b.bn1.running_mean - cnn.bn1.running_mean)
+    assert "bn1.num_batches_tracked" not in diff and "mean" not in diff  # nor the normalization constants
+    ds = L.interpolation(cnn, cnn_b, *xy, resolution=3)
+    assert ds.attrs["kind"] == "interpolation"
+    assert ds.loss.values[0] == pytest.approx(own_loss(cnn, *xy)[0], rel=1e-5)
+    assert ds.loss.values[-1] == pytest.approx(own_loss(cnn_b, *xy)[0], rel=1e-5)
+    assert ds.accuracy.values[-1] == pytest.approx(own_loss(cnn_b, *xy)[1])
+
+
+def test_plane_passes_through_three_models(cnn, cnn_b, train_xy, xy):
+    cnn_c = _train_briefly(copy.deepcopy(cnn), *train_xy, steps=10, seed=2)
+    ds = L.plane(cnn, cnn_b, cnn_c, *xy, span=(0, 1), resolution=2)
+    for model, (a, b) in ((cnn, (0, 0)), (cnn_b, (1, 0)), (cnn_c, (0, 1))):
+        assert ds.loss.sel(alpha=a, beta=b).item() == pytest.approx(own_loss(model, *xy)[0], rel=1e-5)
+
+
+def test_filter_normalized_surface_is_scale_invariant(cnn, xy):
+    """Rescaling a conv's filters before BatchNorm (with its statistics) leaves the function and
+    the filter-normalized surface unchanged (Li et al. 2018's motivation); `none` is not invariant."""
+    scaled = copy.deepcopy(cnn)
+    c = torch.linspace(0.3, 4.0, scaled.conv2.out_channels)
+    with torch.no_grad():
+        scaled.conv2.weight.mul_(c.view(-1, 1, 1, 1))
+        scaled.bn2.running_mean.mul_(c)
+        scaled.bn2.running_var.mul_(c ** 2)
+    surfaces = {}
+    for norm in ("filter", "none"):
+        for name, model in (("orig", cnn), ("scaled", scaled)):
+            dirs = random_directions(model, 2, seed=7, norm=norm)
+            surfaces[norm, name] = L.grid(model, dirs, *xy, span=0.5, resolution=3).loss.values
+    np.testing.assert_allclose(surfaces["filter", "scaled"], surfaces["filter", "orig"], rtol=1e-3)
+    assert np.abs(surfaces["none", "scaled"] - surfaces["none", "orig"]).max() > 0.01
+
+
+def test_resume_after_interruption_equals_one_go(cnn, xy, tmp_path):
+    dirs = random_directions(cnn, 2, seed=0)
+    kw = dict(resolution=4, span=0.5, model_name="cnn", data_name="digits test[:64]")
+    one_go = L.grid(cnn, dirs, *xy, **kw)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_halfway(done, total):
+        if done >= total // 2:
+            raise Interrupt
+
+    path = tmp_path / "cnn.nc"
+    with pytest.raises(Interrupt):
+        L.grid(cnn, dirs, *xy, path=path, callback=stop_halfway, **kw)
+    partial = L.load_surface(path)
+    assert partial.computed.values.sum() == 8 and np.isnan(partial.loss.values[2:]).all()
+    seen = []
+    resumed = L.grid(cnn, dirs, *xy, path=path, callback=lambda d, t: seen.append(d), **kw)
+    assert seen == [12, 16]  # only the two missing rows were computed
+    np.testing.assert_allclose(resumed.loss.values, one_go.loss.values, rtol=1e-6)
+    np.testing.assert_allclose(L.load_surface(path).accuracy.values, one_go.accuracy.values)
+    # a complete file is returned as it is
+    again = L.grid(cnn, dirs, *xy, path=path, callback=lambda d, t: pytest.fail("recomputed"), **kw)
+    xr.testing.assert_allclose(again.loss, resumed.loss)
+
+
+def test_settings_mismatch_names_the_setting(cnn, cnn_b, xy, tmp_path):
+    path = tmp_path / "s.nc"
+    dirs = random_directions(cnn, 1, seed=0)
+    L.line(cnn, dirs, *xy, resolution=3, path=path)
+    with pytest.raises(ValueError, match="direction_seed"):
+        L.line(cnn, random_directions(cnn, 1, seed=1), *xy, resolution=3, path=path)
+    with pytest.raises(ValueError, match="direction_norm"):
+        L.line(cnn, random_directions(cnn, 1, seed=0, norm="layer"), *xy, resolution=3, path=path)
+    with pytest.raises(ValueError, match="alpha"):
+        L.line(cnn, dirs, *xy, resolution=5, path=path)
+    with pytest.raises(ValueError, match="model_sha256"):
+        L.line(cnn_b, random_directions(cnn_b, 1, seed=0), *xy, resolution=3, path=path)
+    with pytest.raises(ValueError, match="data_sha256"):
+        L.line(cnn, dirs, xy[0].flip(0), xy[1].flip(0), resolution=3, path=path)
+    with pytest.raises(ValueError, match="bn_mode"):
+        L.line(cnn, dirs, *xy, resolution=3, path=path, bn_mode="recalibrate", bn_x=xy[0])
+
+
+def test_vmap_and_folded_paths_equal_the_plain_loop(cnn, cnn_b, xy):
+    dirs = random_directions(cnn, 2, seed=2)
+    plain = L.grid(cnn, dirs, *xy, resolution=3, fold_bn=False, points_per_forward=1)
+    assert plain.attrs["fold_bn"] == 0
+    for ppf, fold in ((1, True), (4, False), (4, True)):
+        ds = L.grid(cnn, dirs, *xy, resolution=3, fold_bn=fold, points_per_forward=ppf)
+        assert ds.attrs["fold_bn"] == (3 if fold else 0) and ds.attrs["fold_bn_static"] == int(fold)
+        np.testing.assert_allclose(ds.loss.values, plain.loss.values, rtol=1e-5)
+        np.testing.assert_allclose(ds.accuracy.values, plain.accuracy.values)
+    # batched BatchNorm statistics (an interpolation) through vmap and folding too
+    a = L.interpolation(cnn, cnn_b, *xy, resolution=4, fold_bn=False)
+    b = L.interpolation(cnn, cnn_b, *xy, resolution=4, points_per_forward=3)
+    assert b.attrs["fold_bn"] == 3 and b.attrs["fold_bn_static"] == 0  # statistics move: folded per point
+    np.testing.assert_allclose(b.loss.values, a.loss.values, rtol=1e-5)
+
+
+def test_channels_last_layout_gives_the_same_surface(cnn, xy):
+    dirs = random_directions(cnn, 1, seed=2)
+    a = L.line(cnn, dirs, *xy, resolution=3, channels_last=False)
+    for ppf in (1, 3):
+        b = L.line(cnn, dirs, *xy, resolution=3, channels_last=True, points_per_forward=ppf)
+        np.testing.assert_allclose(b.loss.values, a.loss.values, rtol=1e-5)
+
+
+def test_recalibrated_batchnorm_matches_update_bn(cnn, train_xy, xy):
+    from torch.optim.swa_utils import update_bn
+
+    dirs = random_directions(cnn, 1, seed=4)
+    bn_x = train_xy[0][:128]
+    ds = L.line(cnn, dirs, *xy, span=(0, 0.5), resolution=2, bn_mode="recalibrate", bn_x=bn_x, bn_batch_size=32)
+    moved = copy.deepcopy(cnn)
+    with torch.no_grad():
+        for name, p in moved.named_parameters():
+            p.add_(0.5 * dirs.vectors[0][name])
+    update_bn([bn_x[i:i + 32] for i in range(0, 128, 32)], moved)
+    moved.eval()
+    assert ds.loss.values[1] == pytest.approx(own_loss(moved, *xy)[0], rel=1e-5)
+    eval_mode = L.line(cnn, dirs, *xy, span=(0, 0.5), resolution=2)
+    assert abs(eval_mode.loss.values[1] - ds.loss.values[1]) > 1e-4  # the two modes really differ
+
+
+def _fgsm(model, x, y, eps=0.1):
+    x = x.clone().requires_grad_(True)
+    grad, = torch.autograd.grad(F.cross_entropy(model(x), y), x)
+    return (x + eps * grad.sign()).clamp(0, 1).detach()
+
+
+def test_robust_loss_reruns_the_attack_at_each_point(cnn, xy):
+    dirs = random_directions(cnn, 1, seed=0)
+    attack = functools.partial(_fgsm, eps=0.1)
+    ds = L.line(cnn, dirs, *xy, span=0.5, resolution=3, attack=attack)
+    assert "eps=0.1" in ds.attrs["attack"] and "0x" not in ds.attrs["attack"]
+    assert ds.attrs["robust"] == "attack re-run at each point"
+    centre_adv = attack(cnn, *xy)
+    assert ds.robust_loss.values[1] == pytest.approx(own_loss(cnn, centre_adv, xy[1])[0], rel=1e-5)
+    assert (ds.robust_loss.values > ds.loss.values).all()
+    fixed = L.line(cnn, dirs, *xy, span=0.5, resolution=3, x_adv=centre_adv)
+    assert fixed.attrs["robust"] == "fixed adversarial examples"
+    assert "fixed adversarial examples" in fixed.robust_loss.attrs["long_name"]
+    assert fixed.robust_loss.values[1] == pytest.approx(ds.robust_loss.values[1], rel=1e-6)
+    assert not np.allclose(fixed.robust_loss.values[[0, 2]], ds.robust_loss.values[[0, 2]], rtol=1e-3)
+
+
+def test_real_pgd_can_be_passed_with_partial(cnn, xy):
+    pgd = pytest.importorskip("advkit.attacks").pgd
+    ds = L.line(cnn, random_directions(cnn, 1, seed=0), xy[0][:16], xy[1][:16], span=0.5, resolution=2,
+                attack=functools.partial(pgd, eps=0.1, steps=2), quantities=("robust_accuracy",))
+    assert list(ds.data_vars) == ["robust_accuracy", "computed"]
+    assert "pgd" in ds.attrs["attack"] and "steps=2" in ds.attrs["attack"]
+
+
+def test_bf16_autocast_error_helper_on_cpu(cnn, xy):
+    err = L.autocast_error(cnn, *xy)
+    with torch.no_grad():
+        fp32 = F.cross_entropy(cnn(xy[0]), xy[1]).item()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = F.cross_entropy(cnn(xy[0]).float(), xy[1]).item()
+    assert err == pytest.approx(abs(bf16 - fp32) / fp32, rel=1e-3)
+    assert 0 < err < 0.1  # bf16 really changes the loss, but not wildly
+    assert L.choose_precision(cnn, *xy, "auto") == ("fp32", None)  # CPU: fp32 unless asked
+    assert L.choose_precision(cnn, *xy, "auto", check_on_cpu=True, tolerance=err * 2)[0] == "bf16"
+    assert L.choose_precision(cnn, *xy, "auto", check_on_cpu=True, tolerance=err / 2)[0] == "fp32"
+    ds = L.line(cnn, random_directions(cnn, 1, seed=0), *xy, resolution=3, precision="bf16")
+    assert ds.attrs["precision"] == "bf16" and ds.attrs["autocast_relative_error"] == pytest.approx(err, rel=1e-3)
+
+
+def test_bad_inputs_raise_before_computing(cnn, xy):
+    dirs = random_directions(cnn, 1, seed=0)
+    with pytest.raises(ValueError, match="bn='none'.*ignore"):
+        random_directions(cnn, 1, seed=0, bn="none")
+    with pytest.raises(ValueError, match="bn_mode='train'"):
+        L.line(cnn, dirs, *xy, bn_mode="train")
+    with pytest.raises(ValueError, match="robust quantities need attack"):
+        L.line(cnn, dirs, *xy, quantities=("robust_loss",))
+    with pytest.raises(ValueError, match="needs 2 direction"):
+        L.grid(cnn, dirs, *xy)
+    with pytest.raises(ValueError, match="needs bn_x"):
+        L.line(cnn, dirs, *xy, bn_mode="recalibrate")
+
+
+# --- numbers for "sharper" ----------------------------------------------------------------------
+
+
+def _quadratic(h, span=1.0, n=21, c=0.5, g=(0.0, 0.0)):
+    a = np.linspace(-span, span, n)
+    aa, bb = np.meshgrid(a, a, indexing="ij")
+    pts = np.stack([aa, bb], -1)
+    loss = c + pts @ np.asarray(g) + 0.5 * np.einsum("...i,ij,...j->...", pts, np.asarray(h), pts)
+    return xr.Dataset({"loss": (("alpha", "beta"), loss)}, coords={"alpha": a, "beta": a},
+                      attrs={"direction_norm": "filter"})
+
+
+def test_quadratic_fit_recovers_hessian_eigenvalues():
+    h = np.array([[6.0, 1.0], [1.0, 1.0]])
+    fit = L.quadratic_fit(_quadratic(h, g=(0.3, -0.1)), radius=0.5)
+    np.testing.assert_allclose([fit["curvature_min"], fit["curvature_max"]], np.linalg.eigvalsh(h), rtol=1e-8)
+    assert fit["centre_fit"] == pytest.approx(0.5) and fit["gradient_norm"] == pytest.approx(np.hypot(0.3, 0.1))
+    one_d = _quadratic(h).loss.sel(beta=0, drop=True).to_dataset()
+    assert L.quadratic_fit(one_d, radius=0.5)["curvature_max"] == pytest.approx(6.0)
+    with pytest.raises(ValueError, match="radius"):
+        L.quadratic_fit(one_d, radius=0.01)
+
+
+def test_mean_increase_and_sharpness_table():
+    flat, sharp = _quadratic(np.eye(2)), _quadratic(4 * np.eye(2))
+    # mean of (a^2 + b^2) / 2 over the disc points; 4x larger for the sharper surface
+    assert L.mean_increase(sharp, radius=0.3) == pytest.approx(4 * L.mean_increase(flat, radius=0.3))
+    table = L.sharpness_table({"flat": flat, "sharp": sharp}, radius=0.3)
+    assert list(table.index) == ["flat", "sharp"]
+    assert table.loc["sharp", "curvature_max"] == pytest.approx(4.0)
+    assert table.loc["flat", "centre"] == pytest.approx(0.5)
+
+
+def test_sensitivity_table_detects_a_changed_ordering():
+    surfaces = {}
+    for span in (0.5, 1.0):
+        surfaces["filter", span, "base"] = _quadratic(np.eye(2), span=span)
+        surfaces["filter", span, "pgd"] = _quadratic(3 * np.eye(2), span=span)
+        surfaces["filter", span, "fgsm"] = _quadratic(2 * np.eye(2), span=span)
+        surfaces["none", span, "base"] = _quadratic(5 * np.eye(2), span=span)  # order flips
+        surfaces["none", span, "pgd"] = _quadratic(3 * np.eye(2), span=span)
+        surfaces["none", span, "fgsm"] = _quadratic(2 * np.eye(2), span=span)
+    table = L.sensitivity_table(surfaces)
+    filt = table[table.norm == "filter"]
+    assert filt.same_ordering.all() and (filt.ordering == "pgd > fgsm > base").all()
+    none = table[table.norm == "none"]
+    assert not none.same_ordering.any() and none.kendall_tau.iloc[0] == pytest.approx(-1 / 3)
+    assert table.attrs["reference"] == "filter @ span 1"
+
+
+def test_sensitivity_analysis_runs_end_to_end(cnn, cnn_b, xy, tmp_path):
+    table = L.sensitivity_analysis({"a": cnn, "b": cnn_b}, xy[0][:32], xy[1][:32], norms=("filter", "none"),
+                                   spans=(0.5,), resolution=11, radius_fraction=0.4,
+                                   directory=tmp_path)
+    assert len(table) == 2 and set(table.columns) >= {"a", "b", "kendall_tau", "same_ordering"}
+    assert table.loc[table.norm == "filter", "same_ordering"].item()
+    assert len(list(tmp_path.glob("*.nc"))) == 4
+
+
+# --- figures --------------------------------------------------------------------------------
+
+
+def test_comparison_figure_shares_one_colour_scale(tmp_path):
+    plots = pytest.importorskip("advkit.plots")
+    surfaces = {"base": _quadratic(np.eye(2)), "pgd": _quadratic(4 * np.eye(2))}
+    for kind in ("contour", "contourf", "heatmap", "surface"):
+        for log in (False, True):
+            fig = plots.compare_surfaces(surfaces, kind=kind, log=log)
+            norms = {(m.norm.vmin, m.norm.vmax) for m in plots.colour_mappables(fig)}
+            assert len(norms) == 1, (kind, log)
+            vmin, vmax = norms.pop()
+            lo = min(float(s.loss.min()) for s in surfaces.values())
+            hi = max(float(s.loss.max()) for s in surfaces.values())
+            assert vmin == pytest.approx(lo) and vmax == pytest.approx(hi)
+            plots.plt.close(fig)
+    a = plots.save_figure(plots.curves_1d({"base": _quadratic(np.eye(2)).sel(beta=0)}), "c", tmp_path)
+    first = a[1].read_bytes()
+    plots.save_figure(plots.curves_1d({"base": _quadratic(np.eye(2)).sel(beta=0)}), "c", tmp_path)
+    assert a[1].read_bytes() == first and a[0].stat().st_size > 0  # reproducible PDF

@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+from advkit.models import MODELS, get_model, load_akamaster_checkpoint, num_parameters
+
+
+def akamaster_resnet_keys(depth: int, num_classes: int = 10) -> dict[str, tuple[int, ...]]:
+    """State-dict keys and shapes of akamaster/pytorch_resnet_cifar10's resnet.py (option A)."""
+    bn = lambda p, c: {f"{p}.weight": (c,), f"{p}.bias": (c,), f"{p}.running_mean": (c,),
+                       f"{p}.running_var": (c,), f"{p}.num_batches_tracked": ()}
+    keys = {"conv1.weight": (16, 3, 3, 3), **bn("bn1", 16)}
+    n, in_planes = (depth - 2) // 6, 16
+    for stage, planes in enumerate((16, 32, 64), start=1):
+        for b in range(n):
+            p = f"layer{stage}.{b}"
+            keys[f"{p}.conv1.weight"] = (planes, in_planes, 3, 3)
+            keys.update(bn(f"{p}.bn1", planes))
+            keys[f"{p}.conv2.weight"] = (planes, planes, 3, 3)
+            keys.update(bn(f"{p}.bn2", planes))
+            in_planes = planes
+    keys["linear.weight"], keys["linear.bias"] = (num_classes, 64), (num_classes,)
+    return keys
+
+
+@pytest.mark.parametrize("depth", [20, 32, 44, 56])
+def test_cifar_resnet_matches_akamaster_state_dict(depth):
+    model = get_model(f"resnet{depth}", 10, 3)
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert got == akamaster_resnet_keys(depth)
+
+
+def test_resnet32_has_046m_parameters():
+    assert num_parameters(get_model("resnet32")) == 464_154  # He et al. 2016 Table 6: 0.46M
+
+
+def test_load_akamaster_checkpoint(tmp_path):
+    src = get_model("resnet32")
+    torch.save({"best_prec1": 92.63, "state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}},
+               tmp_path / "resnet32-d509ac18.th")
+    model = load_akamaster_checkpoint(tmp_path / "resnet32-d509ac18.th", depth=32)
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.allclose(model.mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))
+    for k, v in src.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_models_take_unit_images_and_return_logits(name):
+    channels, size = (1, 8) if name == "small_cnn" else (3, 32)
+    model = get_model(name, num_classes=7, in_channels=channels).eval()
+    out = model(torch.rand(2, channels, size, size))
+    assert out.shape == (2, 7) and torch.isfinite(out).all()
+    assert model.advkit_spec["arch"] == name
+
+
+def test_normalization_is_inside_the_model():
+    model = get_model("resnet20").eval()
+    assert "mean" not in model.state_dict()  # non-persistent: keys stay akamaster's
+    x = torch.rand(1, 3, 32, 32)
+    torch.testing.assert_close(model.normalize(x), (x - model.mean) / model.std)
+
+
+def test_unknown_model_names_choices():
+    with pytest.raises(ValueError, match="model='resnet33'.*resnet32"):
+        get_model("resnet33")

@@ -1,0 +1,100 @@
+import pandas as pd
+import pytest
+import torch
+
+from advkit.data import Batcher
+from advkit.models import get_model
+from advkit.train import TrainConfig, fit, loss_and_accuracy
+
+
+def _small(digits, n=256):
+    return digits.x_train[:n], digits.y_train[:n]
+
+
+def _config(**kw):
+    base = dict(epochs=4, batch_size=32, lr=0.05, schedule="multistep", padding=1, seed=3)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_training_learns(digits):
+    torch.manual_seed(0)
+    model = get_model("small_cnn", 10, 1)
+    before = loss_and_accuracy(model, digits.x_test, digits.y_test)[1]
+    result = fit(model, Batcher(*_small(digits, 600), 32), _config(epochs=6), test=(digits.x_test, digits.y_test),
+                 progress=False)
+    assert result.history["test_acc"].iloc[-1] > max(0.8, before + 0.5)
+    assert list(result.history["epoch"]) == list(range(1, 7))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(ema_decay=0.9), dict(optimizer="adam", lr=1e-3, schedule="onecycle")])
+def test_interrupted_run_resumes_to_identical_weights(digits, tmp_path, kw):
+    config = _config(**kw)
+    torch.manual_seed(0)
+    init = get_model("small_cnn", 10, 1).state_dict()
+
+    def fresh():
+        m = get_model("small_cnn", 10, 1)
+        m.load_state_dict(init)
+        return m
+
+    once = fit(fresh(), Batcher(*_small(digits), 32), config, run=tmp_path / "a", name="m", progress=False)
+    # "Kill" the second run after epoch 2, then start it again from scratch objects.
+    part = fit(fresh(), Batcher(*_small(digits), 32), config, run=tmp_path / "b", name="m", stop_after=2,
+               progress=False)
+    assert len(part.history) == 2 and "model" not in part.files
+    torch.manual_seed(123)  # the global RNG state at restart must not matter
+    resumed = fit(fresh(), Batcher(*_small(digits), 32), config, run=tmp_path / "b", name="m", progress=False)
+    assert resumed.resumed_from == 2
+    for k, v in once.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    a = pd.read_csv(tmp_path / "a" / "history" / "m.csv")
+    b = pd.read_csv(tmp_path / "b" / "history" / "m.csv")
+    pd.testing.assert_frame_equal(a.drop(columns="time_s"), b.drop(columns="time_s"))
+
+
+def test_resume_with_other_config_names_the_setting(digits, tmp_path):
+    fit(get_model("small_cnn", 10, 1), Batcher(*_small(digits), 32), _config(epochs=2), run=tmp_path, name="m",
+        stop_after=1, progress=False)
+    with pytest.raises(ValueError, match="lr=0.05.*lr=0.1"):
+        fit(get_model("small_cnn", 10, 1), Batcher(*_small(digits), 32), _config(epochs=2, lr=0.1), run=tmp_path,
+            name="m", progress=False)
+
+
+def test_select_keeps_best_epoch_and_keep_epochs(digits, tmp_path):
+    scores = iter([0.5, 0.2, 0.9, 0.4])
+    model = get_model("small_cnn", 10, 1)
+    snapshots = {}
+
+    def evaluate(m):
+        snapshots[len(snapshots) + 1] = {k: v.clone() for k, v in m.state_dict().items()}
+        return {"val_score": next(scores)}
+
+    result = fit(model, Batcher(*_small(digits), 32), _config(), evaluate=evaluate, select="val_score",
+                 keep_epochs=(1, 3), run=tmp_path, name="m", progress=False)
+    assert result.best_epoch == 2
+    for k, v in snapshots[2].items():
+        assert torch.equal(result.model.state_dict()[k], v)
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["m.pt", "m_e001.pt", "m_e003.pt"]
+
+
+@pytest.mark.parametrize("schedule", ["constant", "multistep", "cosine", "onecycle"])
+def test_schedules_follow_their_shape(digits, schedule):
+    result = fit(get_model("small_cnn", 10, 1), Batcher(*_small(digits, 128), 32), _config(schedule=schedule),
+                 progress=False)
+    lrs = result.history["lr"].tolist()
+    if schedule == "constant":
+        assert lrs == [0.05] * 4
+    elif schedule == "multistep":
+        assert lrs == pytest.approx([0.05, 0.05, 0.005, 0.0005])
+    elif schedule == "cosine":
+        assert lrs[0] == 0.05 and all(a > b for a, b in zip(lrs, lrs[1:]))
+    else:
+        assert lrs[0] < lrs[1]  # one-cycle warms up first
+
+
+@pytest.mark.parametrize("bad, match", [(dict(epochs=0), "epochs"), (dict(optimizer="rmsprop"), "optimizer"),
+                                        (dict(schedule="step"), "schedule"), (dict(lr=-1), "lr"),
+                                        (dict(label_smoothing=1.0), "label_smoothing")])
+def test_bad_config_names_the_setting(bad, match):
+    with pytest.raises(ValueError, match=match):
+        _config(**bad)
