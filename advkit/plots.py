@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 import seaborn as sns
 
@@ -277,25 +278,135 @@ def curves_1d(surfaces, quantities=("loss", "accuracy"), *, log: bool = False, a
     return fig
 
 
+def compare_curves(surfaces, panels=("loss", "accuracy"), *, robust: bool = True, log: bool = False,
+                   title: str | None = None) -> plt.Figure:
+    """1D landscapes of several models, one panel per quantity and one colour per model; the
+    robust counterpart (robust_loss, robust_accuracy) dashed in the same panel when present
+    (clean vs robust loss along the same direction, as Stutz et al. Fig. 4)."""
+    from matplotlib.lines import Line2D
+
+    for q in panels:
+        if q not in ("loss", "accuracy"):
+            raise ValueError(f"panels entry {q!r} is not available; choose from ['loss', 'accuracy']")
+    surfaces = dict(surfaces)
+    if not surfaces:
+        raise ValueError("surfaces is empty: give a mapping name -> 1D surface Dataset")
+    first = next(iter(surfaces.values()))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.9 * len(panels) + 1.9, 3.3), layout="constrained",
+                             squeeze=False)
+    colors = sns.color_palette("tab10", len(surfaces))
+    any_robust = False
+    for ax, q in zip(axes[0], panels):
+        for color, (name, ds) in zip(colors, surfaces.items()):
+            if "beta" in ds.dims:
+                raise ValueError(f"surface {name!r} is 2D: compare_curves draws 1D surfaces")
+            ax.plot(ds["alpha"].values, ds[q].values, "-", color=color, lw=1.6)
+            if robust and f"robust_{q}" in ds:
+                ax.plot(ds["alpha"].values, ds[f"robust_{q}"].values, "--", color=color, lw=1.6)
+                any_robust = True
+        for x0 in ((0, 1) if first.attrs.get("kind") == "interpolation" else (0,)):
+            ax.axvline(x0, color="0.75", lw=0.8, zorder=0)
+        ax.set_xlabel(_axis_label(first, "alpha"))
+        ax.set_ylabel(QUANTITY_LABELS[q])
+        if q == "accuracy":
+            ax.set_ylim(-0.02, 1.02)
+        elif log:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    handles = [Line2D([], [], color=c, lw=2, label=n) for c, n in zip(colors, surfaces)]
+    if any_robust:
+        attack = next((ds.attrs.get("attack") for ds in surfaces.values() if "attack" in ds.attrs), "attack")
+        handles += [Line2D([], [], color="k", ls="-", label="clean"),
+                    Line2D([], [], color="k", ls="--", label=f"robust: {attack}\n(re-run at each point)")]
+    fig.legend(handles=handles, loc="outside right upper", fontsize=8)
+    fig.suptitle(title if title is not None else _describe(first), fontsize=10)
+    return fig
+
+
 def sensitivity_figure(table: pd.DataFrame, *, log: bool = True) -> plt.Figure:
     """The sensitivity analysis as a figure: the sharpness metric against the span, one panel per
-    normalization, one line per model; titles give Kendall's tau against the reference ordering."""
-    fixed = {"norm", "span", "ordering", "kendall_tau", "same_ordering"}
+    normalization, one line per model; titles give Kendall's tau against the reference ordering.
+    A `metric` column (tables of several metrics concatenated) gives one row of panels per metric."""
+    from matplotlib import ticker
+
+    fixed = {"metric", "norm", "span", "ordering", "kendall_tau", "same_ordering"}
     models = [c for c in table.columns if c not in fixed]
     norms = list(dict.fromkeys(table["norm"]))
-    fig, axes = plt.subplots(1, len(norms), figsize=(3.4 * len(norms), 3.2), layout="constrained", squeeze=False)
-    for ax, norm in zip(axes[0], norms):
-        sub = table[table["norm"] == norm].sort_values("span")
-        for m in models:
-            ax.plot(sub["span"], sub[m], "o-", label=m)
-        taus = ", ".join(f"{t:.2f}" for t in sub["kendall_tau"])
-        ax.set(title=f"{norm}  (τ: {taus})", xlabel="span of α", ylabel=table.attrs.get("metric", "metric"))
-        if log and (sub[models].to_numpy() > 0).all():
-            from matplotlib import ticker
+    if "metric" in table.columns:
+        metrics = list(dict.fromkeys(table["metric"]))
+        parts = [table[table["metric"] == m] for m in metrics]
+    else:
+        metrics, parts = [table.attrs.get("metric", "metric")], [table]
+    labels = {"curvature": "curvature at the centre", "mean_increase": "mean loss increase within r"}
+    fig, axes = plt.subplots(len(metrics), len(norms), figsize=(3.3 * len(norms) + 1.6, 2.9 * len(metrics)),
+                             layout="constrained", squeeze=False)
+    colors = dict(zip(models, sns.color_palette("tab10", len(models))))
+    for row, (metric, part) in zip(axes, zip(metrics, parts)):
+        for ax, norm in zip(row, norms):
+            sub = part[part["norm"] == norm].sort_values("span")
+            for m in models:
+                ax.plot(sub["span"], sub[m], "o-", color=colors[m], label=m)
+            taus = ", ".join("–" if pd.isna(t) else f"{t:.2f}" for t in sub["kendall_tau"])
+            ax.set_title(f"{norm} normalization\nKendall τ vs reference: {taus}", fontsize=9)
+            ax.set(xlabel="span of α (± range)", ylabel=labels.get(metric, metric))
+            if log and (sub[models].to_numpy() > 0).all():
+                ax.set_xscale("log")
+                ax.set_yscale("log")
+                ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+                ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+                ax.set_xticks(sub["span"].to_numpy())
+            ax.grid(alpha=0.3)
+    handles = [plt.Line2D([], [], color=colors[m], marker="o", label=m) for m in models]
+    fig.legend(handles=handles, loc="outside right upper", fontsize=8)
+    radius = table.attrs.get("radius_fraction")
+    extra = f"; r = {radius:g} × span" if radius is not None else ""
+    fig.suptitle(f"Does the ordering of models hold? Reference: {table.attrs.get('reference', '')}{extra}",
+                 fontsize=10)
+    return fig
 
-            ax.set_yscale("log")
-            ax.yaxis.set_major_formatter(ticker.LogFormatter())
-            ax.yaxis.set_minor_formatter(ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.4)))
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"does the ordering hold? reference: {table.attrs.get('reference', '')}")
+
+# --- attacks (notebook 02) -----------------------------------------------------------------
+
+
+def _image(ax, img, title: str = "", cmap=None) -> None:
+    img = img.detach().cpu().float()
+    if img.shape[0] == 1:
+        ax.imshow(img[0], cmap=cmap or "gray", vmin=0, vmax=1, interpolation="nearest")
+    else:
+        ax.imshow(img.permute(1, 2, 0).clamp(0, 1), interpolation="nearest")
+    ax.set_title(title, fontsize=8)
+    ax.set_axis_off()
+
+
+def attack_gallery(x, adversarial: dict, flow=None, labels=None, n: int = 4) -> plt.Figure:
+    """Per example: the clean image, each attack's adversarial image and its perturbation
+    (amplified to the full grey range), and the stAdv flow field as arrows over the image."""
+    n = min(n, len(x))
+    cols = 1 + 2 * len(adversarial) + (flow is not None)
+    fig, axes = plt.subplots(n, cols, figsize=(1.6 * cols, 1.7 * n), squeeze=False)
+    for i in range(n):
+        _image(axes[i, 0], x[i], "clean" + (f" ({labels[i]})" if labels is not None else ""))
+        for j, (name, x_adv) in enumerate(adversarial.items()):
+            delta = (x_adv[i] - x[i]).detach().cpu()
+            scale = delta.abs().max().clamp_min(1e-12)
+            _image(axes[i, 1 + 2 * j], x_adv[i], name)
+            _image(axes[i, 2 + 2 * j], 0.5 + 0.5 * delta / scale, f"{name} δ ×{0.5 / scale:.0f}")
+        if flow is not None:
+            ax = axes[i, -1]
+            _image(ax, x[i], "stAdv flow")
+            f = flow[i].detach().cpu()
+            h, w = f.shape[1:]
+            yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+            ax.quiver(xx, yy, f[0], f[1], color="red", angles="xy", scale_units="xy",
+                      scale=float(f.abs().max().clamp_min(1e-12)) * 1.5, width=0.02)
+    fig.tight_layout()
+    return fig
+
+
+def robustness_curves(table: pd.DataFrame, title: str = "") -> plt.Figure:
+    """Robust accuracy against the budget, one curve per attack (columns: attack, eps, accuracy)."""
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    sns.lineplot(table, x="eps", y="accuracy", hue="attack", marker="o", ax=ax)
+    ax.set(xlabel="ε (pixel scale, 1 = full range)", ylabel="robust accuracy", ylim=(0, 1), title=title)
+    fig.tight_layout()
     return fig

@@ -180,6 +180,24 @@ def load_model(path: str | Path, arch: str | None = None, device: str | torch.de
     return model.to(device).eval()
 
 
-def list_models(run: Path) -> list[str]:
-    """Names of the models saved in `run/models/`, sorted."""
-    return sorted(p.stem for p in (Path(run) / "models").glob("*.pt"))
+def list_models(run: Path, epochs: bool = False) -> list[str]:
+    """Names of the models saved in `run/models/`: `base` first, then sorted; epoch
+    checkpoints (`<name>_e<NNN>`, kept by `fit(keep_epochs=...)`) only with `epochs=True`."""
+    names = [p.stem for p in (Path(run) / "models").glob("*.pt")]
+    if not epochs:
+        names = [n for n in names if not _is_epoch_checkpoint(n)]
+    return sorted(names, key=lambda n: (n != "base", n))
+
+
+def _is_epoch_checkpoint(name: str) -> bool:
+    stem, _, epoch = name.rpartition("_e")
+    return bool(stem) and len(epoch) == 3 and epoch.isdigit()
+
+
+def load_models(run: Path, names: list[str] | None = None, device: str | torch.device = "cpu",
+                epochs: bool = False) -> dict[str, nn.Module]:
+    """{name: model in eval mode} for `names` (default: every model of the run, see `list_models`)."""
+    names = list_models(run, epochs) if names is None else names
+    if not names:
+        raise FileNotFoundError(f"no models in {Path(run) / 'models'}: run notebook 01 first")
+    return {n: load_model(Path(run) / "models" / f"{n}.pt", device=device) for n in names}

@@ -1,0 +1,262 @@
+"""Shared pieces of the attacks: input checks, the model's attack mode, losses, input gradients.
+
+Every attack in `advkit.attacks`, `advkit.apgd` and `advkit.stadv` is built from these, so
+they all treat the model the same way: eval mode during the attack (restored after), gradients
+taken with `torch.autograd.grad` w.r.t. the input only (nothing accumulates in `param.grad`),
+bf16 autocast and channels_last on CUDA, and no host-device synchronisation in step loops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import weakref
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NORMS = ("linf", "l2")
+LossFn = Callable[[torch.Tensor], torch.Tensor]  # logits -> per-example loss to MAXIMIZE
+
+
+# --- input checks (all before any long computation) ------------------------------------------
+
+
+def check_choice(value: object, name: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not available; choose one of {list(allowed)}")
+
+
+def check_int(value: int, name: str, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_positive(value: float, name: str, maximum: float | None = None, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value >= 0 if allow_zero else value > 0) and (maximum is None or value <= maximum)
+    if not ok:
+        low = ">= 0" if allow_zero else "> 0"
+        high = f" and <= {maximum:g}" if maximum is not None else ""
+        raise ValueError(f"{name} must be a finite number {low}{high}, got {value!r}")
+
+
+def check_eps(eps: float, norm: str, x: torch.Tensor, name: str = "eps") -> None:
+    """eps in [0, 1] for L-inf; for L2 in [0, sqrt(C*H*W)] (the diameter of the [0, 1] box)."""
+    check_choice(norm, "norm", NORMS)
+    limit = 1.0 if norm == "linf" else math.sqrt(x[0].numel())
+    check_positive(eps, name, maximum=limit, allow_zero=True)
+
+
+def check_images(x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+    """x: float (N, C, H, W) in [0, 1]; y: int64 labels (N,). One sync for the range check."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"x must be a 4-D tensor (N, C, H, W), got {getattr(x, 'shape', type(x))}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be float images in [0, 1], got dtype {x.dtype} "
+                         "(convert uint8 with advkit.data.to_float)")
+    if x.numel() and bool((x.amin() < 0) | (x.amax() > 1)):
+        raise ValueError("x must lie in [0, 1] (normalization belongs inside the model)")
+    if y is not None:
+        if not isinstance(y, torch.Tensor) or y.shape != x.shape[:1] or y.dtype != torch.int64:
+            raise ValueError(f"y must be int64 labels of shape ({len(x)},), got "
+                             f"{getattr(y, 'dtype', type(y))} {tuple(getattr(y, 'shape', ()))}")
+
+
+# --- the model during an attack ----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def attack_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode (BatchNorm uses running statistics, dropout off) for the attack; each
+    submodule's own training flag is restored afterwards. Gradients are w.r.t. inputs only."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def autocast(device: torch.device, enabled: bool | None = None) -> contextlib.AbstractContextManager:
+    """bf16 autocast; `None` means on for CUDA, off elsewhere (bf16 is slow on most CPUs)."""
+    if enabled is None:
+        enabled = device.type == "cuda"
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def prepare(x: torch.Tensor, channels_last: bool | None = None) -> torch.Tensor:
+    """Detached copy of x, channels_last on CUDA when `channels_last` is None or True."""
+    x = x.detach()
+    if channels_last is None:
+        channels_last = x.is_cuda
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+_compiled: "weakref.WeakKeyDictionary[nn.Module, Callable]" = weakref.WeakKeyDictionary()
+
+
+def forward_fn(model: nn.Module, compile: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The model, or its `torch.compile`d version (cached per model; shares its parameters)."""
+    if not compile:
+        return model
+    if model not in _compiled:
+        _compiled[model] = torch.compile(model)
+    return _compiled[model]
+
+
+def make_generator(device: torch.device, seed: int | None = 0,
+                   generator: torch.Generator | None = None) -> torch.Generator:
+    """The caller's generator, or a fresh one seeded with `seed` on `device`."""
+    if generator is not None:
+        return generator
+    if seed is None:
+        raise ValueError("seed must be an integer when no generator is given (explicit randomness)")
+    return torch.Generator(device=device).manual_seed(int(seed))
+
+
+# --- losses (per example, to be maximized by the attacker) -------------------------------------
+
+
+def _other_max(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """max_{j != y} z_j."""
+    return logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
+
+
+def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """z_y - max_{j != y} z_j: positive iff the prediction is y (Carlini & Wagner 2017)."""
+    return logits.gather(1, y[:, None]).squeeze(1) - _other_max(logits, y)
+
+
+def dlr(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Difference of logits ratio, -(z_y - max_{j!=y} z_j) / (z_pi1 - z_pi3) (Croce & Hein 2020, Eq. 6)."""
+    z = logits.sort(1, descending=True).values
+    return -margin(logits, y) / (z[:, 0] - z[:, 2] + 1e-12)
+
+
+def dlr_targeted(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Targeted DLR, -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2) (Croce & Hein 2020, Eq. 7)."""
+    z = logits.sort(1, descending=True).values
+    z_y = logits.gather(1, y[:, None]).squeeze(1)
+    z_t = logits.gather(1, target[:, None]).squeeze(1)
+    return -(z_y - z_t) / (z[:, 0] - 0.5 * (z[:, 2] + z[:, 3]) + 1e-12)
+
+
+def attack_loss(name: str, y: torch.Tensor, targeted: bool = False) -> LossFn:
+    """Per-example objective to maximize. Untargeted: y are the true labels; targeted: y are
+    the target classes ("ce" then maximizes -CE(target), "margin" maximizes z_t - max_{j!=t} z_j)."""
+    sign = -1.0 if targeted else 1.0
+    if name == "ce":
+        return lambda logits: sign * F.cross_entropy(logits, y, reduction="none")
+    if name == "margin":
+        return lambda logits: -sign * margin(logits, y)
+    if name == "dlr":
+        if targeted:
+            raise ValueError("loss='dlr' is untargeted; use advkit.apgd.apgd_t for targeted DLR")
+        return lambda logits: dlr(logits, y)
+    raise ValueError(f"loss={name!r} is not available; choose one of ['ce', 'margin', 'dlr']")
+
+
+def is_fooled(logits: torch.Tensor, y: torch.Tensor, targeted: bool = False) -> torch.Tensor:
+    """Attack success per example: prediction != y (untargeted) or == y (targeted)."""
+    pred = logits.argmax(1)
+    return pred == y if targeted else pred != y
+
+
+# --- gradients and bookkeeping ------------------------------------------------------------------
+
+
+def loss_and_grad(forward: Callable, x: torch.Tensor, loss_fn: LossFn,
+                  amp: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d loss / d x, per-example loss, logits) at x; the gradient is w.r.t. x only, so model
+    parameters get no .grad. The summed loss gives per-example gradients (eval mode: no coupling)."""
+    x = x.detach().requires_grad_(True)
+    with autocast(x.device, amp):
+        logits = forward(x)
+    logits = logits.float()
+    loss = loss_fn(logits)
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    return grad, loss.detach(), logits.detach()
+
+
+@torch.no_grad()
+def logits_at(forward: Callable, x: torch.Tensor, amp: bool | None = None) -> torch.Tensor:
+    with autocast(x.device, amp):
+        return forward(x).float()
+
+
+def _expand(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return mask.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _stronger(fooled, loss, best_fooled, best_loss) -> torch.Tensor:
+    return (fooled & ~best_fooled) | ((fooled == best_fooled) & (loss > best_loss))
+
+
+class Strongest:
+    """Per-example strongest candidate: a fooling point beats a non-fooling one, then higher loss
+    wins. Updated with `torch.where` only (no host sync), so it can sit inside step loops."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x.clone()
+        self.loss = torch.full((len(x),), float("-inf"), device=x.device)
+        self.fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+
+    def update(self, x: torch.Tensor, loss: torch.Tensor, fooled: torch.Tensor) -> None:
+        better = _stronger(fooled, loss, self.fooled, self.loss)
+        self.x = torch.where(_expand(better, x), x, self.x)
+        self.loss = torch.where(better, loss, self.loss)
+        self.fooled = self.fooled | fooled
+
+    def update_at(self, idx: torch.Tensor, other: "Strongest") -> None:
+        """Merge the results `other` found for the examples `idx` of this set."""
+        better = _stronger(other.fooled, other.loss, self.fooled[idx], self.loss[idx])
+        self.x[idx] = torch.where(_expand(better, other.x), other.x, self.x[idx])
+        self.loss[idx] = torch.where(better, other.loss, self.loss[idx])
+        self.fooled[idx] = self.fooled[idx] | other.fooled
+
+
+# --- L-inf / L2 geometry --------------------------------------------------------------------------
+
+
+def _norm2(v: torch.Tensor) -> torch.Tensor:
+    return v.flatten(1).norm(dim=1).view(-1, *([1] * (v.dim() - 1)))
+
+
+def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    """Projection onto the eps-ball around x intersected with the [0, 1] box.
+    (Ball first, then box: clamping to the box only shrinks |delta_i|, so both hold.)"""
+    if norm == "linf":
+        x_adv = torch.minimum(torch.maximum(x_adv, x - eps), x + eps)
+    else:
+        delta = x_adv - x
+        delta = delta * (eps / _norm2(delta).clamp_min(1e-12)).clamp(max=1.0)
+        x_adv = x + delta
+    return x_adv.clamp(0.0, 1.0)
+
+
+def ascent_direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
+    """Steepest ascent direction of unit norm: sign(g) (L-inf) or g / ||g||_2 (L2)."""
+    if norm == "linf":
+        return grad.sign()
+    return grad / _norm2(grad).clamp_min(1e-12)
+
+
+def random_point(x: torch.Tensor, eps: float, norm: str, generator: torch.Generator) -> torch.Tensor:
+    """x plus uniform noise in the eps-ball (L-inf: U[-eps, eps]^d; L2: uniform in the ball), in the box."""
+    if norm == "linf":
+        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        delta = (2 * noise - 1) * eps
+    else:
+        direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        u = torch.rand((len(x),) + (1,) * (x.dim() - 1), generator=generator, device=x.device, dtype=x.dtype)
+        delta = direction / _norm2(direction).clamp_min(1e-12) * eps * u ** (1.0 / x[0].numel())
+    return (x + delta).clamp(0.0, 1.0)

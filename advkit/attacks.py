@@ -1,0 +1,164 @@
+"""Adversarial attacks behind one call shape: `attack(model, x, y, **budget) -> x_adv`.
+
+x are float images in [0, 1] (N, C, H, W), y int64 labels; budgets are in that pixel space
+(eps=8/255 is 8 grey levels). Every attack puts the model in eval mode and restores each
+module's flag afterwards, takes gradients w.r.t. the input only (parameters' .grad stay
+untouched), returns x_adv clipped to [0, 1], works batch-wise on x's device, and on CUDA uses
+bf16 autocast (`autocast=None` -> on for CUDA) and channels_last inputs. Step loops contain
+no host-device synchronisation. `compile=True` runs a cached `torch.compile` of the model.
+
+Attacks: `fgsm`, `pgd` (here), `stadv` (advkit.stadv), `apgd_ce`, `apgd_dlr`, `apgd_t`
+(advkit.apgd) and `autoattack`. Pick them by name with `get_attack` / `ATTACKS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from advkit.apgd import apgd, apgd_ce, apgd_dlr, apgd_t
+from advkit.attack_utils import (NORMS, Strongest, ascent_direction, attack_loss, attack_mode,
+                                 check_choice, check_eps, check_images, check_int, check_positive,
+                                 forward_fn, is_fooled, logits_at, loss_and_grad, make_generator,
+                                 prepare, project, random_point)
+from advkit.stadv import stadv
+
+PGD_LOSSES = ("ce", "margin")
+AUTOATTACK_VERSIONS = ("standard", "apgd", "torchattacks")
+
+
+def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255, *,
+         targeted: bool = False, autocast: bool | None = None, channels_last: bool | None = None,
+         compile: bool = False) -> torch.Tensor:
+    """Fast gradient sign method, x + eps * sign(grad_x CE(f(x), y)), clipped to [0, 1]
+    (Goodfellow et al. 2015, Eq. 3). Targeted: y are target classes and the step descends CE."""
+    check_images(x, y)
+    check_eps(eps, "linf", x)
+    with attack_mode(model):
+        forward = forward_fn(model, compile)
+        x = prepare(x, channels_last)
+        grad, _, _ = loss_and_grad(forward, x, attack_loss("ce", y, targeted), autocast)
+        return (x + eps * grad.sign()).clamp(0.0, 1.0)
+
+
+def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255,
+        alpha: float | None = None, steps: int = 10, *, norm: str = "linf", random_start: bool = True,
+        restarts: int = 1, loss: str = "ce", targeted: bool = False, keep_best: bool = True,
+        seed: int | None = 0, generator: torch.Generator | None = None, autocast: bool | None = None,
+        channels_last: bool | None = None, compile: bool = False) -> torch.Tensor:
+    """Projected gradient ascent on the loss in the eps-ball (Madry et al. 2018, Eq. 2-3).
+
+    alpha: step size (default 2.5 * eps / steps, Madry et al.'s rule); norm: "linf" (signed
+    gradient steps) or "l2" (normalized gradient steps); random_start: uniform start in the ball;
+    loss: "ce" or "margin" (CW, max_{j!=y} z_j - z_y); targeted: y are target classes.
+    restarts: independent random starts (a single run without random start); each example keeps
+    its strongest result (a misclassified point beats a correct one, then higher loss wins).
+    keep_best: also compare every iterate of a run, not only the last, so more steps or
+    restarts (same seed) never make the attack weaker; keep_best=False with one run returns
+    the plain last iterate (Madry et al.'s PGD, as in torchattacks).
+    """
+    check_images(x, y)
+    check_eps(eps, norm, x)
+    check_int(steps, "steps")
+    check_int(restarts, "restarts")
+    check_choice(loss, "loss", PGD_LOSSES)
+    alpha = 2.5 * eps / steps if alpha is None else alpha
+    check_positive(alpha, "alpha", allow_zero=True)
+    with attack_mode(model):
+        forward = forward_fn(model, compile)
+        x = prepare(x, channels_last)
+        gen = make_generator(x.device, seed, generator) if random_start else None
+        loss_fn = attack_loss(loss, y, targeted)
+        best = Strongest(x)
+        for _ in range(restarts if random_start else 1):  # without random start all runs coincide
+            x_adv = random_point(x, eps, norm, gen) if random_start else x.clone()
+            for _ in range(steps):
+                grad, loss_val, logits = loss_and_grad(forward, x_adv, loss_fn, autocast)
+                if keep_best:
+                    best.update(x_adv, loss_val, is_fooled(logits, y, targeted))
+                x_adv = project(x_adv + alpha * ascent_direction(grad, norm), x, eps, norm)
+            if (restarts == 1 or not random_start) and not keep_best:
+                return x_adv
+            logits = logits_at(forward, x_adv, autocast)
+            best.update(x_adv, loss_fn(logits), is_fooled(logits, y, targeted))
+        return best.x
+
+
+def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255, *,
+               version: str = "standard", norm: str = "linf", steps: int = 100,
+               n_target_classes: int = 9, seed: int | None = 0, autocast: bool | None = None,
+               channels_last: bool | None = None, compile: bool = False) -> torch.Tensor:
+    """AutoAttack-style robust evaluation (Croce & Hein 2020): attacks run in sequence, each on the
+    points still classified correctly; a point counts as broken once any attack breaks it.
+
+    version="standard": APGD-CE then APGD-T (targeted DLR, `n_target_classes` targets), our own
+      implementation (advkit.apgd). AutoAttack's standard suite also runs FAB-T and Square; they
+      are omitted here: Croce & Hein report they rarely lower robust accuracy further after APGD.
+    version="apgd": APGD-CE then untargeted APGD-DLR (two runs instead of 1 + n_target_classes).
+    version="torchattacks": delegates to torchattacks.AutoAttack(version="standard") (the full
+      suite incl. FAB-T and Square), when the torchattacks package is installed.
+    Points no attack breaks are returned as APGD-CE left them (a high-loss point in the ball).
+    """
+    check_images(x, y)
+    check_eps(eps, norm, x)
+    check_choice(version, "version", AUTOATTACK_VERSIONS)
+    check_int(steps, "steps")
+    check_int(n_target_classes, "n_target_classes")
+    if version == "torchattacks":
+        return _torchattacks_autoattack(model, x, y, eps, norm, seed)
+    kw = dict(eps=eps, norm=norm, steps=steps, autocast=autocast, channels_last=channels_last, compile=compile)
+    runs = [(apgd_ce, {}), (apgd_t, {"n_target_classes": n_target_classes}) if version == "standard"
+            else (apgd_dlr, {})]
+    with attack_mode(model):
+        forward = forward_fn(model, compile)
+        robust = logits_at(forward, prepare(x, channels_last), autocast).argmax(1) == y
+        x_adv = x.detach().clone()
+        for i, (attack, extra) in enumerate(runs):
+            idx = robust.nonzero().squeeze(1)  # one sync per attack, none per step
+            if len(idx) == 0:
+                break
+            xa = attack(model, x[idx], y[idx], seed=None if seed is None else seed + i, **kw, **extra)
+            broken = logits_at(forward, xa, autocast).argmax(1) != y[idx]
+            keep = broken if i > 0 else torch.ones_like(broken)  # unbroken points keep APGD-CE's result
+            x_adv[idx[keep]] = xa[keep].to(x_adv.dtype)
+            robust[idx[broken]] = False
+        return x_adv
+
+
+def _torchattacks_autoattack(model, x, y, eps, norm, seed):
+    try:
+        import torchattacks
+    except ImportError as err:
+        raise ValueError("version='torchattacks' needs the torchattacks package "
+                         "(pip install --no-deps torchattacks==3.5.1)") from err
+    with attack_mode(model):
+        n_classes = logits_at(model, x[:1]).shape[1]
+        atk = torchattacks.AutoAttack(model, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps,
+                                      version="standard", n_classes=n_classes, seed=seed or 0)
+        return atk(x.detach(), y).clamp(0.0, 1.0)
+
+
+Attack = Callable[..., torch.Tensor]
+
+ATTACKS: dict[str, Attack] = {
+    "fgsm": fgsm,
+    "pgd": pgd,
+    "stadv": stadv,
+    "apgd-ce": apgd_ce,
+    "apgd-dlr": apgd_dlr,
+    "apgd-t": apgd_t,
+    "autoattack": autoattack,
+}
+
+
+def get_attack(name: str) -> Attack:
+    """The attack registered under `name` (see ATTACKS); all share attack(model, x, y, **budget)."""
+    if name not in ATTACKS:
+        raise ValueError(f"attack={name!r} is not available; choose one of {sorted(ATTACKS)}")
+    return ATTACKS[name]
+
+
+__all__ = ["ATTACKS", "NORMS", "PGD_LOSSES", "apgd", "apgd_ce", "apgd_dlr", "apgd_t", "autoattack", "fgsm",
+           "get_attack", "pgd", "stadv"]

@@ -1,0 +1,257 @@
+"""Clean and robust accuracy, robust loss and 1 - SSIM over a dataset, plus the seed papers' presets.
+
+Inputs are whole tensors (x uint8 or float in [0, 1], y int64) on any device; batches move to
+the model's device, counts accumulate there and one host sync per call returns Python floats.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from advkit.attack_utils import attack_mode, check_int, logits_at, make_generator
+from advkit.attacks import get_attack
+from advkit.data import to_float
+
+AttackLike = str | Callable[..., torch.Tensor]
+
+
+def _device(model: nn.Module, x: torch.Tensor) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else x.device
+
+
+def _check(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> None:
+    check_int(batch_size, "batch_size")
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"x must be images (N, C, H, W), got {getattr(x, 'shape', type(x))}")
+    if not isinstance(y, torch.Tensor) or y.shape != x.shape[:1]:
+        raise ValueError(f"y must be labels of shape ({len(x)},), got {tuple(getattr(y, 'shape', ()))}")
+
+
+def _batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device):
+    for i in range(0, len(y), batch_size):
+        yield to_float(x[i:i + batch_size].to(device)), y[i:i + batch_size].to(device)
+
+
+def _resolve(attack: AttackLike, seed: int | None) -> tuple[Callable[..., torch.Tensor], dict[str, Any]]:
+    """The attack callable, plus a generator shared across batches when it takes one."""
+    fn = get_attack(attack) if isinstance(attack, str) else attack
+    target = get_attack(fn.attack) if isinstance(fn, AttackSpec) else fn
+    try:
+        takes_generator = "generator" in inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        takes_generator = False
+    return fn, {"generator": seed} if takes_generator and seed is not None else {}
+
+
+def _run_attack(fn, extra, model, xb, yb, kw):
+    if "generator" in extra and "generator" not in kw:
+        if not isinstance(extra["generator"], torch.Generator):
+            extra["generator"] = make_generator(xb.device, extra["generator"])
+        kw = {**kw, "generator": extra["generator"]}
+    return fn(model, xb, yb, **kw)
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024,
+             amp: bool | None = None) -> float:
+    """Top-1 accuracy of model on (x, y), eval mode (restored after), in large batches."""
+    _check(x, y, batch_size)
+    device = _device(model, x)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    with attack_mode(model):
+        for xb, yb in _batches(x, y, batch_size, device):
+            correct += (logits_at(model, xb, amp).argmax(1) == yb).sum()
+    return correct.item() / max(len(y), 1)
+
+
+def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: AttackLike = "pgd",
+                    batch_size: int = 512, seed: int | None = 0, **kw) -> float:
+    """Accuracy on attack(model, x, y, **kw), batch by batch. `attack` is a name (see
+    advkit.attacks.ATTACKS) or a callable; one generator seeded with `seed` serves all batches."""
+    return robust_metrics(model, x, y, attack, batch_size, seed=seed, **kw)["accuracy"]
+
+
+def robust_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: AttackLike = "pgd",
+                batch_size: int = 512, seed: int | None = 0, **kw) -> float:
+    """RLoss: mean cross-entropy on the attack's examples (Stutz et al. 2021, Sec. 3; PGD there)."""
+    return robust_metrics(model, x, y, attack, batch_size, seed=seed, **kw)["loss"]
+
+
+def robust_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: AttackLike = "pgd",
+                   batch_size: int = 512, *, ssim: bool = False, seed: int | None = 0,
+                   amp: bool | None = None, **kw) -> dict[str, float]:
+    """One attack pass giving {"accuracy", "loss" (mean CE), and with ssim=True "ssim_distance"}."""
+    _check(x, y, batch_size)
+    fn, extra = _resolve(attack, seed)
+    device = _device(model, x)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    ssim_sum = 0.0
+    for xb, yb in _batches(x, y, batch_size, device):
+        x_adv = _run_attack(fn, extra, model, xb, yb, kw)
+        with attack_mode(model):
+            logits = logits_at(model, x_adv, amp)
+        correct += (logits.argmax(1) == yb).sum()
+        total_loss += F.cross_entropy(logits, yb, reduction="sum")
+        if ssim:
+            ssim_sum += ssim_distance(xb, x_adv) * len(yb)
+    n = max(len(y), 1)
+    out = {"accuracy": correct.item() / n, "loss": total_loss.item() / n}
+    if ssim:
+        out["ssim_distance"] = ssim_sum / n
+    return out
+
+
+def accuracy_vs_eps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: AttackLike,
+                    eps_values: Iterable[float], batch_size: int = 512, **kw) -> pd.DataFrame:
+    """Robust accuracy for each eps: a DataFrame with columns eps, accuracy."""
+    rows = [{"eps": float(e), "accuracy": robust_accuracy(model, x, y, attack, batch_size, eps=e, **kw)}
+            for e in eps_values]
+    return pd.DataFrame(rows)
+
+
+def ssim_win_size(height: int, width: int) -> int:
+    """SSIM window: 7 (scikit-image's default) when the image allows, else the largest odd size
+    <= half the shorter side (min 3), so SSIM stays local: 3 for 8x8 digits, 7 for 32x32 CIFAR."""
+    side = min(height, width)
+    if side < 3:
+        raise ValueError(f"SSIM needs images of at least 3x3 pixels, got {height}x{width}")
+    win = min(7, max(3, side // 2))
+    return win if win % 2 else win - 1
+
+
+def ssim_distance(x: torch.Tensor, x_adv: torch.Tensor, win_size: int | None = None) -> float:
+    """1 - SSIM (Wang et al. 2004) averaged over the images, computed by scikit-image's
+    `structural_similarity` (uniform window, data_range 1, channels averaged). win_size
+    defaults to `ssim_win_size(H, W)`: skimage's default 7 would cover almost a whole 8x8 digit."""
+    from skimage.metrics import structural_similarity
+
+    if x.shape != x_adv.shape or x.dim() != 4:
+        raise ValueError(f"x and x_adv must be image batches of equal shape, got {tuple(x.shape)} "
+                         f"and {tuple(x_adv.shape)}")
+    win = ssim_win_size(*x.shape[2:]) if win_size is None else win_size
+    a = to_float(x).detach().double().cpu().numpy()
+    b = to_float(x_adv).detach().double().cpu().numpy()
+    values = [structural_similarity(ai, bi, data_range=1.0, channel_axis=0, win_size=win)
+              for ai, bi in zip(a, b)]
+    return float(1.0 - np.mean(values)) if values else float("nan")
+
+
+# --- presets ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """A registered attack with its settings; calling it runs get_attack(attack)(model, x, y, **params)."""
+
+    attack: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        get_attack(self.attack)  # fail early on unknown names
+        object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, **overrides) -> torch.Tensor:
+        return get_attack(self.attack)(model, x, y, **{**self.params, **overrides})
+
+    def __repr__(self) -> str:
+        return f"AttackSpec({self.attack!r}, {dict(self.params)})"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A seed paper's evaluation settings: named attacks, test subset size and what they report."""
+
+    name: str
+    reference: str
+    attacks: Mapping[str, AttackSpec]
+    n_test: int | None = None  # evaluate on the first n_test test images (None: all)
+    note: str = ""
+
+    def __post_init__(self):
+        object.__setattr__(self, "attacks", MappingProxyType(dict(self.attacks)))
+
+    def table(self) -> pd.DataFrame:
+        """One row per attack with its settings, for printing in a notebook."""
+        return pd.DataFrame([{"label": k, "attack": s.attack, **s.params} for k, s in self.attacks.items()]
+                            ).set_index("label")
+
+
+XU2019 = Preset(
+    name="xu2019",
+    reference="Xu, Yap & Prabhu 2019, Understanding adversarial robustness through loss landscape geometries",
+    attacks={
+        "fgsm": AttackSpec("fgsm", {"eps": 8 / 255}),
+        # alpha = eps/4 is Madry et al.'s 2.5 * eps / steps for 10 steps: the path can cross the ball.
+        "pgd": AttackSpec("pgd", {"eps": 1 / 255, "alpha": 0.25 / 255, "steps": 10}),
+        # flow radius 0.3/64 read in grid_sample's normalized units, at CIFAR-10's 32 px (see advkit.stadv).
+        "stadv": AttackSpec("stadv", {"tau": 0.05, "optimizer": "lbfgs", "steps": 50, "max_flow": 0.3 / 64 * 16}),
+    },
+    note="Table 1: top-1 accuracy under each attack; Table 2: mean 1 - SSIM of their examples.",
+)
+
+STUTZ2021 = Preset(
+    name="stutz2021",
+    reference="Stutz, Hein & Schiele 2021, Relating adversarially robust generalization to flat minima",
+    attacks={
+        "pgd": AttackSpec("pgd", {"eps": 8 / 255, "alpha": 0.007, "steps": 20, "restarts": 10,
+                                  "random_start": True}),
+        "autoattack": AttackSpec("autoattack", {"eps": 8 / 255, "version": "standard"}),
+    },
+    n_test=1000,
+    note="RLoss = mean CE on the PGD examples; robust error = 1 - AutoAttack robust accuracy.",
+)
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (XU2019, STUTZ2021)}
+
+
+def evaluate_attacks(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                     attacks: Preset | Mapping[str, AttackSpec | AttackLike], batch_size: int = 512, *,
+                     ssim: bool = True, seed: int | None = 0) -> dict[str, dict[str, float]]:
+    """Clean accuracy and, per attack, robust accuracy, robust loss and 1 - SSIM, in one pass per
+    attack. Returns {"accuracy": {"clean": .., name: ..}, "loss": {..}, "ssim_distance": {..}}
+    (pd.DataFrame(result) gives one row per attack); a Preset also selects its first n_test images."""
+    if isinstance(attacks, Preset):
+        if attacks.n_test is not None:
+            x, y = x[:attacks.n_test], y[:attacks.n_test]
+        attacks = attacks.attacks
+    _check(x, y, batch_size)
+    result: dict[str, dict[str, float]] = {"accuracy": {}, "loss": {}}
+    if ssim:
+        result["ssim_distance"] = {"clean": 0.0}
+    clean = robust_metrics(model, x, y, lambda m, xb, yb: xb, batch_size, seed=None)
+    result["accuracy"]["clean"], result["loss"]["clean"] = clean["accuracy"], clean["loss"]
+    for label, attack in attacks.items():
+        metrics = robust_metrics(model, x, y, attack, batch_size, ssim=ssim, seed=seed)
+        for key, value in metrics.items():
+            result[key][label] = value
+    return result
+
+
+def attack_tables(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Tensor,
+                  attacks: Preset | Mapping[str, AttackSpec | AttackLike], batch_size: int = 512,
+                  seed: int | None = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Xu et al. (2019) Tables 1 and 2 for several models: top-1 accuracy (clean and under each
+    attack) and mean 1 - SSIM of each attack's examples; one row per model."""
+    accuracy_rows, ssim_rows = {}, {}
+    for name, model in models.items():
+        result = evaluate_attacks(model, x, y, attacks, batch_size, ssim=True, seed=seed)
+        accuracy_rows[name] = result["accuracy"]
+        ssim_rows[name] = {k: v for k, v in result["ssim_distance"].items() if k != "clean"}
+    return (pd.DataFrame.from_dict(accuracy_rows, orient="index").rename_axis("model"),
+            pd.DataFrame.from_dict(ssim_rows, orient="index").rename_axis("model"))
+
+
+__all__ = ["attack_tables", "AttackSpec", "PRESETS", "Preset", "STUTZ2021", "XU2019", "accuracy", "accuracy_vs_eps",
+           "evaluate_attacks", "robust_accuracy", "robust_loss", "robust_metrics", "ssim_distance",
+           "ssim_win_size"]

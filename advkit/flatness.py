@@ -1,0 +1,430 @@
+"""Flatness of the (clean or robust) loss around the trained weights.
+
+- `avg_case_flatness`, `worst_case_flatness`: Stutz, Hein & Schiele 2021 (Eq. 1-2), loss
+  change in a *relative* per-layer ball {v : ||v_l|| <= xi ||w_l|| for every layer l},
+  which makes them invariant to the layer-wise rescalings that leave a ReLU network's
+  function unchanged.
+- `epsilon_sharpness` (Keskar et al. 2017, Metric 2.1) and `adaptive_sharpness` (Kwon et
+  al. 2021, ASAM) as extras: both by projected gradient ascent on the weights.
+- `relative_flatness` of the feature layer (Petzka et al. 2021, Def. 3; used per example
+  by Walter et al. 2025) in closed form for softmax cross-entropy, and
+  `confidence_flatness` for the "confidently wrong in flat regions" plot.
+
+Common conventions: a "layer" is one parameter tensor (weights and biases are separate
+layers); BatchNorm parameters are never perturbed unless `include_bn=True`; the model
+runs in eval mode and is never modified (`torch.func.functional_call`); the loss is the
+mean over the fixed subset (x in [0, 1], y), computed in chunks of `batch_size`; it is
+the robust loss when an `attack(model, x, y) -> x_adv` is given, re-run on every set of
+perturbed weights. Every random choice is seeded.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from advkit.hessian import (Attack, LossFn, WithParams, adversarial_inputs, check_data, check_positive_int, chunks,
+                            eval_mode, model_device, per_example_cross_entropy, select_params)
+
+
+@dataclass(frozen=True)
+class FlatnessResult:
+    """One flatness number with the losses it came from and the settings that produced it."""
+
+    metric: str
+    value: float
+    loss: float              # loss at the trained weights w
+    perturbed_loss: float    # mean (average case) or max (worst case) loss at w + v
+    samples: list[float] = field(default_factory=list)   # per perturbation / restart: loss(w+v) - loss(w)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def as_row(self) -> dict[str, Any]:
+        """Flat dict for one row of flatness.csv: value, losses and every setting, prefixed by `metric`."""
+        row = {self.metric: self.value, f"{self.metric}_loss": self.loss,
+               f"{self.metric}_perturbed_loss": self.perturbed_loss}
+        row.update({f"{self.metric}_{k}": v for k, v in self.settings.items()})
+        return row
+
+
+def describe(fn: Callable | None) -> str:
+    """Stable text for a loss/attack callable (partial arguments included, no addresses) for settings columns."""
+    if fn is None:
+        return "none"
+    if isinstance(fn, functools.partial):
+        args = [repr(a) for a in fn.args] + [f"{k}={v!r}" for k, v in sorted(fn.keywords.items())]
+        return f"{describe(fn.func)}({', '.join(args)})"
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    module = getattr(fn, "__module__", None) or type(fn).__module__
+    return f"{module}.{name}"
+
+
+def _check_radius(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+# --- loss over the subset ---------------------------------------------------------------------
+
+
+def dataset_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+                 params: dict[str, torch.Tensor] | None = None, attack: Attack | None = None,
+                 loss_fn: LossFn | None = None, batch_size: int = 500) -> float:
+    """Mean loss over (x, y) at substituted `params` (by name; the rest as in `model`), eval mode.
+
+    With `attack`, each chunk is first replaced by attack(model_at_params, x, y): the robust loss.
+    """
+    loss_fn = loss_fn or per_example_cross_entropy
+    net = model if params is None else WithParams(model, params)
+    device = model_device(model)
+    total = torch.zeros((), device=device, dtype=torch.float64)
+    with eval_mode(model):
+        for s in chunks(len(x), batch_size):
+            xb, yb = x[s].to(device), y[s].to(device)
+            if attack is not None:
+                xb = attack(net, xb, yb).detach()
+            with torch.no_grad():
+                total = total + loss_fn(net(xb), yb).sum().double()
+    return float(total) / len(x)
+
+
+# --- average-case flatness (Stutz et al. 2021, Eq. 1) -----------------------------------------
+
+
+def relative_sphere(params: dict[str, torch.Tensor], xi: float, generator: torch.Generator
+                    ) -> dict[str, torch.Tensor]:
+    """v uniform on the relative per-layer sphere: v_l = xi ||w_l|| u_l / ||u_l||, u_l Gaussian."""
+    out = {}
+    for name, w in params.items():
+        u = torch.randn(w.shape, generator=generator, device=w.device, dtype=w.dtype)
+        out[name] = xi * w.norm() * u / u.norm().clamp_min(1e-30)
+    return out
+
+
+def avg_case_flatness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, xi: float = 0.5,
+                      n_samples: int = 10, attack: Attack | None = None, loss_fn: LossFn | None = None,
+                      include_bn: bool = False, layers: Sequence[str] | None = None, seed: int = 0,
+                      batch_size: int = 500) -> FlatnessResult:
+    """Average-case flatness (Stutz et al. 2021, Eq. 1): E_v[L(w + v)] - L(w).
+
+    v is drawn uniformly on the relative per-layer L2 sphere of radius xi ||w_l|| (n_samples
+    draws, seeded); L is the clean loss, or the robust loss with the attack re-run on w + v.
+    """
+    check_data(x, y)
+    _check_radius("xi", xi)
+    check_positive_int("n_samples", n_samples)
+    check_positive_int("batch_size", batch_size)
+    params = select_params(model, include_bn=include_bn, layers=layers)
+    kw = dict(attack=attack, loss_fn=loss_fn, batch_size=batch_size)
+    ref = dataset_loss(model, x, y, **kw)
+    gen = torch.Generator(device=model_device(model)).manual_seed(seed)
+    losses = []
+    for _ in range(n_samples):
+        v = relative_sphere(params, xi, gen)
+        losses.append(dataset_loss(model, x, y, params={n: w + v[n] for n, w in params.items()}, **kw))
+    settings = {"xi": xi, "n_samples": n_samples, "seed": seed, "attack": describe(attack),
+                "loss_fn": describe(loss_fn or per_example_cross_entropy), "include_bn": include_bn, "n_data": len(x)}
+    return FlatnessResult("avg_case_flatness", float(np.mean(losses)) - ref, ref, float(np.mean(losses)),
+                          [lo - ref for lo in losses], settings)
+
+
+# --- gradient ascent on the weights (worst case, Keskar, ASAM) ---------------------------------
+
+
+def _ascent(model: nn.Module, x: torch.Tensor, y: torch.Tensor, params: dict[str, torch.Tensor],
+            u: dict[str, torch.Tensor], to_delta: Callable[[dict], dict], step: Callable[[dict, dict], dict],
+            steps: int, *, loss_fn: LossFn, attack: Attack | None, eps: float, input_step: float,
+            generator: torch.Generator, batch_size: int) -> float:
+    """Maximize L(w + to_delta(u), x + delta) by `steps` ascent steps on u (and on delta).
+
+    The weight step sees the gradient of the mean loss over the whole subset (accumulated
+    over chunks). Inputs: with `attack`, each step re-runs it at the current weights
+    (Danskin); else with eps > 0, one L-inf PGD step per weight step on a persistent delta
+    (Stutz et al.'s joint ascent); else clean. Returns the loss at the final weights.
+    """
+    device = model_device(model)
+    n = len(x)
+    delta = None
+    total = torch.zeros((), device=device, dtype=torch.float64)
+    if attack is None and eps > 0:
+        delta = (torch.rand(x.shape, generator=generator, device=device) * 2 - 1) * eps
+    with eval_mode(model):
+        for i in range(steps + 1):
+            u = {k: t.detach().requires_grad_(True) for k, t in u.items()}
+            d = to_delta(u)
+            p = {k: w + d[k] for k, w in params.items()}
+            last = i == steps
+            g_sum = {k: torch.zeros_like(t) for k, t in u.items()}
+            for s in chunks(n, batch_size):
+                xb, yb = x[s].to(device), y[s].to(device)
+                if attack is not None:
+                    with torch.no_grad():
+                        p_const = {k: t.detach() for k, t in p.items()}
+                    xb = attack(WithParams(model, p_const), xb, yb).detach()
+                elif delta is not None:
+                    db = delta[s].clone().requires_grad_(not last)
+                    xb = (xb + db).clamp(0, 1)
+                if last:
+                    with torch.no_grad():
+                        total = total + loss_fn(functional_call(model, p, (xb,)), yb).sum().double()
+                    continue
+                loss = loss_fn(functional_call(model, p, (xb,)), yb).sum() / n
+                inputs = list(u.values()) + ([db] if delta is not None else [])
+                grads = torch.autograd.grad(loss, inputs)
+                for k, g in zip(u, grads):
+                    g_sum[k] += g
+                if delta is not None:
+                    delta[s] = (db + input_step * grads[-1].sign()).clamp(-eps, eps).detach()
+            if last:
+                return float(total) / n
+            with torch.no_grad():
+                u = step({k: t.detach() for k, t in u.items()}, g_sum)
+    raise AssertionError("unreachable")
+
+
+def _relative_ball_step(params: dict[str, torch.Tensor], xi: float, frac: float):
+    """Layer-wise normalized gradient step of frac * xi ||w_l||, projected onto the relative ball."""
+    def step(v, g):
+        out = {}
+        for k, w in params.items():
+            radius = xi * w.norm()
+            new = v[k] + frac * radius * g[k] / g[k].norm().clamp_min(1e-30)
+            out[k] = new * torch.clamp(radius / new.norm().clamp_min(1e-30), max=1.0)
+        return out
+    return step
+
+
+def worst_case_flatness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, xi: float = 0.003,
+                        steps: int = 20, restarts: int = 1, eps: float = 0.0, input_step: float | None = None,
+                        weight_step: float | None = None, attack: Attack | None = None,
+                        loss_fn: LossFn | None = None, include_bn: bool = False,
+                        layers: Sequence[str] | None = None, seed: int = 0,
+                        batch_size: int = 500) -> FlatnessResult:
+    """Worst-case flatness (Stutz et al. 2021, Eq. 2): max_{v in B_xi} L(w + v) - L(w).
+
+    Joint gradient ascent: per step a layer-wise normalized weight step of
+    weight_step * xi ||w_l|| (default 2.5/steps), projected onto the relative ball, and -
+    for the robust loss - one L-inf PGD step of size input_step (default 2.5 eps/steps) on
+    the inputs (eps > 0), or the `attack` re-run at the current weights. Start: v uniform
+    in the ball (seeded); the maximum over `restarts`. L(w) uses the same input procedure
+    with the weights fixed.
+    """
+    check_data(x, y)
+    _check_radius("xi", xi)
+    _check_radius("eps", eps)
+    check_positive_int("steps", steps)
+    check_positive_int("restarts", restarts)
+    check_positive_int("batch_size", batch_size)
+    if attack is not None and eps > 0:
+        raise ValueError("give either attack (re-run per step) or eps (joint PGD steps), not both")
+    input_step = 2.5 * eps / steps if input_step is None else input_step
+    weight_step = 2.5 / steps if weight_step is None else weight_step
+    _check_radius("input_step", input_step)
+    _check_radius("weight_step", weight_step)
+    loss_fn = loss_fn or per_example_cross_entropy
+    params = select_params(model, include_bn=include_bn, layers=layers)
+    gen = torch.Generator(device=model_device(model)).manual_seed(seed)
+    kw = dict(loss_fn=loss_fn, attack=attack, eps=eps, input_step=input_step, generator=gen,
+              batch_size=batch_size)
+    zero = {k: torch.zeros_like(w) for k, w in params.items()}
+    ref = _ascent(model, x, y, params, zero, lambda u: u, lambda v, g: v, steps if eps > 0 else 0, **kw)
+    losses = []
+    for _ in range(restarts):
+        v0 = relative_sphere(params, xi, gen)
+        v0 = {k: t * torch.rand((), generator=gen, device=t.device) for k, t in v0.items()}
+        losses.append(_ascent(model, x, y, params, v0, lambda u: u, _relative_ball_step(params, xi, weight_step),
+                              steps, **kw))
+    settings = {"xi": xi, "steps": steps, "restarts": restarts, "eps": eps, "input_step": input_step,
+                "weight_step": weight_step, "seed": seed, "attack": describe(attack),
+                "loss_fn": describe(loss_fn or per_example_cross_entropy), "include_bn": include_bn, "n_data": len(x)}
+    return FlatnessResult("worst_case_flatness", max(losses) - ref, ref, max(losses),
+                          [lo - ref for lo in losses], settings)
+
+
+def epsilon_sharpness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epsilon: float = 1e-3,
+                      steps: int = 10, attack: Attack | None = None, loss_fn: LossFn | None = None,
+                      include_bn: bool = False, layers: Sequence[str] | None = None, seed: int = 0,
+                      batch_size: int = 500) -> FlatnessResult:
+    """Keskar et al. 2017 (Metric 2.1): 100 (max_{z in C} L(w + z) - L(w)) / (1 + L(w)).
+
+    C is the box |z_i| <= epsilon (|w_i| + 1) in the full parameter space (A = I); the max
+    is taken by `steps` projected sign-gradient steps of 2.5/steps of the box (Keskar et al.
+    used L-BFGS-B), from a seeded uniform start in the box.
+    """
+    check_data(x, y)
+    _check_radius("epsilon", epsilon)
+    check_positive_int("steps", steps)
+    loss_fn = loss_fn or per_example_cross_entropy
+    params = select_params(model, include_bn=include_bn, layers=layers)
+    gen = torch.Generator(device=model_device(model)).manual_seed(seed)
+    box = {k: epsilon * (w.abs() + 1) for k, w in params.items()}
+
+    def step(z, g):
+        return {k: (z[k] + 2.5 / steps * box[k] * g[k].sign()).clamp(-box[k], box[k]) for k in z}
+
+    z0 = {k: (torch.rand(b.shape, generator=gen, device=b.device) * 2 - 1) * b for k, b in box.items()}
+    ref = dataset_loss(model, x, y, attack=attack, loss_fn=loss_fn, batch_size=batch_size)
+    top = _ascent(model, x, y, params, z0, lambda u: u, step, steps, loss_fn=loss_fn, attack=attack, eps=0.0,
+                  input_step=0.0, generator=gen, batch_size=batch_size)
+    settings = {"epsilon": epsilon, "steps": steps, "seed": seed, "attack": describe(attack),
+                "loss_fn": describe(loss_fn or per_example_cross_entropy), "include_bn": include_bn, "n_data": len(x)}
+    return FlatnessResult("epsilon_sharpness", 100 * (top - ref) / (1 + ref), ref, top, [top - ref], settings)
+
+
+def adaptive_sharpness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, rho: float = 0.5,
+                       eta: float = 0.01, steps: int = 5, attack: Attack | None = None,
+                       loss_fn: LossFn | None = None, include_bn: bool = False,
+                       layers: Sequence[str] | None = None, seed: int = 0, batch_size: int = 500) -> FlatnessResult:
+    """Adaptive sharpness (Kwon et al. 2021, ASAM): max_{||T_w^-1 e||_2 <= rho} L(w + e) - L(w).
+
+    T_w = diag(|w| + eta) makes it invariant to per-neuron rescaling. The max is taken by
+    `steps` normalized gradient steps of 2.5 rho / steps in u = T_w^-1 e, projected onto the
+    rho ball, from a seeded random start in the ball.
+    """
+    check_data(x, y)
+    _check_radius("rho", rho)
+    _check_radius("eta", eta)
+    check_positive_int("steps", steps)
+    loss_fn = loss_fn or per_example_cross_entropy
+    params = select_params(model, include_bn=include_bn, layers=layers)
+    gen = torch.Generator(device=model_device(model)).manual_seed(seed)
+    scale = {k: w.abs() + eta for k, w in params.items()}
+
+    def norm(u):
+        return torch.sqrt(sum((t ** 2).sum() for t in u.values())).clamp_min(1e-30)
+
+    def step(u, g):
+        gn = norm(g)
+        new = {k: u[k] + 2.5 * rho / steps * g[k] / gn for k in u}
+        shrink = torch.clamp(rho / norm(new), max=1.0)
+        return {k: t * shrink for k, t in new.items()}
+
+    u0 = {k: torch.randn(w.shape, generator=gen, device=w.device) for k, w in params.items()}
+    r = rho * torch.rand((), generator=gen, device=model_device(model)) / norm(u0)
+    u0 = {k: t * r for k, t in u0.items()}
+    ref = dataset_loss(model, x, y, attack=attack, loss_fn=loss_fn, batch_size=batch_size)
+    top = _ascent(model, x, y, params, u0, lambda u: {k: scale[k] * t for k, t in u.items()}, step, steps,
+                  loss_fn=loss_fn, attack=attack, eps=0.0, input_step=0.0, generator=gen, batch_size=batch_size)
+    settings = {"rho": rho, "eta": eta, "steps": steps, "seed": seed, "attack": describe(attack),
+                "loss_fn": describe(loss_fn or per_example_cross_entropy), "include_bn": include_bn, "n_data": len(x)}
+    return FlatnessResult("adaptive_sharpness", top - ref, ref, top, [top - ref], settings)
+
+
+# --- relative flatness of the feature layer (Petzka et al. 2021) -------------------------------
+
+
+def feature_layer(model: nn.Module) -> tuple[str, nn.Linear]:
+    """The model's last nn.Linear (module order), whose input is the feature vector phi(x).
+
+    advkit's models end in one (`linear` for the ResNets and the small CNN).
+    """
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not found:
+        raise ValueError("the model has no nn.Linear layer; pass layer=<the final linear module>")
+    return found[-1]
+
+
+def features(model: nn.Module, x: torch.Tensor, *, layer: nn.Linear | None = None,
+             batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """(phi(x), z(x)): the input and output of the feature layer, captured by a forward hook (eval mode)."""
+    layer = layer if layer is not None else feature_layer(model)[1]
+    device = model_device(model)
+    phis, zs = [], []
+
+    def hook(_module, args, output):
+        phis.append(args[0].detach().flatten(1))
+        zs.append(output.detach())
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        with eval_mode(model), torch.no_grad():
+            for s in chunks(len(x), batch_size):
+                model(x[s].to(device))
+    finally:
+        handle.remove()
+    return torch.cat(phis), torch.cat(zs)
+
+
+@dataclass(frozen=True)
+class RelativeFlatnessResult:
+    """kappa^phi_Tr over the subset (mean) and per example."""
+
+    value: float
+    per_example: np.ndarray
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def as_row(self, prefix: str = "relative_flatness") -> dict[str, Any]:
+        row = {prefix: self.value}
+        row.update({f"{prefix}_{k}": v for k, v in self.settings.items()})
+        return row
+
+
+def relative_flatness_closed_form(weight: torch.Tensor, phi: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Per-example kappa_i = ||phi_i||^2 (sum_c p_ic ||w_c||^2 - ||W^T p_i||^2) for softmax CE.
+
+    The per-example Hessian w.r.t. W (classes x features) is (diag p - p p^T) kron phi phi^T,
+    so Tr(H_{s,s'}) = (diag p - p p^T)_{ss'} ||phi||^2 and kappa = ||phi||^2 Tr(W W^T (diag p - p p^T)):
+    the variance of the class weight vector w_c under c ~ p, times ||phi||^2. Small when the
+    model is confident (p one-hot), whether it is right or wrong.
+    """
+    p = torch.softmax(logits.double(), dim=1)
+    W = weight.double()
+    sq = (W ** 2).sum(1)                                     # ||w_c||^2
+    var = p @ sq - ((p @ W) ** 2).sum(1)
+    return (phi.double() ** 2).sum(1) * var
+
+
+def relative_flatness(model: nn.Module, x: torch.Tensor, *, layer: nn.Linear | None = None,
+                      batch_size: int = 500) -> RelativeFlatnessResult:
+    """Relative flatness kappa^phi_Tr(w) of the feature layer (Petzka et al. 2021, Def. 3).
+
+    kappa = sum_{s,s'} <w_s, w_s'> Tr(H_{s,s'}), where the model is f(x) = g(W phi(x) + b),
+    W in R^{d x m} is the last linear layer's weight (d classes, m features), w_s in R^m is
+    its s-th ROW (the incoming weights of output neuron s, as in the authors' code) and
+    H_{s,s'} (m x m) is the Hessian of the mean CE loss w.r.t. w_s and w_s'. Softmax CE gives
+    a closed form (`relative_flatness_closed_form`, as derived by Walter et al. 2025) that
+    needs no labels and no second derivatives; the subset value is the mean of the
+    per-example values. Pass adversarial inputs as x to compare them with clean ones.
+    """
+    if not isinstance(x, torch.Tensor) or len(x) == 0:
+        raise ValueError("x must be a non-empty tensor of inputs in [0, 1]")
+    check_positive_int("batch_size", batch_size)
+    name, lin = (None, layer) if layer is not None else feature_layer(model)
+    phi, z = features(model, x, layer=lin, batch_size=batch_size)
+    kappa = relative_flatness_closed_form(lin.weight.detach(), phi, z).cpu().numpy()
+    settings = {"layer": name or type(lin).__name__, "n_data": len(x)}
+    return RelativeFlatnessResult(float(kappa.mean()), kappa, settings)
+
+
+def confidence_flatness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+                        attack: Attack | None = None, layer: nn.Linear | None = None,
+                        batch_size: int = 500) -> pd.DataFrame:
+    """Per example: label, prediction, confidence (max softmax), correctness, CE loss, relative flatness.
+
+    For Walter et al. 2025's observation that adversarial examples sit in flat regions where
+    the model is confidently wrong: plot confidence vs relative_flatness, colored by correct.
+    With `attack`, the rows describe attack(model, x, y) instead of x.
+    """
+    check_data(x, y)
+    if attack is not None:
+        x = adversarial_inputs(model, x.to(model_device(model)), y.to(model_device(model)), attack, batch_size)
+    lin = layer if layer is not None else feature_layer(model)[1]
+    phi, z = features(model, x, layer=lin, batch_size=batch_size)
+    y = y.to(z.device)
+    p = torch.softmax(z, 1)
+    conf, pred = p.max(1)
+    kappa = relative_flatness_closed_form(lin.weight.detach(), phi, z)
+    return pd.DataFrame({
+        "label": y.cpu().numpy(), "predicted": pred.cpu().numpy(), "confidence": conf.cpu().numpy(),
+        "correct": (pred == y).cpu().numpy(), "loss": F.cross_entropy(z, y, reduction="none").cpu().numpy(),
+        "relative_flatness": kappa.cpu().numpy(),
+    })

@@ -1,0 +1,616 @@
+"""Hessian of the loss in weight space through Hessian-vector products (HVPs).
+
+Every quantity here is matrix-free: an HVP is `torch.func.jvp` of `torch.func.grad`
+(forward-over-reverse), evaluated over the data subset in chunks and summed, so memory
+stays that of one chunk's double pass. On top of the HVP sit Lanczos / power iteration
+(top eigenvalues), Hutchinson / Hutch++ (trace) and stochastic Lanczos quadrature
+(spectral density, Ghorbani et al. 2019). Every result says how many HVPs it used and
+whether it converged.
+
+Conventions (why):
+- The model runs in eval mode (BatchNorm uses its running statistics): the Hessian of a
+  fixed function of the weights, not of one batch's normalization. The caller's
+  train/eval flags are restored afterwards; its weights are never touched
+  (`torch.func.functional_call`).
+- BatchNorm affine parameters are left out by module type (`include_bn=False`), as for
+  the flatness metrics (Stutz et al. 2021); `layers` restricts the Hessian to the
+  diagonal block of some layers ("per layer").
+- Always float32, autocast off: HVPs are differences of small gradient changes and
+  Lanczos relies on orthogonality; bf16's 8-bit mantissa breaks both.
+- Robust loss: `attack(model, x, y) -> x_adv` is run once at the current weights and the
+  Hessian of the loss at these fixed x_adv is taken (Danskin-style approximation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import scipy.integrate
+import scipy.linalg
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jvp, vmap
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Attack = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def per_example_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Default loss: softmax cross-entropy per example (reduction='none').
+
+    Written as -log_softmax(z)[y]: same values as F.cross_entropy, but its forward-mode
+    derivative (jvp of grad) is several times cheaper than cross_entropy's decomposition.
+    """
+    return -torch.log_softmax(logits, dim=1).gather(1, y[:, None]).squeeze(1)
+
+
+# --- parameter selection and model mode ------------------------------------------------------
+
+
+def is_batchnorm(module: nn.Module) -> bool:
+    """BatchNorm layers (1d/2d/3d, SyncBatchNorm, lazy): their parameters are excluded by default."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+
+
+def select_params(model: nn.Module, *, include_bn: bool = False,
+                  layers: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """Named trainable parameters to perturb or differentiate (detached views, never copies).
+
+    BatchNorm parameters are skipped by module type unless `include_bn`; `layers` keeps
+    only parameters of the named modules (module names as in `model.named_modules()`,
+    prefixes allowed, e.g. "layer3" or "linear").
+    """
+    selected: dict[str, torch.Tensor] = {}
+    for mod_name, module in model.named_modules():
+        if is_batchnorm(module) and not include_bn:
+            continue
+        for p_name, p in module.named_parameters(recurse=False):
+            if p.requires_grad:
+                selected[f"{mod_name}.{p_name}" if mod_name else p_name] = p.detach()
+    if layers is not None:
+        layers = [layers] if isinstance(layers, str) else list(layers)
+        if not layers:
+            raise ValueError("layers must name at least one module (or be None for all parameters)")
+        available = sorted({n.rsplit(".", 1)[0] for n in selected if "." in n})
+        for layer in layers:
+            if not any(n == layer or n.startswith(layer + ".") for n in selected):
+                raise ValueError(f"layers: {layer!r} has no selectable parameters; "
+                                 f"choose among {available}")
+        selected = {n: p for n, p in selected.items()
+                    if any(n == layer or n.startswith(layer + ".") for layer in layers)}
+    if not selected:
+        raise ValueError("the model has no trainable parameters to select "
+                         "(all are BatchNorm? pass include_bn=True)")
+    return selected
+
+
+def layer_names(model: nn.Module, *, include_bn: bool = False) -> list[str]:
+    """Modules that own selectable parameters, in model order: the units of per-layer metrics."""
+    names = []
+    for name in select_params(model, include_bn=include_bn):
+        mod = name.rsplit(".", 1)[0] if "." in name else name
+        if mod not in names:
+            names.append(mod)
+    return names
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every submodule in eval mode; restore each one's own flag afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def chunks(n: int, batch_size: int) -> Iterator[slice]:
+    """Consecutive slices of at most `batch_size` over range(n)."""
+    for start in range(0, n, batch_size):
+        yield slice(start, min(start + batch_size, n))
+
+
+def check_positive_int(name: str, value: int, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_data(x: torch.Tensor, y: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise ValueError("x and y must be tensors (x: inputs in [0, 1], y: labels)")
+    if len(x) == 0 or len(x) != len(y):
+        raise ValueError(f"x and y must be non-empty with equal length, got {len(x)} and {len(y)}")
+
+
+class WithParams(nn.Module):
+    """`model` seen through substituted parameters (`functional_call`), for attack callables.
+
+    Attacks written for an nn.Module (attack(model, x, y)) can then run on perturbed
+    weights without the caller's model ever being modified.
+    """
+
+    def __init__(self, model: nn.Module, params: dict[str, torch.Tensor]):
+        super().__init__()
+        self.model = model
+        self.params = params
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.model, self.params, (x,))
+
+
+def adversarial_inputs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack,
+                       batch_size: int, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """attack(model, x, y) chunk by chunk (optionally at substituted `params`), detached."""
+    net = model if params is None else WithParams(model, params)
+    with eval_mode(model):
+        return torch.cat([attack(net, x[s], y[s]).detach() for s in chunks(len(x), batch_size)])
+
+
+# --- the HVP operator ---------------------------------------------------------------------------
+
+
+class HessianOperator:
+    """The Hessian of the mean loss over (x, y) w.r.t. the selected parameters, as a linear map.
+
+    `matvec(v)` / `matmat(V)` act on flat float32 vectors of length `dim` (parameters
+    concatenated in `names` order); `n_hvp` counts the vectors. Two ways to get H v:
+
+    - backend="forward" (default): forward-over-reverse, `jvp(grad(loss))` with torch.func,
+      chunk by chunk (`batch_size` images) and summed. Memory of one chunk's double pass;
+      every product redoes the forward and backward pass.
+    - backend="reverse": reverse-over-reverse on a cached graph. The gradient of the whole
+      subset is taken once with create_graph=True and kept; each product is one backward
+      pass through it (as PyHessian for one batch), blocks of vectors in one call
+      (`is_grads_batched`). About 1.5-2.5x cheaper per product, but holds the double-backward
+      graph of the whole subset in memory.
+
+    `matmat` maps a block of vectors at once (vmap / batched grads): better GPU use, often
+    slower on CPUs.
+    """
+
+    BACKENDS = ("forward", "reverse")
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+                 loss_fn: LossFn | None = None, attack: Attack | None = None, include_bn: bool = False,
+                 layers: Sequence[str] | None = None, batch_size: int = 500, backend: str = "forward"):
+        check_data(x, y)
+        check_positive_int("batch_size", batch_size)
+        if backend not in self.BACKENDS:
+            raise ValueError(f"backend={backend!r}: choose one of {self.BACKENDS}")
+        self.model = model
+        self.loss_fn = loss_fn or per_example_cross_entropy
+        self.batch_size = batch_size
+        self.backend = backend
+        params = select_params(model, include_bn=include_bn, layers=layers)
+        self.names = list(params)
+        self.shapes = [p.shape for p in params.values()]
+        self.numels = [p.numel() for p in params.values()]
+        self.device = model_device(model)
+        self.p0 = torch.cat([p.reshape(-1) for p in params.values()]).to(torch.float32).clone()
+        self.dim = self.p0.numel()
+        self.x = x.to(self.device, torch.float32)
+        self.y = y.to(self.device)
+        if attack is not None:
+            self.x = adversarial_inputs(model, self.x, self.y, attack, batch_size)
+        self.n = len(self.x)
+        self.n_hvp = 0
+        self._leaf: torch.Tensor | None = None
+        self._grad: torch.Tensor | None = None
+
+    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {n: t.view(s) for n, t, s in zip(self.names, torch.split(flat, self.numels), self.shapes)}
+
+    def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([tensors[n].reshape(-1) for n in self.names])
+
+    def _loss(self, p: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        out = functional_call(self.model, self.unflatten(p), (xb,))
+        return self.loss_fn(out, yb).sum() / self.n
+
+    def _hvp_chunk(self, v: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        return jvp(grad(lambda p: self._loss(p, xb, yb)), (self.p0,), (v,))[1]
+
+    @contextlib.contextmanager
+    def _context(self) -> Iterator[None]:
+        with eval_mode(self.model), torch.autocast(self.device.type, enabled=False), torch.no_grad(), \
+                warnings.catch_warnings():
+            # torch-internal: some forward-mode decompositions still go through jit.script
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated")
+            yield
+
+    def _cached_gradient(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(leaf, gradient with its graph) for the reverse backend, built on first use."""
+        if self._grad is None:
+            leaf = self.p0.clone().requires_grad_(True)
+            with self._context(), torch.enable_grad():
+                total = None
+                for s in chunks(self.n, self.batch_size):
+                    (g,) = torch.autograd.grad(self._loss(leaf, self.x[s], self.y[s]), leaf, create_graph=True)
+                    total = g if total is None else total + g
+            self._leaf, self._grad = leaf, total
+        return self._leaf, self._grad
+
+    def release(self) -> None:
+        """Drop the cached graph of the reverse backend (it is rebuilt when needed)."""
+        self._leaf = self._grad = None
+
+    def loss(self) -> float:
+        """Mean loss over the subset at the current weights."""
+        with self._context():
+            return float(sum(self._loss(self.p0, self.x[s], self.y[s]) for s in chunks(self.n, self.batch_size)))
+
+    def gradient(self) -> torch.Tensor:
+        with self._context():
+            return sum(grad(self._loss)(self.p0, self.x[s], self.y[s]) for s in chunks(self.n, self.batch_size))
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        v = v.to(self.p0)
+        if self.backend == "reverse":
+            leaf, g = self._cached_gradient()
+            with self._context():
+                (out,) = torch.autograd.grad(g, leaf, grad_outputs=v, retain_graph=True)
+        else:
+            with self._context():
+                out = torch.zeros_like(self.p0)
+                for s in chunks(self.n, self.batch_size):
+                    out += self._hvp_chunk(v, self.x[s], self.y[s])
+        self.n_hvp += 1
+        return out
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """H @ V.T for a block V of shape (k, dim), returned as (k, dim)."""
+        V = V.to(self.p0)
+        if self.backend == "reverse":
+            leaf, g = self._cached_gradient()
+            with self._context():
+                (out,) = torch.autograd.grad(g, leaf, grad_outputs=V, retain_graph=True, is_grads_batched=True)
+        else:
+            with self._context():
+                out = torch.zeros_like(V)
+                for s in chunks(self.n, self.batch_size):
+                    xb, yb = self.x[s], self.y[s]
+                    out += vmap(lambda v: self._hvp_chunk(v, xb, yb))(V)
+        self.n_hvp += V.shape[0]
+        return out
+
+    def dense(self) -> torch.Tensor:
+        """The full (dim x dim) Hessian, column by column: for tests and tiny models only."""
+        eye = torch.eye(self.dim, device=self.device)
+        return torch.cat([self.matmat(eye[i:i + 64]) for i in range(0, self.dim, 64)]).T
+
+
+def _block_apply(op: HessianOperator, V: torch.Tensor, block_size: int) -> torch.Tensor:
+    """H applied to the rows of V, `block_size` rows per vmap call (1: plain matvec loop)."""
+    if block_size == 1:
+        return torch.stack([op.matvec(v) for v in V])
+    return torch.cat([op.matmat(V[i:i + block_size]) for i in range(0, len(V), block_size)])
+
+
+# --- results -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EigenResult:
+    """Top eigenvalues (descending) of the Hessian, with the cost and convergence of the solver."""
+
+    eigenvalues: list[float]
+    n_hvp: int
+    converged: bool
+    residuals: list[float]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def value(self) -> float:
+        return self.eigenvalues[0]
+
+    def as_row(self, prefix: str = "hessian_top_eig") -> dict[str, Any]:
+        row = {prefix: self.value, f"{prefix}_n_hvp": self.n_hvp, f"{prefix}_converged": self.converged}
+        row.update({f"{prefix}_{i + 1}": v for i, v in enumerate(self.eigenvalues[1:], 1)})
+        row.update({f"{prefix}_{k}": v for k, v in self.settings.items()})
+        return row
+
+
+@dataclass(frozen=True)
+class TraceResult:
+    """Stochastic trace estimate with its standard error (over probes) and cost."""
+
+    value: float
+    std_error: float
+    n_hvp: int
+    converged: bool
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def as_row(self, prefix: str = "hessian_trace") -> dict[str, Any]:
+        row = {prefix: self.value, f"{prefix}_std_error": self.std_error, f"{prefix}_n_hvp": self.n_hvp,
+               f"{prefix}_converged": self.converged}
+        row.update({f"{prefix}_{k}": v for k, v in self.settings.items()})
+        return row
+
+
+@dataclass(frozen=True)
+class SpectrumResult:
+    """Spectral density on `grid` (integrates to 1) with the quadrature nodes and weights of each run."""
+
+    grid: np.ndarray
+    density: np.ndarray
+    nodes: np.ndarray
+    weights: np.ndarray
+    n_hvp: int
+    converged: bool
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- Krylov and stochastic estimators on any symmetric operator --------------------------------
+
+
+def lanczos(matvec: Callable[[torch.Tensor], torch.Tensor], v0: torch.Tensor, steps: int, *,
+            reorthogonalize: bool = True) -> tuple[np.ndarray, np.ndarray, float]:
+    """Lanczos tridiagonalization from v0: (alpha, beta, beta_last), float64 arrays.
+
+    T = tridiag(beta, alpha, beta) is (m x m) with m <= steps (fewer if an invariant subspace
+    was found: then beta_last = 0 and the Ritz values are exact). Full reorthogonalization
+    (twice, Gram-Schmidt against all previous vectors) keeps ghosts out of the spectrum; it
+    stores the Krylov vectors. No host-device sync inside the loop: a breakdown is detected
+    afterwards and the steps after it are dropped.
+    """
+    Q = torch.empty(steps, v0.numel(), dtype=v0.dtype, device=v0.device)
+    Q[0] = v0 / v0.norm()
+    alphas: list[torch.Tensor] = []
+    betas: list[torch.Tensor] = []
+    for j in range(steps):
+        q = Q[j]
+        w = matvec(q)
+        alpha = torch.dot(w, q)
+        w = w - alpha * q
+        if j > 0:
+            w = w - betas[-1] * Q[j - 1]
+        if reorthogonalize:
+            basis = Q[: j + 1]
+            for _ in range(2):
+                w = w - basis.T @ (basis @ w)
+        beta = w.norm()
+        alphas.append(alpha)
+        betas.append(beta)
+        if j + 1 < steps:
+            Q[j + 1] = w / beta.clamp_min(torch.finfo(w.dtype).tiny)
+    a = torch.stack(alphas).double().cpu().numpy()
+    b = torch.stack(betas).double().cpu().numpy()
+    scale = max(float(np.abs(a).max()), 1e-30)
+    broke = np.flatnonzero(b <= 1e-6 * scale)
+    if len(broke):                      # invariant subspace after step broke[0]: exact from there on
+        m = broke[0] + 1
+        return a[:m], b[: m - 1], 0.0
+    return a, b[:-1], float(b[-1])
+
+
+def ritz(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (ascending) and eigenvectors of the Lanczos tridiagonal matrix."""
+    if len(alpha) == 1:
+        return alpha.copy(), np.ones((1, 1))
+    return scipy.linalg.eigh_tridiagonal(alpha, beta)
+
+
+def power_iteration(matvec: Callable[[torch.Tensor], torch.Tensor], v0s: torch.Tensor, iters: int,
+                    tol: float) -> tuple[list[float], list[bool], list[float]]:
+    """Top-|lambda| eigenvalues by power iteration with deflation (one start vector per eigenvalue).
+
+    Each iterate is orthogonalized against the eigenvectors already found (as PyHessian);
+    an eigenvalue converged when its Rayleigh quotient changes by <= tol (relative); with
+    tol <= 0 all `iters` products run without any host-device sync. Residuals ||Hv - lambda v||.
+    """
+    found: list[torch.Tensor] = []
+    values, converged, residuals = [], [], []
+    for v0 in v0s:
+        v = v0
+        value, prev, done = None, None, False
+        for i in range(iters):
+            for u in found:
+                v = v - torch.dot(v, u) * u
+            v = v / v.norm()
+            hv = matvec(v)
+            value = torch.dot(hv, v)
+            if tol > 0:
+                new = float(value)
+                if prev is not None and abs(new - prev) <= tol * (abs(prev) + 1e-12):
+                    done = True
+                    break
+                prev = new
+            if i < iters - 1:
+                v = hv                  # the last v stays the one whose Rayleigh quotient is reported
+        residuals.append(float((hv - value * v).norm()))
+        found.append(v)
+        values.append(float(value))
+        converged.append(done)
+    return values, converged, residuals
+
+
+def rademacher(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    return torch.randint(0, 2, shape, generator=generator, device=device).to(torch.float32) * 2 - 1
+
+
+def hutchinson(apply: Callable[[torch.Tensor], torch.Tensor], dim: int, n_samples: int,
+               generator: torch.Generator, device: torch.device, block_size: int = 1
+               ) -> tuple[float, float, np.ndarray]:
+    """Tr(H) ~ mean of z^T H z over Rademacher z (Hutchinson 1989): (estimate, std error, samples)."""
+    samples = []
+    for start in range(0, n_samples, block_size):
+        Z = rademacher((min(block_size, n_samples - start), dim), generator, device)
+        samples.append((Z * apply(Z)).sum(1))
+    s = torch.cat(samples).double().cpu().numpy()
+    se = float(s.std(ddof=1) / math.sqrt(len(s))) if len(s) > 1 else float("inf")
+    return float(s.mean()), se, s
+
+
+def hutchpp(apply: Callable[[torch.Tensor], torch.Tensor], dim: int, n_hvp: int,
+            generator: torch.Generator, device: torch.device) -> tuple[float, float]:
+    """Hutch++ (Meyer et al. 2021): exact trace on a sketched top subspace + Hutchinson on the rest.
+
+    Uses n_hvp products split in thirds; returns (estimate, std error of the residual part).
+    """
+    k = max(n_hvp // 3, 1)
+    m = max(n_hvp - 2 * k, 1)
+    S = rademacher((k, dim), generator, device)
+    Q, _ = torch.linalg.qr(apply(S).T)                  # (dim, k): range of H S
+    top = float(torch.trace(Q.T @ apply(Q.T).T))
+    G = rademacher((m, dim), generator, device)
+    G = G - (G @ Q) @ Q.T                               # (I - QQ^T) g
+    s = (G * apply(G)).sum(1).double().cpu().numpy()
+    se = float(s.std(ddof=1) / math.sqrt(m)) if m > 1 else float("inf")
+    return top + float(s.mean()), se
+
+
+def gaussian_density(nodes: np.ndarray, weights: np.ndarray, grid: np.ndarray, sigma: float) -> np.ndarray:
+    """Average over runs of sum_i w_i N(t; theta_i, sigma^2), renormalized to integrate to 1 on `grid`."""
+    d = np.zeros_like(grid)
+    for theta, w in zip(nodes, weights):
+        z = (grid[:, None] - theta[None, :]) / sigma
+        d += (w[None, :] * np.exp(-0.5 * z ** 2)).sum(1) / (sigma * math.sqrt(2 * math.pi))
+    d /= len(nodes)
+    return d / scipy.integrate.trapezoid(d, grid)
+
+
+# --- public metrics ---------------------------------------------------------------------------
+
+
+def _generator(seed: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _op(model, x, y, operator_kwargs) -> HessianOperator:
+    if isinstance(model, HessianOperator):
+        if operator_kwargs or x is not None or y is not None:
+            raise ValueError(f"a ready HessianOperator takes no data or operator settings, got "
+                             f"{sorted(operator_kwargs) + [n for n, v in (('x', x), ('y', y)) if v is not None]}")
+        return model
+    return HessianOperator(model, x, y, **operator_kwargs)
+
+
+def hessian_eigenvalues(model: nn.Module | HessianOperator, x: torch.Tensor | None = None,
+                        y: torch.Tensor | None = None, *, k: int = 1, method: str = "lanczos",
+                        iters: int = 20, tol: float = 1e-3, seed: int = 0, **operator_kwargs) -> EigenResult:
+    """Top-k Hessian eigenvalues of the loss over (x, y).
+
+    method="lanczos": `iters` Lanczos steps with full reorthogonalization; the k largest
+    (algebraic) Ritz values, converged when each residual |beta_m s_mi| <= tol |theta_i|.
+    method="power": power iteration with deflation, at most `iters` HVPs per eigenvalue,
+    converged when the Rayleigh quotient changes by <= tol (relative); finds the largest
+    |lambda| (as PyHessian). `operator_kwargs` go to `HessianOperator` (loss_fn, attack,
+    include_bn, layers, batch_size); a ready `HessianOperator` may replace the model.
+    """
+    check_positive_int("k", k)
+    check_positive_int("iters", iters)
+    if method not in ("lanczos", "power"):
+        raise ValueError(f"method={method!r}: choose 'lanczos' or 'power'")
+    if method == "lanczos" and iters < k:
+        raise ValueError(f"iters must be >= k for Lanczos, got iters={iters}, k={k}")
+    op = _op(model, x, y, operator_kwargs)
+    start_hvp = op.n_hvp
+    gen = _generator(seed, op.device)
+    if method == "lanczos":
+        v0 = torch.randn(op.dim, generator=gen, device=op.device)
+        a, b, last = lanczos(op.matvec, v0, iters)
+        theta, S = ritz(a, b)
+        order = np.argsort(theta)[::-1][:k]
+        values = [float(theta[i]) for i in order]
+        residuals = [abs(last * S[-1, i]) for i in order]
+        converged = len(values) == k and all(r <= tol * max(abs(t), 1e-12) for r, t in zip(residuals, values))
+    else:
+        v0s = torch.randn(k, op.dim, generator=gen, device=op.device)
+        values, flags, residuals = power_iteration(op.matvec, v0s, iters, tol)
+        converged = all(flags)
+    settings = {"method": method, "k": k, "iters": iters, "tol": tol, "seed": seed, "n_data": op.n,
+                "n_params": op.dim}
+    return EigenResult(values, op.n_hvp - start_hvp, bool(converged), [float(r) for r in residuals], settings)
+
+
+def hessian_trace(model: nn.Module | HessianOperator, x: torch.Tensor | None = None,
+                  y: torch.Tensor | None = None, *, n_samples: int = 100, method: str = "hutchinson",
+                  rtol: float = 0.05, block_size: int = 1, seed: int = 0, **operator_kwargs) -> TraceResult:
+    """Tr(H) of the loss over (x, y) with `n_samples` HVPs.
+
+    method="hutchinson": mean of z^T H z over Rademacher z; "hutchpp": Hutch++ (lower
+    variance when a few eigenvalues dominate). Converged when std error <= rtol |estimate|.
+    `block_size` > 1 applies H to that many probes at once with vmap (GPU).
+    """
+    check_positive_int("n_samples", n_samples, 3 if method == "hutchpp" else 1)
+    check_positive_int("block_size", block_size)
+    if method not in ("hutchinson", "hutchpp"):
+        raise ValueError(f"method={method!r}: choose 'hutchinson' or 'hutchpp'")
+    op = _op(model, x, y, operator_kwargs)
+    start_hvp = op.n_hvp
+    gen = _generator(seed, op.device)
+    apply = lambda V: _block_apply(op, V, block_size)  # noqa: E731
+    if method == "hutchinson":
+        value, se, _ = hutchinson(apply, op.dim, n_samples, gen, op.device, block_size)
+    else:
+        value, se = hutchpp(apply, op.dim, n_samples, gen, op.device)
+    settings = {"method": method, "n_samples": n_samples, "seed": seed, "n_data": op.n, "n_params": op.dim}
+    return TraceResult(value, se, op.n_hvp - start_hvp, bool(se <= rtol * abs(value)), settings)
+
+
+def hessian_spectrum(model: nn.Module | HessianOperator, x: torch.Tensor | None = None,
+                     y: torch.Tensor | None = None, *, steps: int = 80, runs: int = 1,
+                     kernel_width: float = 0.01, n_grid: int = 1000, seed: int = 0,
+                     **operator_kwargs) -> SpectrumResult:
+    """Eigenvalue density by stochastic Lanczos quadrature (Ghorbani et al. 2019; as in PyHessian).
+
+    Each run: `steps` Lanczos steps from a normalized Rademacher vector; quadrature nodes are
+    the Ritz values, weights the squared first components of the Ritz vectors. The density
+    is a Gaussian mixture of width kernel_width * (spectral range), averaged over runs and
+    renormalized on a grid padded by 5 widths. Converged: every run ended in an invariant
+    subspace, or its extreme Ritz values settled (|beta_m s_mi| <= 1e-2 |theta_i|).
+    """
+    check_positive_int("steps", steps)
+    check_positive_int("runs", runs)
+    check_positive_int("n_grid", n_grid, 2)
+    if not kernel_width > 0:
+        raise ValueError(f"kernel_width must be > 0 (fraction of the spectral range), got {kernel_width}")
+    op = _op(model, x, y, operator_kwargs)
+    start_hvp = op.n_hvp
+    gen = _generator(seed, op.device)
+    nodes, weights, ok = [], [], True
+    for _ in range(runs):
+        a, b, last = lanczos(op.matvec, rademacher((op.dim,), gen, op.device), steps)
+        theta, S = ritz(a, b)
+        nodes.append(theta)
+        weights.append(S[0] ** 2)
+        res = np.abs(last * S[-1, [0, -1]])
+        ok = ok and bool(np.all(res <= 1e-2 * np.maximum(np.abs(theta[[0, -1]]), 1e-12)))
+    lo = min(t.min() for t in nodes)
+    hi = max(t.max() for t in nodes)
+    sigma = kernel_width * max(hi - lo, 1e-12 + 1e-6 * max(abs(lo), abs(hi)))
+    grid = np.linspace(lo - 5 * sigma, hi + 5 * sigma, n_grid)
+    width = max(len(t) for t in nodes)
+    pad = lambda arr: np.pad(arr, (0, width - len(arr)))  # noqa: E731  zero weight for short runs
+    nodes_arr = np.stack([pad(t) for t in nodes])
+    weights_arr = np.stack([pad(w) for w in weights])
+    density = gaussian_density(nodes_arr, weights_arr, grid, sigma)
+    settings = {"steps": steps, "runs": runs, "kernel_width": kernel_width, "seed": seed, "n_data": op.n,
+                "n_params": op.dim}
+    return SpectrumResult(grid, density, nodes_arr, weights_arr, op.n_hvp - start_hvp, ok, settings)
+
+
+def per_layer(metric: Callable[..., Any], model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+              include_bn: bool = False, **kwargs) -> dict[str, Any]:
+    """`metric` (hessian_trace, hessian_eigenvalues, ...) on each layer's diagonal Hessian block."""
+    return {name: metric(model, x, y, layers=[name], include_bn=include_bn, **kwargs)
+            for name in layer_names(model, include_bn=include_bn)}

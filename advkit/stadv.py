@@ -1,0 +1,147 @@
+"""Spatially transformed adversarial examples, stAdv (Xiao et al. 2018).
+
+Instead of adding noise, stAdv moves pixels: a per-pixel flow field f = (du, dv) resamples the
+image bilinearly, x_adv(p) = sum_{q in N(p + f_p)} x(q) (1 - |q_u - (p_u + du_p)|)(1 - |q_v - (p_v + dv_p)|)
+(Eq. 3-4 of Xiao et al.), done by `torch.nn.functional.grid_sample`. The flow minimizes
+L_adv + tau * L_flow (Eq. 2): a CW margin loss plus the flow's total variation (Eq. 5).
+
+Units: flows are in PIXELS, channel 0 horizontal (du, along W), channel 1 vertical (dv, along H).
+grid_sample's normalized coordinates span [-1, 1] over the image (align_corners=False), so one
+pixel is 2/W (horizontally) normalized units: a displacement r in normalized units is
+r * W / 2 pixels (`normalized_to_pixels`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from advkit.attack_utils import autocast as _autocast
+from advkit.attack_utils import (attack_mode, check_choice, check_images, check_int,
+                                 check_positive, forward_fn, is_fooled, margin, prepare)
+
+OPTIMIZERS = ("lbfgs", "adam")
+
+
+def normalized_to_pixels(radius: float, size: int) -> float:
+    """A displacement in grid_sample's normalized [-1, 1] coordinates, in pixels of an image
+    `size` pixels wide: radius * size / 2 (e.g. 0.3/64 on 32-pixel CIFAR-10 is 0.075 px)."""
+    return radius * size / 2
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def apply_flow(x: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+    """Bilinear resampling of x (N, C, H, W) at p + flow_p, flow (N, 2, H, W) in pixels
+    (Xiao et al. 2018, Eq. 3-4); outside the image the border pixels repeat.
+
+    The image is replicate-padded to power-of-two sides, so the sampling grid, (2i + 1)/W' - 1,
+    and its scaling are exact binary fractions: zero flow returns x bit for bit (a plain grid
+    at e.g. W=28 is off by ~1e-6), and padding with the border value keeps border semantics.
+    """
+    if flow.shape != (x.shape[0], 2, *x.shape[2:]):
+        raise ValueError(f"flow must have shape {(x.shape[0], 2, *x.shape[2:])}, got {tuple(flow.shape)}")
+    n, _, h, w = x.shape
+    hp, wp = _next_pow2(h), _next_pow2(w)
+    padded = F.pad(x, (0, wp - w, 0, hp - h), mode="replicate") if (hp, wp) != (h, w) else x
+    gx = (2 * torch.arange(w, device=x.device, dtype=flow.dtype) + 1) / wp - 1
+    gy = (2 * torch.arange(h, device=x.device, dtype=flow.dtype) + 1) / hp - 1
+    grid_x = gx.view(1, 1, w) + flow[:, 0] * (2 / wp)
+    grid_y = gy.view(1, h, 1) + flow[:, 1] * (2 / hp)
+    grid = torch.stack((grid_x, grid_y), dim=-1)
+    return F.grid_sample(padded, grid.to(padded.dtype), mode="bilinear", padding_mode="border",
+                         align_corners=False)
+
+
+def flow_loss(flow: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Flow smoothness per example, L_flow = sum_p sum_{q in N(p)} sqrt(||du_p - du_q||^2 + ||dv_p - dv_q||^2 + eps)
+    (Xiao et al. 2018, Eq. 5) over the 4-neighbours q inside the image (each pair counted from both
+    sides, as in the double sum). eps keeps the gradient finite at zero flow."""
+    dh = flow[:, :, :, 1:] - flow[:, :, :, :-1]
+    dv = flow[:, :, 1:, :] - flow[:, :, :-1, :]
+    horizontal = (dh.pow(2).sum(1) + eps).sqrt().flatten(1).sum(1)
+    vertical = (dv.pow(2).sum(1) + eps).sqrt().flatten(1).sum(1)
+    return 2 * (horizontal + vertical)
+
+
+def stadv(model: nn.Module, x: torch.Tensor, y: torch.Tensor, tau: float = 0.05, steps: int = 50, *,
+          optimizer: str = "lbfgs", max_flow: float | None = None, kappa: float = 0.0,
+          lr: float | None = None, targeted: bool = False, return_flow: bool = False,
+          autocast: bool | None = None, channels_last: bool | None = None, compile: bool = False,
+          ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """stAdv (Xiao et al. 2018): minimize over the flow f, per example,
+    L_adv(x_f) + tau * L_flow(f), with L_adv = max(z_y - max_{j!=y} z_j, -kappa) (Eq. 6, CW margin;
+    targeted: max(max_{j!=t} z_j - z_t, -kappa)) and L_flow of `flow_loss`, from zero flow.
+
+    optimizer: "lbfgs" (as in the paper; torch.optim.LBFGS with strong-Wolfe line search and
+    `steps` iterations on the batch's summed objective, which is separable across examples;
+    its line search synchronises with the host) or "adam" (`steps` steps of size `lr` pixels,
+    sync-free). max_flow: optional L-inf bound on every flow component, in PIXELS, enforced
+    exactly by the reparametrization f = max_flow * tanh(w). Xu et al. (2019) state a flow
+    radius of 0.3/64; read in grid_sample's normalized coordinates that is
+    normalized_to_pixels(0.3/64, W) = 0.3/64 * W/2 px, i.e. 0.075 px for W=32 (CIFAR-10) and
+    0.01875 px for W=8 (digits); read in pixels it would be max_flow=0.3/64 ~ 0.0047 px.
+
+    Returns x_adv in [0, 1] (and the flow in pixels, (N, 2, H, W), with return_flow=True): per
+    example the successful flow with the smallest L_flow seen during the optimization, else the
+    final flow.
+    """
+    check_images(x, y)
+    check_positive(tau, "tau", allow_zero=True)
+    check_int(steps, "steps")
+    check_choice(optimizer, "optimizer", OPTIMIZERS)
+    check_positive(kappa, "kappa", allow_zero=True)
+    if max_flow is not None:
+        check_positive(max_flow, "max_flow", maximum=float(max(x.shape[2:])))
+    lr = (1.0 if optimizer == "lbfgs" else 0.01) if lr is None else lr
+    check_positive(lr, "lr")
+    with attack_mode(model):
+        forward = forward_fn(model, compile)
+        x = prepare(x, channels_last)
+        w = torch.zeros((len(x), 2, *x.shape[2:]), device=x.device, dtype=x.dtype, requires_grad=True)
+        sign = -1.0 if targeted else 1.0
+        best_flow = torch.zeros_like(w)
+        best_smooth = torch.full((len(x),), float("inf"), device=x.device, dtype=x.dtype)
+
+        def to_flow(w):
+            return w if max_flow is None else max_flow * torch.tanh(w)
+
+        def objective() -> torch.Tensor:
+            nonlocal best_flow, best_smooth
+            flow = to_flow(w)
+            x_adv = apply_flow(x, flow)
+            with _autocast(x.device, autocast):
+                logits = forward(x_adv)
+            logits = logits.float()
+            adv = (sign * margin(logits, y)).clamp_min(-kappa)
+            smooth = flow_loss(flow)
+            with torch.no_grad():  # track the smoothest successful flow (no host sync)
+                better = is_fooled(logits, y, targeted) & (smooth < best_smooth)
+                best_flow = torch.where(better.view(-1, 1, 1, 1), flow, best_flow)
+                best_smooth = torch.where(better, smooth, best_smooth)
+            return (adv + tau * smooth).sum()
+
+        if optimizer == "lbfgs":
+            opt = torch.optim.LBFGS([w], lr=lr, max_iter=steps, line_search_fn="strong_wolfe")
+
+            def closure() -> torch.Tensor:
+                value = objective()
+                (w.grad,) = torch.autograd.grad(value, w)
+                return value.detach()
+
+            opt.step(closure)
+        else:
+            opt = torch.optim.Adam([w], lr=lr)
+            for _ in range(steps):
+                value = objective()
+                (w.grad,) = torch.autograd.grad(value, w)
+                opt.step()
+        with torch.no_grad():
+            objective()  # the final flow is a candidate too
+            final = to_flow(w)
+            flow = torch.where(torch.isfinite(best_smooth).view(-1, 1, 1, 1), best_flow, final).detach()
+            x_adv = apply_flow(x, flow).clamp(0.0, 1.0)
+        return (x_adv, flow) if return_flow else x_adv
