@@ -93,7 +93,20 @@ RULES: dict[str, Callable[[Any], tuple[bool, str]]] = {
     "n_test": _at_least(1),
     "label_smoothing": lambda v: (0 <= v < 1, "in [0, 1)"),
     "eps": _between(0, 1),
+    "aa_targets": _between(1, 9),
+    "stadv_tau": _at_least(0),
 }
+# Rules by name pattern, for the many budgets and counts: *_eps in [0, 1], *_steps and n_* >= 1.
+SUFFIX_RULES: dict[str, Callable[[Any], tuple[bool, str]]] = {"_eps": _between(0, 1), "_steps": _at_least(1),
+                                                               "_samples": _at_least(1), "_iters": _at_least(1)}
+
+
+def _rule(name: str) -> Callable[[Any], tuple[bool, str]] | None:
+    if name in RULES:
+        return RULES[name]
+    if name.startswith("n_"):
+        return _at_least(1)
+    return next((rule for suffix, rule in SUFFIX_RULES.items() if name.endswith(suffix)), None)
 
 
 def _type_ok(value: Any, type_name: str) -> bool:
@@ -130,8 +143,9 @@ def validate(values: dict[str, Any], declared: dict[str, dict[str, dict[str, Any
             raise ValueError(f"unknown parameter {name!r}; the notebooks take: {', '.join(sorted(known))}")
         if not _type_ok(value, known[name]):
             raise ValueError(f"parameter {name}={value!r} has the wrong type: expected {known[name]}")
-        if name in RULES and value is not None:
-            ok, allowed = RULES[name](value)
+        rule = _rule(name)
+        if rule is not None and value is not None and not isinstance(value, (list, dict)):
+            ok, allowed = rule(value)
             if not ok:
                 raise ValueError(f"parameter {name}={value!r} is out of range: must be {allowed}")
 

@@ -33,6 +33,9 @@ def test_notebook_parameters_are_documented(declared):
     ({"lr": True}, "lr=True has the wrong type"),
     ({"learning_rate": 0.1}, "unknown parameter 'learning_rate'.*lr"),
     ({"dataset": "imagenet"}, "dataset='imagenet'.*cifar10"),
+    ({"pgd_eps": 1.5}, r"pgd_eps=1.5 is out of range: must be in \[0, 1\]"),
+    ({"pgd_steps": 0}, "pgd_steps=0 is out of range"),
+    ({"n_eval": 0}, "n_eval=0 is out of range"),
 ])
 def test_bad_parameters_name_themselves(declared, values, match):
     with pytest.raises(ValueError, match=match):
