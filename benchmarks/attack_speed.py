@@ -22,65 +22,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import subprocess
 import sys
-import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common import (RESULTS, append_results, device_name, load_images, recalibrate_batchnorm, results_entry, sync,
+                    timed)  # first: puts the repository root on sys.path
 
-from advkit.attacks import pgd  # noqa: E402
-from advkit.models import get_model  # noqa: E402
-
-
-def load_images(n: int, data_dir: str | None, seed: int) -> tuple[torch.Tensor, torch.Tensor, str]:
-    if data_dir:
-        try:
-            from advkit.data import get_dataset, to_float
-            ds = get_dataset("cifar10", data_dir, download=False)
-            return to_float(ds.x_test[:n]), ds.y_test[:n], "CIFAR-10 test"
-        except Exception as err:  # noqa: BLE001 - any failure means: fall back to random images
-            print(f"could not load CIFAR-10 from {data_dir} ({err}); using random images", file=sys.stderr)
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g), "random CIFAR-shaped"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                             text=True, timeout=10)
-        return out.stdout.strip() or "none"
-    except (OSError, subprocess.SubprocessError):
-        return "none"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
-
-
-@torch.no_grad()
-def recalibrate_batchnorm(model: torch.nn.Module, x: torch.Tensor) -> None:
-    """Running BatchNorm statistics = the batch statistics of x (a randomly initialised ResNet
-    with default statistics predicts one class for every input, which no attack can change)."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average
-    model.train()
-    model(x)
-    model.eval()
+from advkit.attacks import pgd
+from advkit.models import get_model
+from advkit.runs import resolve_device
 
 
 def methods(args, model, device):
@@ -119,18 +71,16 @@ def measure(fns: dict, model, x, y, batch_size, device) -> dict[str, tuple[float
     correct = {name: torch.zeros((), dtype=torch.int64, device=device) for name in names}
     for i, (xb, yb) in enumerate(batches):
         for name in names[i % len(names):] + names[:i % len(names)]:
-            sync(device)
-            start = time.perf_counter()
-            x_adv = fns[name](xb, yb, i)
-            sync(device)
-            seconds[name] += time.perf_counter() - start
+            x_adv, t = timed(lambda: fns[name](xb, yb, i), device)
+            seconds[name] += t
             with torch.no_grad():
                 correct[name] += (model(x_adv).argmax(1) == yb).sum()
     return {name: (len(y) / seconds[name], correct[name].item() / len(y)) for name in names}
 
 
-def run(args) -> str:
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+def run(args) -> tuple[str, str, str]:
+    """(title, header, table) of the RESULTS.md entry."""
+    device = resolve_device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     x, y, source = load_images(args.n, args.data_dir, args.seed)
@@ -140,7 +90,7 @@ def run(args) -> str:
         from advkit.runs import load_model
         model = load_model(args.checkpoint)
     else:  # random weights: estimate BatchNorm statistics on the images, so predictions depend on them
-        recalibrate_batchnorm(model, x[:512])
+        recalibrate_batchnorm(model, x[:512], batch_size=512)
     model = model.to(device).eval()
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -150,15 +100,12 @@ def run(args) -> str:
     results = measure(methods(args, model, device), model, x, y, args.batch_size, device)
     rows = [(name, ips, acc) for name, (ips, acc) in results.items()]
     base = next((ips for name, ips, _ in rows if name.startswith("torchattacks")), None)
-    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     load = f", load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores" if device.type == "cpu" else ""
     weights = f"checkpoint {args.checkpoint}" if args.checkpoint else "random weights"
+    title = f"attack_speed: PGD-{args.steps} eps {args.eps * 255:.0f}/255 step {args.alpha * 255:.0f}/255, ResNet-32"
+    header = (f"device: {device_name(device)}{load}; torch {torch.__version__}; "
+              f"data: {source}, n={len(y)}, batch {args.batch_size}; model: {weights}, clean accuracy {clean:.4f}")
     lines = [
-        f"### attack_speed: PGD-{args.steps} eps {args.eps * 255:.0f}/255 step {args.alpha * 255:.0f}/255, ResNet-32",
-        "",
-        f"{when} · device: {device_name(device)}{load} · commit {git_commit()} · torch {torch.__version__} · "
-        f"data: {source}, n={len(y)}, batch {args.batch_size} · model: {weights}, clean accuracy {clean:.4f}",
-        "",
         "| method | images/s | speed-up vs torchattacks | robust accuracy |",
         "|---|---:|---:|---:|",
     ]
@@ -168,7 +115,7 @@ def run(args) -> str:
     if device.type == "cpu" and os.getloadavg()[0] > (os.cpu_count() or 1):
         lines += ["", "Caution: the load average exceeds the core count, so other processes dominate these "
                   "timings; compare speeds only from an idle machine or a GPU run."]
-    return "\n".join(lines) + "\n"
+    return title, header, "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -185,15 +132,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--bf16", action="store_true", help="also time bf16 autocast on CPU (always on CUDA)")
     ap.add_argument("--compile", action="store_true", help="also time a torch.compile'd model")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    ap.add_argument("--results", default=str(RESULTS), help="markdown file to append to ('' : print only)")
     args = ap.parse_args(argv)
     if args.n < 1 or args.batch_size < 1 or args.steps < 1:
         ap.error("--n, --batch-size and --steps must be >= 1")
-    text = run(args)
-    print(text)
-    if args.results:
-        with open(args.results, "a") as f:
-            f.write("\n" + text)
+    title, header, table = run(args)
+    print(append_results(title, header, table, Path(args.results)) if args.results
+          else results_entry(title, header, table))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
-"""What every benchmark shares: data, device names, synchronisation and RESULTS.md entries."""
+"""What every benchmark shares: data, device names, synchronisation, timing and RESULTS.md entries."""
 
 from __future__ import annotations
 
 import platform
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -17,18 +19,40 @@ from advkit.runs import git_commit  # noqa: E402
 
 
 def load_images(n: int, data_dir: str | None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """The first n CIFAR-10 test images from `data_dir`, else n random CIFAR-shaped images."""
+    """The first n CIFAR-10 test images from `data_dir`, else (no folder, or loading it fails, with a
+    warning on stderr) n random CIFAR-shaped images; the third item names which."""
     if data_dir:
-        from advkit.data import get_dataset, to_float
-        ds = get_dataset("cifar10", data_dir, download=False)
-        return to_float(ds.x_test[:n]), ds.y_test[:n], "CIFAR-10 test (shared JPEG copy)"
+        try:
+            from advkit.data import get_dataset, to_float
+            ds = get_dataset("cifar10", data_dir, download=False)
+            return to_float(ds.x_test[:n]), ds.y_test[:n], "CIFAR-10 test (shared JPEG copy)"
+        except Exception as err:  # noqa: BLE001 - any failure means: fall back to random images
+            print(f"could not load CIFAR-10 from {data_dir} ({err}); using random images", file=sys.stderr)
     g = torch.Generator().manual_seed(seed)
     return torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g), "random CIFAR-shaped"
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 256) -> None:
+    """Running BatchNorm statistics = the cumulative average of the batch statistics of x, in
+    batches of `batch_size` (torch.optim.swa_utils.update_bn). A randomly initialised ResNet with
+    default statistics predicts one class for every input and has meaningless losses."""
+    from torch.optim.swa_utils import update_bn
+    update_bn([x[i:i + batch_size] for i in range(0, len(x), batch_size)], model)
 
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
+    """(fn(), wall seconds it took), the device synchronised before and after."""
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - start
 
 
 def device_name(device: torch.device) -> str:
@@ -37,12 +61,20 @@ def device_name(device: torch.device) -> str:
     return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
-def append_results(title: str, header: str, table: str, path: Path = RESULTS) -> None:
-    """Append a dated section (device, commit, the table) to benchmarks/RESULTS.md."""
+def results_entry(title: str, header: str, table: str) -> str:
+    """A dated RESULTS.md section: title, `header; commit: <hash>`, the table."""
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     commit = (git_commit() or "none")[:10]
-    entry = f"\n### {title} ({stamp})\n\n{header}; commit: {commit}\n\n{table}\n"
-    if not path.exists():
+    return f"\n### {title} ({stamp})\n\n{header}; commit: {commit}\n\n{table.rstrip()}\n"
+
+
+def append_results(title: str, header: str, table: str, path: Path = RESULTS) -> str:
+    """Append a dated section (device, commit, the table) to `path` (benchmarks/RESULTS.md); returns it."""
+    entry = results_entry(title, header, table)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists() or path.stat().st_size == 0:
         path.write_text("# Benchmark results\n")
     with open(path, "a") as f:
         f.write(entry)
+    return entry

@@ -26,59 +26,17 @@ from __future__ import annotations
 
 import argparse
 import math
-import subprocess
 import sys
-import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common import RESULTS, append_results, device_name, load_images, timed  # first: repository root on sys.path
 
-from advkit.hessian import HessianOperator, hessian_eigenvalues, hessian_trace  # noqa: E402
-from advkit.models import get_model  # noqa: E402
-
-
-def load_images(n: int, data_dir: str | None, seed: int) -> tuple[torch.Tensor, torch.Tensor, str]:
-    if data_dir:
-        try:
-            from advkit.data import get_dataset, to_float
-            ds = get_dataset("cifar10", data_dir, download=False)
-            return to_float(ds.x_test[:n]), ds.y_test[:n], "CIFAR-10 test"
-        except Exception as err:  # noqa: BLE001 - any failure means: fall back to random images
-            print(f"could not load CIFAR-10 from {data_dir} ({err}); using random images", file=sys.stderr)
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g), "random"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device: torch.device):
-    sync(device)
-    start = time.perf_counter()
-    out = fn()
-    sync(device)
-    return out, time.perf_counter() - start
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip() or "none"
-    except (OSError, subprocess.CalledProcessError):
-        return "none"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({torch.get_num_threads()} threads)"
+from advkit.hessian import HessianOperator, hessian_eigenvalues, hessian_trace
+from advkit.models import get_model
+from advkit.runs import resolve_device
 
 
 def our_methods(model, x, y, args):
@@ -177,14 +135,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeat", type=int, default=1, help="interleaved repetitions; the fastest is kept")
     ap.add_argument("--no-pyhessian", action="store_true")
-    ap.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    ap.add_argument("--results", default=str(RESULTS))
     args = ap.parse_args(argv)
     for name in ("n", "iters", "samples", "batch_size", "repeat"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     if args.block_size is None:
         args.block_size = 10 if device.type == "cuda" else 1
     torch.backends.cudnn.benchmark = True
@@ -213,19 +170,12 @@ def main(argv: list[str] | None = None) -> None:
     methods.update(our_methods(model, xd, yd, args))
     results = measure(methods, args, device)
     md = table(results, list(methods))
-    header = (f"\n### Hessian speed ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC)\n\n"
-              f"device: {device_name(device)}; commit: {git_commit()}; torch {torch.__version__}; "
+    header = (f"device: {device_name(device)}; torch {torch.__version__}; "
               f"{args.arch} ({n_params} params, BatchNorm included), {args.n} {source} images, eval mode, fp32; "
               f"power iterations {args.iters}, Hutchinson probes {args.samples}, ours: batch {args.batch_size}, "
               f"vmap block {args.block_size}{', channels_last' if args.channels_last else ''}; "
-              f"fastest of {args.repeat} interleaved run(s), each including its setup.\n\n")
-    print(header + md)
-    path = Path(args.results)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as fh:
-        if path.stat().st_size == 0:
-            fh.write("# Benchmark results\n")
-        fh.write(header + md + "\n")
+              f"fastest of {args.repeat} interleaved run(s), each including its setup")
+    print(append_results("Hessian speed", header, md, Path(args.results)))
 
 
 if __name__ == "__main__":

@@ -31,10 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import subprocess
-import sys
-import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -42,43 +38,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common import (RESULTS, append_results, device_name, load_images, recalibrate_batchnorm, results_entry,
+                    timed)  # first: puts the repository root on sys.path
 
-from advkit import landscape as L  # noqa: E402
-from advkit.directions import random_directions  # noqa: E402
-from advkit.models import get_model  # noqa: E402
-
-
-def load_images(n: int, data_dir: str | None, seed: int) -> tuple[torch.Tensor, torch.Tensor, str]:
-    if data_dir:
-        try:
-            from advkit.data import get_dataset, to_float
-            ds = get_dataset("cifar10", data_dir, download=False)
-            return to_float(ds.x_test[:n]), ds.y_test[:n], "CIFAR-10 test"
-        except Exception as err:  # noqa: BLE001 - any failure means: fall back to random images
-            print(f"could not load CIFAR-10 from {data_dir} ({err}); using random images", file=sys.stderr)
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g), "random"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip() or "none"
-    except (OSError, subprocess.CalledProcessError):
-        return "none"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({torch.get_num_threads()} threads)"
+from advkit import landscape as L
+from advkit.directions import random_directions
+from advkit.models import get_model
+from advkit.runs import resolve_device
 
 
 # --- the reference tool's loop, re-implemented faithfully -----------------------------------------
@@ -121,7 +87,8 @@ def reference_points(model: nn.Module, directions, x: torch.Tensor, y: torch.Ten
 
 
 def run(args: argparse.Namespace) -> tuple[str, str]:
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    """(header, table) of the RESULTS.md entry."""
+    device = resolve_device(args.device)
     cuda = device.type == "cuda"
     n = args.n or (10_000 if cuda else 128)
     res = args.resolution or (51 if cuda else 3)
@@ -134,8 +101,7 @@ def run(args: argparse.Namespace) -> tuple[str, str]:
         model = load_model(args.checkpoint)
     x, y, source = load_images(n, args.data_dir, args.seed)
     if not args.checkpoint:  # random weights: give BatchNorm the statistics of the data, so losses are sane
-        from torch.optim.swa_utils import update_bn
-        update_bn([x[i:i + 256] for i in range(0, min(n, 2048), 256)], model)
+        recalibrate_batchnorm(model, x[:2048], batch_size=256)
     model = model.to(device).eval()
     dirs = random_directions(model, 2, seed=args.seed)
     grid_coords = np.stack(np.meshgrid(L.coordinates(1.0, res), L.coordinates(1.0, res), indexing="ij"),
@@ -147,11 +113,8 @@ def run(args: argparse.Namespace) -> tuple[str, str]:
     rows = []
     # reference: warm up on one point, then time the first ref_points points
     reference_points(model, dirs, x[:256], y[:256], grid_coords[:1], device)
-    sync(device)
-    t0 = time.perf_counter()
-    ref_loss = reference_points(model, dirs, x, y, grid_coords[:ref_points], device, workers=args.reference_workers)
-    sync(device)
-    t_ref = time.perf_counter() - t0
+    ref_loss, t_ref = timed(lambda: reference_points(model, dirs, x, y, grid_coords[:ref_points], device,
+                                                     workers=args.reference_workers), device)
     ref_rate = ref_points / t_ref
     rows.append({"method": "reference loop (loss-landscape)", "precision": "fp32", "points/forward": 1,
                  "batch": 128, "timed points": ref_points, "seconds": t_ref, "rate": ref_rate,
@@ -161,11 +124,7 @@ def run(args: argparse.Namespace) -> tuple[str, str]:
         for precision in args.precision:
             kw = dict(batch_size=args.batch_size, points_per_forward=ppf, precision=precision)
             L.line(model, random_directions(model, 1, seed=0), x[:256], y[:256], resolution=2, **kw)  # warm-up
-            sync(device)
-            t0 = time.perf_counter()
-            ds = L.grid(model, dirs, x, y, resolution=res, **kw)
-            sync(device)
-            t = time.perf_counter() - t0
+            ds, t = timed(lambda: L.grid(model, dirs, x, y, resolution=res, **kw), device)
             ours = ds.loss.values.reshape(-1)[:ref_points]
             rows.append({"method": "advkit.landscape.grid", "precision": ds.attrs["precision"],
                          "points/forward": ppf, "batch": ds.attrs["batch_size"], "timed points": res * res,
@@ -181,12 +140,11 @@ def run(args: argparse.Namespace) -> tuple[str, str]:
                      f"{r['timed points']} | {r['seconds']:.2f} | {r['rate']:.3f} | "
                      f"{projected:.1f}{' (projected)' if r['timed points'] < res * res else ''} | "
                      f"{r['rate'] / ref_rate:.1f}x | {r['max |Δloss|']:.2e} |")
-    header = (f"\n### Landscape speed ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC)\n\n"
-              f"device: {device_name(device)}; commit: {git_commit()}; torch {torch.__version__}; "
+    header = (f"device: {device_name(device)}; torch {torch.__version__}; "
               f"resnet32 ({n_params} params), {n} {source} images, {res} x {res} grid of clean loss, "
               f"filter-normalized directions, eval-mode BatchNorm; reference timed on {ref_points} points "
-              f"(DataLoader workers: {args.reference_workers}).\n\n")
-    return header, "\n".join(lines) + "\n"
+              f"(DataLoader workers: {args.reference_workers})")
+    return header, "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -204,20 +162,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--checkpoint", default=None, help="an advkit resnet32 checkpoint (else random init)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--no-append", action="store_true", help="print only, do not append to --results")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     header, md = run(args)
-    print(header + md)
-    if not args.no_append:
-        path = Path(args.results)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a") as fh:
-            if path.stat().st_size == 0:
-                fh.write("# Benchmark results\n")
-            fh.write(header + md)
+    print(results_entry("Landscape speed", header, md) if args.no_append
+          else append_results("Landscape speed", header, md, Path(args.results)))
 
 
 if __name__ == "__main__":

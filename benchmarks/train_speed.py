@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from common import RESULTS, append_results, device_name, results_entry, timed  # first: repository root on sys.path
 
 from advkit.data import Batcher, get_dataset
 from advkit.models import get_model
 from advkit.runs import resolve_device
 from advkit.train import TrainConfig, autocast, fit
-from common import append_results, device_name
 
 
 def throughput(model_name: str, device: torch.device, batch_size: int, steps: int, amp: bool,
@@ -39,16 +41,13 @@ def throughput(model_name: str, device: torch.device, batch_size: int, steps: in
         loss.backward()
         opt.step()
 
-    for _ in range(3):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return steps * batch_size / (time.perf_counter() - t0)
+    def run(n: int) -> None:
+        for _ in range(n):
+            step()
+
+    timed(lambda: run(3), device)  # warm-up
+    _, seconds = timed(lambda: run(steps), device)
+    return steps * batch_size / seconds
 
 
 def time_to_accuracy(args, device: torch.device) -> tuple[float | None, float, int]:
@@ -81,6 +80,8 @@ def main() -> None:
     parser.add_argument("--schedule", default="onecycle")
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--label-smoothing", type=float, default=0.1)
+    parser.add_argument("--results", default=str(RESULTS), help="markdown file to append to")
+    parser.add_argument("--no-append", action="store_true", help="print only, do not append to --results")
     args = parser.parse_args()
     device = resolve_device(args.device)
 
@@ -95,8 +96,9 @@ def main() -> None:
         rows.append(f"| {args.model} to {args.to_accuracy:.0%} test acc, {args.epochs} ep {args.schedule} "
                     f"lr {args.lr} | bf16 | {args.batch_size} | {reached} |")
     table = "\n".join(["| what | precision | batch | result |", "|---|---|---|---|", *rows])
-    print(table)
-    append_results("Training speed", f"device: {device_name(device)}; torch {torch.__version__}", table)
+    header = f"device: {device_name(device)}; torch {torch.__version__}"
+    print(results_entry("Training speed", header, table) if args.no_append
+          else append_results("Training speed", header, table, Path(args.results)))
 
 
 if __name__ == "__main__":
