@@ -1,8 +1,9 @@
 """Training objectives: the pluggable piece of `advkit.train.fit`.
 
 An objective is any callable `objective(model, x, y) -> loss` (a scalar tensor to
-minimize). It may also define `after_backward(model)` and `after_step(model)`, which
-`fit` calls around the optimizer step (adversarial weight perturbation needs them):
+minimize). It may also define `on_epoch_start(epoch)` (called before each epoch, e.g. for a
+warm-up), `after_backward(model)` and `after_step(model)`, which `fit` calls around the
+optimizer step (adversarial weight perturbation needs them):
 
     loss = objective(model, x, y); opt.zero_grad(); loss.backward()
     objective.after_backward(model); opt.step(); objective.after_step(model)
@@ -315,6 +316,8 @@ class AWP:
             self.inner = get_objective(self.inner, **self.inner_kwargs)
         elif not isinstance(self.inner, Adversarial):
             raise ValueError(f"inner must be one of {list(AWP_INNER)} or an Adversarial objective, got {self.inner!r}")
+        elif self.inner_kwargs:
+            raise ValueError("inner_kwargs only apply when inner is a name; configure the inner objective instead")
 
     def weight_perturbation(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor,
                             y: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:

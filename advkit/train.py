@@ -8,6 +8,7 @@ again ends with exactly the weights of an uninterrupted run.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -167,8 +168,7 @@ def fit(model: nn.Module, train: Batcher, config: TrainConfig, *,
     """
     device = next(model.parameters()).device
     if isinstance(objective, str):
-        objective = get_objective(objective, **({"label_smoothing": config.label_smoothing}
-                                               if objective == "clean" else {}))
+        objective = _named_objective(objective, config.label_smoothing)
     if device.type == "cuda" and config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     train.batch_size, train.augment, train.padding, train.seed = (
@@ -201,6 +201,8 @@ def fit(model: nn.Module, train: Batcher, config: TrainConfig, *,
             break
         torch.manual_seed(_epoch_seed(config.seed, epoch))
         train.set_epoch(epoch)
+        if hasattr(objective, "on_epoch_start"):  # e.g. a warm-up that depends on the epoch
+            objective.on_epoch_start(epoch)
         t0 = time.perf_counter()
         row = {"epoch": epoch, "lr": opt.param_groups[0]["lr"],
                **_train_one_epoch(model, train, objective, opt, sched, averaged, config, device)}
@@ -235,6 +237,17 @@ def fit(model: nn.Module, train: Batcher, config: TrainConfig, *,
                                     epoch=best[1] if best else config.epochs)
         files["history"] = paths["history"]
     return FitResult(final, pd.DataFrame(history), best[1] if best else None, start, files)
+
+
+def _named_objective(name: str, label_smoothing: float) -> Objective:
+    """A registered objective, given the config's label smoothing when it takes one."""
+    from advkit.objectives import OBJECTIVES
+
+    if name in OBJECTIVES and "label_smoothing" in inspect.signature(OBJECTIVES[name]).parameters:
+        return get_objective(name, label_smoothing=label_smoothing)
+    if label_smoothing:
+        raise ValueError(f"label_smoothing={label_smoothing} but objective {name!r} does not take it")
+    return get_objective(name)
 
 
 def _train_one_epoch(model, train, objective, opt, sched, averaged, config, device) -> dict[str, float]:

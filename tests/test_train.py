@@ -98,3 +98,26 @@ def test_schedules_follow_their_shape(digits, schedule):
 def test_bad_config_names_the_setting(bad, match):
     with pytest.raises(ValueError, match=match):
         _config(**bad)
+
+
+def test_label_smoothing_reaches_named_objectives(digits):
+    from advkit.train import _named_objective
+    assert _named_objective("clean", 0.1).label_smoothing == 0.1
+    assert _named_objective("pgd_at", 0.2).label_smoothing == 0.2
+    with pytest.raises(ValueError, match="label_smoothing=0.1 but objective 'trades'"):
+        _named_objective("trades", 0.1)
+
+
+def test_on_epoch_start_hook_sees_every_epoch(digits):
+    seen = []
+
+    class Recording:
+        def on_epoch_start(self, epoch):
+            seen.append(epoch)
+
+        def __call__(self, model, x, y):
+            return torch.nn.functional.cross_entropy(model(x), y)
+
+    fit(get_model("small_cnn", 10, 1), Batcher(*_small(digits, 64), 32), _config(epochs=3),
+        objective=Recording(), progress=False)
+    assert seen == [1, 2, 3]

@@ -1,0 +1,82 @@
+"""advkit.robust_overfitting: per-epoch robust metrics on fixed subsets and early stopping."""
+
+import pytest
+import torch
+
+from advkit.data import Batcher, to_float
+from advkit.evaluate import AttackSpec, robust_accuracy
+from advkit.models import get_model
+from advkit.objectives import PGDAT
+from advkit.regularizers import noisy_labels
+from advkit.robust_overfitting import EPOCH_ATTACK, epoch_robust_metrics, stutz_subsets
+from advkit.runs import load_model
+from advkit.train import TrainConfig, fit, loss_and_accuracy
+
+ATTACK = AttackSpec("pgd", dict(eps=0.1, alpha=0.04, steps=3))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_stutz_subsets_hold_out_validation_images(digits):
+    s = stutz_subsets(digits, n_train=100, n_test=50, n_val=80, seed=0)
+    assert len(s["val"][1]) == 80 and len(s["train"][1]) == len(digits.y_train) - 80
+    assert torch.equal(s["train_sub"][0], s["train"][0][:100]) and len(s["test_sub"][1]) == 50
+    seen = {img.numpy().tobytes() for img in s["train"][0]}
+    # digits has a few duplicate images; held-out images are (almost all) unseen in training
+    assert sum(img.numpy().tobytes() in seen for img in s["val"][0]) <= 2
+    assert stutz_subsets(digits)["test_sub"][0].shape[0] == 360  # digits has fewer than 1000 test images
+    assert EPOCH_ATTACK.params["steps"] == 20 and EPOCH_ATTACK.params["restarts"] == 1
+
+
+def test_robust_metrics_columns_and_values(trained_cnn, digits):
+    train, test = (digits.x_train[:64], digits.y_train[:64]), (digits.x_test[:64], digits.y_test[:64])
+    evaluate = epoch_robust_metrics(train, test, None, ATTACK)
+    row = evaluate(trained_cnn)
+    assert set(row) == {f"{s}_{m}" for s in ("train", "test")
+                        for m in ("loss_sub", "acc_sub", "robust_loss", "robust_err")} | {"eval_time_s"}
+    loss, acc = loss_and_accuracy(trained_cnn, *test)
+    assert row["test_loss_sub"] == pytest.approx(loss) and row["test_acc_sub"] == pytest.approx(acc)
+    robust = robust_accuracy(trained_cnn, to_float(test[0]), test[1], ATTACK, seed=0)
+    assert row["test_robust_err"] == pytest.approx(1 - robust)
+    assert row["test_robust_err"] > 1 - acc and row["test_robust_loss"] > row["test_loss_sub"]
+    assert evaluate(trained_cnn)["test_robust_loss"] == row["test_robust_loss"]  # same starts every epoch
+
+
+def test_early_stopping_keeps_the_epoch_with_lowest_held_out_robust_loss(digits, tmp_path):
+    s = stutz_subsets(digits, n_train=64, n_test=64, n_val=100, seed=0)
+    x, y = s["train"][0][:128], s["train"][1][:128]
+    evaluate = epoch_robust_metrics(None, None, s["val"], ATTACK)
+    torch.manual_seed(0)
+    model = get_model("small_cnn", 10, 1)
+    config = TrainConfig(epochs=10, batch_size=32, lr=0.1, schedule="constant", augment=False, seed=1)
+    # Half the labels wrong: the held-out robust loss falls, then rises as the noise is memorized.
+    result = fit(model, Batcher(x, noisy_labels(y, 0.5, 10, seed=0), 32), config,
+                 objective=PGDAT(eps=0.1, alpha=0.04, steps=3), evaluate=evaluate, select="val_robust_loss",
+                 keep_epochs=(2, 10), run=tmp_path, name="es", progress=False)
+    history = result.history
+    best = int(history["val_robust_loss"].idxmin()) + 1
+    assert 1 < best < 10  # the scenario has an interior optimum, so "last" or "first" would fail
+    assert result.best_epoch == best
+    assert evaluate(result.model)["val_robust_loss"] == pytest.approx(history["val_robust_loss"].min(), rel=1e-6)
+    saved = load_model(tmp_path / "models" / "es.pt")
+    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), result.model.state_dict().values()))
+    assert (tmp_path / "models" / "es_e002.pt").exists() and (tmp_path / "models" / "es_e010.pt").exists()
+    assert {"val_robust_loss", "val_robust_err", "val_acc_sub"} <= set(history.columns)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(attack="pgdx"), "attack='pgdx'"),
+    (dict(attack=3), "attack must be"),
+    (dict(train_subset=(torch.zeros(4, 8, 8), torch.zeros(4))), "train_subset"),
+    (dict(train_subset=None), "at least one"),
+])
+def test_bad_input(digits, kwargs, match):
+    args = {"train_subset": (digits.x_train[:8], digits.y_train[:8]), "test_subset": None, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        epoch_robust_metrics(**args)
