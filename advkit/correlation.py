@@ -131,7 +131,7 @@ def correlation_table(table: pd.DataFrame, robustness: Sequence[str], flatness: 
     """Tidy correlations between robustness and flatness columns of a per-model table (one row per model).
 
     One row per (robustness, flatness, method): n, statistic, pvalue, ci_low, ci_high; pairs
-    with a missing value are dropped pair by pair.
+    with a missing value are dropped pair by pair; a column is never paired with itself.
     """
     robustness, flatness = list(robustness), list(flatness)
     for name, cols in (("robustness", robustness), ("flatness", flatness)):
@@ -145,6 +145,8 @@ def correlation_table(table: pd.DataFrame, robustness: Sequence[str], flatness: 
     rows = []
     for r in robustness:
         for f in flatness:
+            if f == r:
+                continue
             pair = table[[r, f]].apply(pd.to_numeric, errors="coerce").dropna()
             for m in methods:
                 res = correlate(pair[r].to_numpy(), pair[f].to_numpy(), m, n_resamples=n_resamples,
@@ -168,13 +170,17 @@ class Claim:
 
 # Column names are those notebook 05 is expected to use; pass your own claims otherwise.
 SEED_CLAIMS = (
-    Claim("flatter (avg-case) goes with a smaller robust generalization gap", "robust_gap", "avg_case_flatness",
+    Claim("flatter (avg-case) goes with a lower test robust loss", "robust_loss_test", "avg_case_flatness",
           +1, "Stutz et al. 2021, Fig. 1"),
+    Claim("flatter (avg-case) goes with a smaller robust generalization gap", "robust_gap", "avg_case_flatness",
+          +1, "Stutz et al. 2021"),
     Claim("flatter (worst-case) goes with a smaller robust generalization gap", "robust_gap",
           "worst_case_flatness", +1, "Stutz et al. 2021"),
-    Claim("a sharper robust-loss surface goes with a larger 1-SSIM of the attack", "one_minus_ssim",
+    Claim("a sharper loss surface goes with a larger 1-SSIM of the augmentation attack", "one_minus_ssim",
           "surface_sharpness", +1, "Xu et al. 2019, Sec. 3.1"),
     Claim("the Hessian's top eigenvalue tracks the surface sharpness", "surface_sharpness", "hessian_top_eig",
+          +1, "referee's cross-check"),
+    Claim("the Hessian's trace tracks the surface sharpness", "surface_sharpness", "hessian_trace",
           +1, "referee's cross-check"),
 )
 
@@ -216,13 +222,16 @@ def summarize(table: pd.DataFrame, claims: Sequence[Claim] = SEED_CLAIMS, *, met
         row = hit.iloc[0]
         v = verdict(row, c.sign)
         level = int(round(100 * row["confidence_level"]))
-        direction = "positive" if row["statistic"] > 0 else "negative"
-        text = (f"- {c.name}: {v.upper()} - {strength(row['statistic'])} {direction} association "
-                f"({symbol} = {row['statistic']:.2f}, {level}% CI [{row['ci_low']:.2f}, {row['ci_high']:.2f}], "
-                f"n = {int(row['n'])} models")
+        direction = "" if strength(row["statistic"]) == "negligible" else \
+            " positive" if row["statistic"] > 0 else " negative"
+        has_ci = math.isfinite(row["ci_low"]) and math.isfinite(row["ci_high"])
+        ci = f"{level}% CI [{row['ci_low']:.2f}, {row['ci_high']:.2f}]" if has_ci else "no interval"
+        text = (f"- {c.name}: {v.upper()} - {strength(row['statistic'])}{direction} association "
+                f"({symbol} = {row['statistic']:.2f}, {ci}, n = {int(row['n'])} models")
         text += f"; {c.source})" if c.source else ")"
         if v == "inconclusive":
-            text += "; the interval includes 0, so the data neither confirm nor refute it"
+            text += ("; the interval includes 0, so the data neither confirm nor refute it" if has_ci else
+                     "; a bootstrap interval needs at least 4 models, so the data neither confirm nor refute it")
         lines.append(text)
     header = f"Correlations over models ({method}, bootstrap intervals):"
     if not lines:

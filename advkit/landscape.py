@@ -727,6 +727,25 @@ def quadratic_fit(ds: xr.Dataset, quantity: str = "loss", radius: float = 0.2) -
             "curvature_max": float(eig.max()), "curvature_min": float(eig.min()), "n_points": int(len(vals))}
 
 
+def check_radius(radius: float, span: float, resolution: int, dims: int = 2) -> int:
+    """Number of grid points within `radius` of the centre of a [-span, span]^dims grid; ValueError
+    if fewer than `quadratic_fit` needs (1D: 4, 2D: 7), so a bad choice fails before computing."""
+    if not radius > 0:
+        raise ValueError(f"radius must be > 0, got {radius}")
+    c = coordinates(span, resolution)
+    if dims == 1:
+        n = int(np.sum(np.abs(c) <= radius + 1e-12))
+    else:
+        a, b = np.meshgrid(c, c)
+        n = int(np.sum(np.hypot(a, b) <= radius + 1e-12))
+    need = 4 if dims == 1 else 7
+    if n < need:
+        raise ValueError(f"radius={radius} holds only {n} point(s) of a {dims}D grid of resolution {resolution} "
+                         f"over [-{span:g}, {span:g}]; the quadratic fit needs {need}: increase radius or "
+                         f"resolution")
+    return n
+
+
 def centre_value(ds: xr.Dataset, quantity: str = "loss") -> float:
     """The quantity at alpha = beta = 0 (linearly interpolated if 0 is not a grid coordinate)."""
     at = {"alpha": 0.0} if "beta" not in ds[quantity].dims else {"alpha": 0.0, "beta": 0.0}
@@ -762,21 +781,37 @@ METRICS = ("curvature", "mean_increase")
 
 def sensitivity_surfaces(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Tensor, *,
                          norms: Sequence[str] = ("filter", "layer", "none"),
-                         spans: Sequence[float] = (0.25, 0.5, 1.0), resolution: int = 21, dims: int = 1,
-                         seed: int = 0, directory: str | Path | None = None, **kwargs
-                         ) -> dict[tuple[str, float, str], xr.Dataset]:
+                         spans: Sequence[float] | Mapping[str, Sequence[float]] = (0.25, 0.5, 1.0),
+                         resolution: int = 21, dims: int = 1,
+                         seed: int = 0, directory: str | Path | None = None, overwrite: bool = False,
+                         **kwargs) -> dict[tuple[str, float, str], xr.Dataset]:
     """Surfaces of every model under every normalization and span, same seed for all (so each
-    model sees the same raw direction). Cached as `directory/<model>_<norm>_<span>_<dims>d.nc`."""
+    model sees the same raw direction). Cached as `directory/<model>_<norm>_<span>_<dims>d.nc`
+    (reused when the settings match, else ValueError; `overwrite` recomputes).
+
+    `spans` may map a normalization to its own spans: unnormalized ("none") Gaussian
+    directions are far longer than the weights, so their informative range is far smaller.
+    """
     if dims not in (1, 2):
         raise ValueError(f"dims must be 1 or 2, got {dims}")
     for norm in norms:
         _check_choice("norms entry", norm, ("filter", "layer", "weight", "none"))
+    if isinstance(spans, Mapping):
+        missing = [n for n in norms if n not in spans]
+        if missing:
+            raise ValueError(f"spans has no entry for the normalization(s) {missing}; it has {sorted(spans)}")
+    span_lists = {n: [float(s) for s in (spans[n] if isinstance(spans, Mapping) else spans)] for n in norms}
+    for n, values in span_lists.items():
+        if not values or any(not s > 0 for s in values):
+            raise ValueError(f"spans for norm={n!r} must be a non-empty list of numbers > 0, got {values}")
     out = {}
     for norm in norms:
         for name, model in models.items():
             dirs = random_directions(model, dims, seed=seed, norm=norm)
-            for span in spans:
+            for span in span_lists[norm]:
                 path = None if directory is None else Path(directory) / f"{name}_{norm}_{span:g}_{dims}d.nc"
+                if overwrite and path is not None and path.exists():
+                    path.unlink()
                 fn = line if dims == 1 else grid
                 out[(norm, float(span), name)] = fn(model, dirs, x, y, span=span, resolution=resolution,
                                                     path=path, model_name=name, **kwargs)
@@ -813,17 +848,34 @@ def sensitivity_table(surfaces: Mapping[tuple[str, float, str], xr.Dataset], *, 
     table = {(n, s): {m: value(surfaces[(n, s, m)], s) for m in models if (n, s, m) in surfaces}
              for n, s in settings}
     ref = table[tuple(reference)]
+    ref_order = sorted(ref, key=lambda m: -ref[m])
     rows = []
     for (n, s), vals in table.items():
         common = [m for m in models if m in vals and m in ref]
         tau = kendalltau([vals[m] for m in common], [ref[m] for m in common]).statistic \
             if len(common) > 1 else float("nan")
         order = sorted(vals, key=lambda m: -vals[m])
+        same = [m for m in order if m in common] == [m for m in ref_order if m in common]
         rows.append({"norm": n, "span": s, **vals, "ordering": " > ".join(order),
-                     "kendall_tau": float(tau), "same_ordering": bool(np.isclose(tau, 1.0))})
+                     "kendall_tau": float(tau), "same_ordering": same})
     out = pd.DataFrame(rows)
     out.attrs.update(metric=metric, quantity=quantity, radius_fraction=radius_fraction,
                      reference=f"{reference[0]} @ span {reference[1]:g}")
+    return out
+
+
+def sensitivity_summary(surfaces: Mapping[tuple[str, float, str], xr.Dataset], *,
+                        metrics: Sequence[str] = METRICS, quantity: str = "loss", radius_fraction: float = 0.2,
+                        reference: tuple[str, float] | None = None) -> pd.DataFrame:
+    """`sensitivity_table` for every metric, stacked with a leading `metric` column."""
+    for m in metrics:
+        _check_choice("metrics entry", m, METRICS)
+    tables = [sensitivity_table(surfaces, metric=m, quantity=quantity, radius_fraction=radius_fraction,
+                                reference=reference) for m in metrics]
+    for m, t in zip(metrics, tables):
+        t.insert(0, "metric", m)
+    out = pd.concat(tables, ignore_index=True)
+    out.attrs.update({k: v for k, v in tables[0].attrs.items() if k != "metric"})
     return out
 
 
@@ -833,3 +885,119 @@ def sensitivity_analysis(models: Mapping[str, nn.Module], x: torch.Tensor, y: to
     _check_choice("metric", metric, METRICS)
     surfaces = sensitivity_surfaces(models, x, y, **kwargs)
     return sensitivity_table(surfaces, metric=metric, radius_fraction=radius_fraction)
+
+
+# --- the set of surfaces a notebook compares --------------------------------------------------------
+
+SURFACE_KINDS = ("grid", "line", "robust_grid", "interpolation")
+
+
+def surface_path(directory: str | Path, model_name: str, kind: str) -> Path:
+    """Where `model_surfaces` keeps a surface: `directory/<model>_<kind>.nc`."""
+    _check_choice("kind", kind, SURFACE_KINDS)
+    return Path(directory) / f"{model_name}_{kind}.nc"
+
+
+def model_surfaces(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Tensor,
+                   directory: str | Path | None = None, *, seed: int, norm: str = "filter",
+                   span: float = 1.0, resolution: int = 21, line_resolution: int | None = None,
+                   attack: Attack | None = None, attack_name: str | None = None,
+                   robust_resolution: int = 0, robust_n: int | None = None, reference: str | None = "base",
+                   interpolation_span: tuple[float, float] = (0.0, 1.0), data_name: str = "data",
+                   radius: float | None = None, overwrite: bool = False,
+                   **kwargs) -> dict[str, dict[str, xr.Dataset]]:
+    """Every model's comparison surfaces, all with the same direction seed (Xu et al. Fig. 1-2):
+
+    - "grid": 2D clean loss/accuracy over [-span, span]^2 (`resolution` per axis);
+    - "line": 1D along the grid's first direction (`line_resolution` points), with the robust
+      loss/accuracy when an `attack` is given, re-run at every point (Stutz et al. Fig. 4);
+    - "robust_grid": 2D robust loss/accuracy at `robust_resolution` per axis (if > 0, needs `attack`);
+      with `robust_n`, "line" and "robust_grid" use only the first `robust_n` images (attacks are
+      the expensive part);
+    - "interpolation": (1 - t) theta_reference + t theta_model for every other model, t over
+      `interpolation_span` (keep 0 and 1 on the grid of `line_resolution` points).
+
+    Returns {kind: {model: Dataset}}. Each surface is cached as `surface_path(directory, model,
+    kind)` and reused (or resumed) when its settings match; a mismatch raises ValueError unless
+    `overwrite`, which recomputes. `radius`: the sharpness radius to be used on "grid" and "line"
+    (checked before computing: enough points for `quadratic_fit`). Other keywords go to
+    `compute_surface`.
+    """
+    _check_choice("norm", norm, ("filter", "layer", "weight", "none"))
+    if not models:
+        raise ValueError("models is empty: give a mapping name -> model")
+    if not span > 0:
+        raise ValueError(f"span must be > 0, got {span}")
+    if robust_resolution and attack is None:
+        raise ValueError("robust_resolution > 0 needs attack=... (re-run at every point of the 2D grid)")
+    if robust_resolution < 0 or (0 < robust_resolution < 2):
+        raise ValueError(f"robust_resolution must be 0 (no 2D robust surface) or >= 2, got {robust_resolution}")
+    coordinates(span, resolution), coordinates(span, line_resolution or resolution)  # validate early
+    if radius is not None:
+        check_radius(radius, span, resolution, dims=2)
+        check_radius(radius, span, line_resolution or resolution, dims=1)
+    if reference is not None and reference not in models and len(models) > 1:
+        raise ValueError(f"reference={reference!r} is not among the models {list(models)}")
+    if robust_n is not None and not 1 <= robust_n:
+        raise ValueError(f"robust_n must be None (all images) or >= 1, got {robust_n}")
+    x_r, y_r = (x, y) if robust_n is None or attack is None else (x[:robust_n], y[:robust_n])
+    robust_data = data_name if len(y_r) == len(y) else f"{data_name}, first {len(y_r)}"
+
+    def path(name: str, kind: str) -> Path | None:
+        if directory is None:
+            return None
+        p = surface_path(directory, name, kind)
+        if overwrite and p.exists():
+            p.unlink()
+        return p
+
+    out: dict[str, dict[str, xr.Dataset]] = {k: {} for k in SURFACE_KINDS}
+    robust = {"attack": attack, "attack_name": attack_name} if attack is not None else {}
+    for name, model in models.items():
+        d2 = random_directions(model, 2, seed=seed, norm=norm)
+        d1 = random_directions(model, 1, seed=seed, norm=norm)  # = d2's first direction
+        out["grid"][name] = grid(model, d2, x, y, span=span, resolution=resolution, path=path(name, "grid"),
+                                 model_name=name, data_name=data_name, **kwargs)
+        out["line"][name] = line(model, d1, x_r, y_r, span=span, resolution=line_resolution or resolution,
+                                 path=path(name, "line"), model_name=name, data_name=robust_data,
+                                 **robust, **kwargs)
+        if robust_resolution:
+            out["robust_grid"][name] = grid(model, d2, x_r, y_r, span=span, resolution=robust_resolution,
+                                            path=path(name, "robust_grid"), model_name=name,
+                                            data_name=robust_data, quantities=("robust_loss", "robust_accuracy"),
+                                            **robust, **kwargs)
+        if reference in models and name != reference:
+            out["interpolation"][name] = interpolation(
+                models[reference], model, x, y, span=interpolation_span, resolution=line_resolution or resolution,
+                path=path(name, "interpolation"), model_name=f"{reference} -> {name}", data_name=data_name,
+                **kwargs)
+    return {k: v for k, v in out.items() if v}
+
+
+def sharpness_summary(clean: Mapping[str, xr.Dataset], robust: Mapping[str, xr.Dataset] | None = None, *,
+                      radius: float = 0.2) -> pd.DataFrame:
+    """One row per model: the numbers behind "sharper" for the clean loss (on `clean` surfaces)
+    and the robust loss (on `robust` surfaces, 1D or 2D): value at the centre, curvature of
+    the quadratic fit within `radius` (largest and smallest eigenvalue; equal in 1D) and the
+    mean loss increase within `radius`. `surface_sharpness` repeats the clean loss's
+    largest curvature, the column notebook 05 correlates with robustness."""
+    groups = [("loss", clean)] + ([("robust_loss", robust)] if robust else [])
+    frames = []
+    for quantity, surfaces in groups:
+        table = sharpness_table(surfaces, quantity, radius)
+        cols = {"centre": "centre", "curvature_max": "curvature_max", "curvature_min": "curvature_min",
+                "mean_increase": "mean_increase"}
+        part = table[list(cols)].rename(columns=lambda c: f"{quantity}_{c}")
+        part[f"{quantity}_dims"] = [2 if "beta" in surfaces[m].dims else 1 for m in table.index]
+        frames.append(part)
+    out = pd.concat(frames, axis=1)
+    out.insert(0, "surface_sharpness", out["loss_curvature_max"])
+    first = next(iter(clean.values())).attrs
+    out["radius"] = radius
+    out["norm"] = first.get("direction_norm", "?")
+    out["span"] = [float(np.ptp(clean[m]["alpha"].values)) / 2 for m in out.index]
+    out["direction_seed"] = first.get("direction_seed", "?")
+    out["n_images"] = [int(clean[m].attrs.get("data_n", -1)) for m in out.index]
+    out["robust"] = next(iter(robust.values())).attrs.get("attack", "none") if robust else "none"
+    out.index.name = "model"
+    return out

@@ -8,6 +8,7 @@ checked (name, type, range) before the first notebook starts.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -95,10 +96,22 @@ RULES: dict[str, Callable[[Any], tuple[bool, str]]] = {
     "eps": _between(0, 1),
     "aa_targets": _between(1, 9),
     "stadv_tau": _at_least(0),
+    "threads": _at_least(1),
+    "resolution": _at_least(3),
+    "line_resolution": _at_least(3),
+    "sensitivity_resolution": _at_least(4),
+    "robust_resolution": lambda v: (v == 0 or v >= 3, "0 (off) or >= 3"),
+    "span": lambda v: (v > 0, "> 0"),
+    "radius": lambda v: (v > 0, "> 0"),
+    "normalization": _choices(lambda: importlib.import_module("advkit.directions").NORMS),
+    "hessian_backend": _choices(lambda: ["forward", "reverse"]),
+    "optimizer": _choices(lambda: importlib.import_module("advkit.train").OPTIMIZERS),
+    "schedule": _choices(lambda: importlib.import_module("advkit.train").SCHEDULES),
 }
 # Rules by name pattern, for the many budgets and counts: *_eps in [0, 1], *_steps and n_* >= 1.
 SUFFIX_RULES: dict[str, Callable[[Any], tuple[bool, str]]] = {"_eps": _between(0, 1), "_steps": _at_least(1),
-                                                               "_samples": _at_least(1), "_iters": _at_least(1)}
+                                                               "_samples": _at_least(1), "_iters": _at_least(1),
+                                                               "_xi": _at_least(0)}
 
 
 def _rule(name: str) -> Callable[[Any], tuple[bool, str]] | None:
@@ -173,9 +186,9 @@ def run(profile: str = "quick", only: Sequence[str] | None = None, overrides: di
     import papermill
 
     values = {**load_profile(profile), **(overrides or {})}
+    declared = notebook_parameters(notebook_paths())
+    validate(values, declared)  # against every notebook, so a profile stays valid with --only
     paths = notebook_paths(only)
-    declared = notebook_parameters(paths)
-    validate(values, declared)
     run_name = values.get("run", profile)
     out_dir = run_dir(run_name) / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -63,7 +63,8 @@ def quantity_label(ds, quantity: str) -> str:
 
 def _axis_label(ds, name: str) -> str:
     if name == "alpha" and ds.attrs.get("kind") == "interpolation":
-        return "t  (θ = (1-t) θ_a + t θ_b)"
+        a, arrow, _ = str(ds.attrs.get("model", "")).partition(" -> ")
+        return f"t  (θ = (1-t) θ_{a} + t θ_model)" if arrow else "t  (θ = (1-t) θ_a + t θ_b)"
     return {"alpha": "α", "beta": "β"}.get(name, name)
 
 
@@ -179,7 +180,7 @@ def compare_surfaces(surfaces, quantity: str = "loss", *, kind: str = "contourf"
         raise ValueError("surfaces is empty: give a mapping name -> surface Dataset")
     norm = shared_norm(surfaces.values(), quantity, log=log, vmin=vmin, vmax=vmax)
     n = len(surfaces)
-    ncols = ncols or min(n, 4)
+    ncols = ncols or (n if n <= 4 else -(-n // 2))  # 5-6 models: 3 x 2, 7-8: 4 x 2
     nrows = -(-n // ncols)
     fig = plt.figure(figsize=(3.4 * ncols + 0.8, 3.3 * nrows), layout="constrained")
     axes = [fig.add_subplot(nrows, ncols, i + 1, projection="3d" if kind == "surface" else None)
@@ -189,15 +190,17 @@ def compare_surfaces(surfaces, quantity: str = "loss", *, kind: str = "contourf"
         mappable = landscape_panel(ds, quantity, kind=kind, ax=ax, norm=norm, levels=levels,
                                    cmap=cmap, title=name, log=log)
     first = next(iter(surfaces.values()))
-    _colorbar(fig, mappable, axes, quantity_label(first, quantity), log)
-    fig.suptitle(title if title is not None else f"{quantity_label(first, quantity)}: {_describe(first)}")
+    _colorbar(fig, mappable, axes, quantity_label(first, quantity), log, pad=0.12 if kind == "surface" else 0.05)
+    fig.suptitle(title if title is not None else f"{quantity_label(first, quantity)}: {_describe(first)}",
+                 fontsize=11, wrap=True)
     return fig
 
 
-def _colorbar(fig, mappable, axes, label: str, log: bool, cax=None):
+def _colorbar(fig, mappable, axes, label: str, log: bool, cax=None, pad: float = 0.05):
     from matplotlib import ticker
 
-    kw = {"cax": cax} if cax is not None else {"ax": axes, "shrink": 0.85}
+    # 3D panels draw their z label outside the axes box: give them a larger pad
+    kw = {"cax": cax} if cax is not None else {"ax": axes, "shrink": 0.85, "pad": pad}
     cbar = fig.colorbar(mappable, label=label + (" (log scale)" if log else ""), **kw)
     if log:
         cbar.ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
@@ -206,15 +209,19 @@ def _colorbar(fig, mappable, axes, label: str, log: bool, cax=None):
     return cbar
 
 
-def _describe(ds) -> str:
-    """What a surface shows, from its attributes: directions, data and robust mode."""
+def _describe(ds, robust: bool = True) -> str:
+    """What a surface shows, from its attributes: directions, data and (if `robust`) robust mode."""
     a = ds.attrs
-    if a.get("direction_kind") == "random":
+    if a.get("kind") == "interpolation" and " -> " in str(a.get("model", "")):
+        dirs = f"linear interpolation from {a['model'].partition(' -> ')[0]}"
+    elif a.get("direction_kind") == "random":
         dirs = f"{a.get('direction_norm')}-normalized random directions (seed {a.get('direction_seed')})"
     else:
         dirs = {"interpolation": "interpolation", "plane": "plane through three models"}.get(
             a.get("kind"), f"{a.get('direction_kind', 'given')} directions")
-    robust = a.get("robust", "none")
+    robust = a.get("robust", "none") if robust else "none"
+    if robust == "attack re-run at each point" and a.get("attack"):
+        robust = f"{a['attack']} re-run at each point"
     return ", ".join(x for x in (dirs, a.get("data", ""), "" if robust == "none" else robust) if x)
 
 
@@ -294,7 +301,10 @@ def compare_curves(surfaces, panels=("loss", "accuracy"), *, robust: bool = True
     first = next(iter(surfaces.values()))
     fig, axes = plt.subplots(1, len(panels), figsize=(3.9 * len(panels) + 1.9, 3.3), layout="constrained",
                              squeeze=False)
-    colors = sns.color_palette("tab10", len(surfaces))
+    # interpolations leave out the reference model (listed first elsewhere): skip its colour so
+    # every model keeps the colour it has in the other figures
+    skip = 1 if first.attrs.get("kind") == "interpolation" else 0
+    colors = sns.color_palette("tab10", len(surfaces) + skip)[skip:]
     any_robust = False
     for ax, q in zip(axes[0], panels):
         for color, (name, ds) in zip(colors, surfaces.items()):
@@ -319,7 +329,7 @@ def compare_curves(surfaces, panels=("loss", "accuracy"), *, robust: bool = True
         handles += [Line2D([], [], color="k", ls="-", label="clean"),
                     Line2D([], [], color="k", ls="--", label=f"robust: {attack}\n(re-run at each point)")]
     fig.legend(handles=handles, loc="outside right upper", fontsize=8)
-    fig.suptitle(title if title is not None else _describe(first), fontsize=10)
+    fig.suptitle(title if title is not None else _describe(first, robust=False), fontsize=10)  # attack: legend
     return fig
 
 
@@ -341,27 +351,37 @@ def sensitivity_figure(table: pd.DataFrame, *, log: bool = True) -> plt.Figure:
     fig, axes = plt.subplots(len(metrics), len(norms), figsize=(3.3 * len(norms) + 1.6, 2.9 * len(metrics)),
                              layout="constrained", squeeze=False)
     colors = dict(zip(models, sns.color_palette("tab10", len(models))))
+    radius = table.attrs.get("radius_fraction")
+    xlabel = "radius r (α in [-r, r])" if radius == 1 else "span of α (± range)"
     for row, (metric, part) in zip(axes, zip(metrics, parts)):
         for ax, norm in zip(row, norms):
             sub = part[part["norm"] == norm].sort_values("span")
             for m in models:
                 ax.plot(sub["span"], sub[m], "o-", color=colors[m], label=m)
             taus = ", ".join("–" if pd.isna(t) else f"{t:.2f}" for t in sub["kendall_tau"])
-            ax.set_title(f"{norm} normalization\nKendall τ vs reference: {taus}", fontsize=9)
-            ax.set(xlabel="span of α (± range)", ylabel=labels.get(metric, metric))
-            if log and (sub[models].to_numpy() > 0).all():
+            ax.set_title(f"{'no' if norm == 'none' else norm} normalization\nKendall τ vs reference: {taus}",
+                         fontsize=9)
+            ax.set(xlabel=xlabel, ylabel=labels.get(metric, metric))
+            values = sub[models].to_numpy()
+            if log and (values > 0).all():
                 ax.set_xscale("log")
-                ax.set_yscale("log")
-                ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-                ax.xaxis.set_minor_formatter(ticker.NullFormatter())
                 ax.set_xticks(sub["span"].to_numpy())
+                axes_to_format = [ax.xaxis]
+                if values.max() / values.min() > 10:  # within one decade a log axis shows ~1 tick
+                    ax.set_yscale("log")
+                    ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+                    axes_to_format.append(ax.yaxis)
+                for axis in axes_to_format:
+                    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+                    axis.set_minor_formatter(ticker.NullFormatter())
             ax.grid(alpha=0.3)
     handles = [plt.Line2D([], [], color=colors[m], marker="o", label=m) for m in models]
     fig.legend(handles=handles, loc="outside right upper", fontsize=8)
-    radius = table.attrs.get("radius_fraction")
-    extra = f"; r = {radius:g} × span" if radius is not None else ""
-    fig.suptitle(f"Does the ordering of models hold? Reference: {table.attrs.get('reference', '')}{extra}",
-                 fontsize=10)
+    reference = str(table.attrs.get("reference", ""))
+    if radius == 1:
+        reference = reference.replace(" @ span ", " normalization, r = ")
+    extra = f"; r = {radius:g} × span" if radius not in (None, 1) else ""
+    fig.suptitle(f"Does the ordering of models hold? Reference: {reference}{extra}", fontsize=10)
     return fig
 
 
@@ -408,5 +428,146 @@ def robustness_curves(table: pd.DataFrame, title: str = "") -> plt.Figure:
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     sns.lineplot(table, x="eps", y="accuracy", hue="attack", marker="o", ax=ax)
     ax.set(xlabel="ε (pixel scale, 1 = full range)", ylabel="robust accuracy", ylim=(0, 1), title=title)
+    fig.tight_layout()
+    return fig
+
+
+# --- flatness and correlation (notebook 05) ----------------------------------------------------
+
+LABELS_05 = {"robust_loss_test": "test robust loss", "robust_loss_train": "train robust loss",
+             "robust_gap": "robust gap (test − train RLoss)", "robust_acc": "robust accuracy",
+             "avg_case_flatness": "avg-case flatness (RLoss)", "worst_case_flatness": "worst-case flatness (RLoss)",
+             "hessian_top_eig": "Hessian top eigenvalue", "hessian_trace": "Hessian trace",
+             "relative_flatness": "relative flatness κ", "surface_sharpness": "surface sharpness (curvature)",
+             "one_minus_ssim": "1 − SSIM of the attack"}
+
+
+def _family_colours(table: pd.DataFrame) -> dict:
+    families = sorted(table["family"].unique()) if "family" in table.columns else []
+    return dict(zip(families, sns.color_palette("tab10", max(len(families), 1))))
+
+
+def model_scatter(table: pd.DataFrame, pairs, *, annotate: bool = True, log=(), title: str = "",
+                  ncols: int | None = None) -> plt.Figure:
+    """One panel per (x, y) column pair of a one-row-per-model table: a point per model, coloured
+    by `family`, labelled with its name; the panel title gives Spearman's rho over the models with
+    both values. Columns named in `log` get a log axis; a panel without data says so."""
+    import scipy.stats
+
+    pairs = list(pairs)
+    ncols = ncols or min(len(pairs), 3)
+    nrows = -(-len(pairs) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.0 * ncols, 3.4 * nrows), squeeze=False,
+                             layout="constrained")
+    colours = _family_colours(table)
+    for ax, (xc, yc) in zip(axes.flat, pairs):
+        cols = [c for c in (xc, yc) if c in table.columns]
+        sub = table[cols].apply(pd.to_numeric, errors="coerce").dropna() if len(cols) == 2 else table.iloc[:0]
+        ax.set(xlabel=LABELS_05.get(xc, xc), ylabel=LABELS_05.get(yc, yc))
+        if sub.empty:
+            ax.text(0.5, 0.5, "no models with both values", ha="center", va="center", transform=ax.transAxes)
+            continue
+        for name, r in sub.iterrows():
+            fam = table.at[name, "family"] if "family" in table.columns else name
+            ax.scatter(r[xc], r[yc], color=colours.get(fam, "C0"), s=36, zorder=3)
+            if annotate:
+                ax.annotate(str(name), (r[xc], r[yc]), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        for c, axis in ((xc, "x"), (yc, "y")):
+            if c in log and (sub[c] > 0).all():
+                getattr(ax, f"set_{axis}scale")("log")
+            else:
+                getattr(ax, f"{axis}axis").set_major_locator(plt.MaxNLocator(5))
+        if len(sub) >= 3:
+            rho = scipy.stats.spearmanr(sub[xc], sub[yc]).statistic
+            ax.set_title(f"Spearman ρ = {rho:.2f} (n = {len(sub)})", fontsize=9)
+        else:
+            ax.set_title(f"n = {len(sub)}: too few models for a correlation", fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(pairs):]:
+        ax.set_axis_off()
+    if colours and len(colours) > 1:
+        handles = [plt.Line2D([], [], color=c, marker="o", ls="", label=f) for f, c in colours.items()]
+        fig.legend(handles=handles, loc="outside right upper", fontsize=8, title="family")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def flatness_through_training(table: pd.DataFrame, histories: dict[str, pd.DataFrame] | None = None,
+                              flatness=("avg_case_flatness", "worst_case_flatness")) -> plt.Figure:
+    """Stutz et al. Fig. 5: robust loss and flatness against the epoch, for every family of models
+    with checkpoints at two or more epochs (`table` with columns family, epoch). Lines from
+    `histories` (per-epoch train/test robust loss of `fit`) where given; markers: the measured
+    checkpoints (filled: test RLoss, open: train RLoss)."""
+    rows = table.dropna(subset=["epoch"])
+    families = [f for f, g in rows.groupby("family") if g["epoch"].nunique() >= 2]
+    if not families:
+        raise ValueError("no family of models has checkpoints at two or more epochs")
+    colours = _family_colours(table)
+    panels = ["robust_loss"] + [f for f in flatness if f in table.columns]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.3), squeeze=False,
+                             layout="constrained")
+    for fam in families:
+        g = rows[rows["family"] == fam].sort_values("epoch")
+        c = colours.get(fam, "C0")
+        ax = axes[0, 0]
+        hist = (histories or {}).get(fam)
+        if hist is not None:
+            for col, ls in (("test_robust_loss", "-"), ("train_robust_loss", "--")):
+                if col in hist.columns:
+                    ax.plot(hist["epoch"], hist[col], ls, color=c, alpha=0.6, lw=1)
+        ax.plot(g["epoch"], g["robust_loss_test"], "o", color=c, label=fam)
+        ax.plot(g["epoch"], g["robust_loss_train"], "o", color=c, mfc="none")
+        for ax, col in zip(axes[0, 1:], panels[1:]):
+            ax.plot(g["epoch"], g[col], "o-", color=c, label=fam)
+    axes[0, 0].set(ylabel="robust loss", title="filled, solid: test; open, dashed: train")
+    for ax, col in zip(axes[0, 1:], panels[1:]):
+        ax.set(ylabel=LABELS_05.get(col, col))
+    for ax in axes[0]:
+        ax.set(xlabel="epoch")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0, -1].legend(fontsize=8)
+    return fig
+
+
+def confidence_flatness_plot(clean: pd.DataFrame, adversarial: pd.DataFrame, title: str = "") -> plt.Figure:
+    """Walter et al. 2025: confidence (max softmax) against relative flatness per input, clean vs
+    adversarial, coloured by correctness; adversarial examples cluster flat and confidently wrong."""
+    fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.4), sharex=True, sharey=True, layout="constrained")
+    for ax, (kind, df) in zip(axes, (("clean", clean), ("adversarial", adversarial))):
+        for ok, colour, label in ((True, "tab:green", "correct"), (False, "tab:red", "wrong")):
+            d = df[df["correct"] == ok]
+            ax.scatter(d["relative_flatness"].clip(lower=1e-12), d["confidence"], s=8, alpha=0.6, color=colour,
+                       label=f"{label} ({len(d)})")
+        ax.set(xscale="log", xlabel="relative flatness κ (per input, log)", title=f"{kind} inputs")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower left")
+    axes[0].set(ylabel="confidence (max softmax)")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+# --- robust overfitting (notebook 03) -------------------------------------------------------
+
+
+def robust_overfitting_curves(histories: dict[str, pd.DataFrame], best_epochs: dict[str, int] | None = None
+                              ) -> plt.Figure:
+    """Train vs test robust loss (RLoss) and robust error (RErr) per epoch, one colour per model
+    (Stutz et al. 2021, Fig. 2); a dotted line marks the early-stopping epoch."""
+    fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(9, 3.3))
+    colours = sns.color_palette(n_colors=max(len(histories), 1))
+    for colour, (name, h) in zip(colours, histories.items()):
+        for split, style in (("train", "--"), ("test", "-")):
+            ax_loss.plot(h.epoch, h[f"{split}_robust_loss"], style, color=colour, label=f"{name} {split}")
+            ax_err.plot(h.epoch, h[f"{split}_robust_err"], style, color=colour, label=f"{name} {split}")
+        if best_epochs and best_epochs.get(name):
+            for ax in (ax_loss, ax_err):
+                ax.axvline(best_epochs[name], color=colour, linestyle=":", linewidth=1)
+    ax_loss.set(xlabel="epoch", ylabel="robust loss (RLoss)")
+    ax_err.set(xlabel="epoch", ylabel="robust error (RErr)", ylim=(0, 1))
+    ax_err.legend(fontsize=7, ncol=2)
+    fig.suptitle("robust overfitting: train (dashed) vs test (solid); dotted: early stopping")
     fig.tight_layout()
     return fig

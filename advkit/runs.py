@@ -118,14 +118,13 @@ def environment_info(device: str | torch.device | None = None) -> dict[str, Any]
     }
 
 
-def update_manifest(run: Path, section: str, entry: dict[str, Any]) -> dict[str, Any]:
-    """Merge `entry` under `section` of `run/manifest.json` (written atomically) and return it."""
+def update_manifest(run: Path, section: str, entry: dict[str, Any]) -> None:
+    """Merge `entry` under `section` of `run/manifest.json` (written atomically)."""
     path = Path(run) / "manifest.json"
     manifest = json.loads(path.read_text()) if path.exists() else {}
     manifest.setdefault(section, {}).update(entry)
     manifest["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     write_json(path, manifest)
-    return manifest
 
 
 # --- checkpoints --------------------------------------------------------------------------

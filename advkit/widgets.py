@@ -71,7 +71,7 @@ class LandscapeSlicer:
     """
 
     def __init__(self, surfaces, *, quantity: str = "loss", axis: str = "alpha", position: float = 0.0,
-                 models: Sequence[str] | None = None):
+                 models: Sequence[str] | None = None, log: bool = False):
         self.surfaces = _load(surfaces)
         names = list(self.surfaces)
         common = set.intersection(*(set(ds.data_vars) for ds in self.surfaces.values()))
@@ -89,18 +89,22 @@ class LandscapeSlicer:
         self.quantity_widget = W.Dropdown(options=quantities, value=quantity, description="quantity")
         self.axis_widget = W.ToggleButtons(options=list(AXES), value=axis, description="profile along")
         self.position_widget = W.FloatSlider(description="at", continuous_update=False, readout_format=".3f")
-        self.log_widget = W.Checkbox(value=False, description="log scale")
+        self.log_widget = W.Checkbox(value=bool(log), description="log scale")
         self._set_slider_range(position)
         self.fig = Figure(figsize=(10, 4), layout="constrained")
+        self.fig.get_layout_engine().set(wspace=0.06)  # room between the colour bar and the profile
         self.ax_map, self.ax_cbar, self.ax_profile = self.fig.subplots(
             1, 3, gridspec_kw={"width_ratios": [1, 0.05, 1.1]})
         self.lines: dict = {}
         self.slice_line = None
-        self.output = W.Output()
+        # The figure is shown as PNG bytes in an Image widget, not through an Output widget: headless
+        # clients (nbclient, under papermill and nbval) mimic Output widgets with message hooks that
+        # can leave a cell waiting forever (jupyter/nbclient#312; notebook 04 hung so in 2 of 5 runs).
+        self.image = W.Image(format="png")
         self.widget = W.VBox([W.HBox([self.models_widget,
                                       W.VBox([self.quantity_widget, self.axis_widget, self.position_widget,
                                               self.log_widget])]),
-                              self.output])
+                              self.image])
         for w in (self.models_widget, self.quantity_widget, self.position_widget, self.log_widget):
             w.observe(self._changed, names="value")
         self.axis_widget.observe(self._axis_changed, names="value")
@@ -170,25 +174,24 @@ class LandscapeSlicer:
             (self.lines[name],) = self.ax_profile.plot(x, v, label=name)
         self.ax_profile.set_xlabel(_axis_label(self.surfaces[first], axis))
         self.ax_profile.set_ylabel(quantity_label(self.surfaces[first], q))
-        self.ax_profile.set_title(f"{_axis_label(self.surfaces[first], other)} = {cut:.3f}")
+        self.ax_profile.set_title(f"profiles along {_axis_label(self.surfaces[first], axis)} at "
+                                  f"{_axis_label(self.surfaces[first], other)} = {cut:.3f}")
         if log and norm.__class__.__name__ == "LogNorm":
             self.ax_profile.set_yscale("log")
-        self.ax_profile.legend(fontsize=8)
+        self.ax_profile.grid(alpha=0.3)
+        self.ax_profile.legend(fontsize=8, loc="best")
         self._show()
 
     def _show(self) -> None:
         try:
             from IPython import get_ipython
-            from IPython.display import Image, display
         except ImportError:  # pragma: no cover - IPython ships with ipywidgets
             return
         if get_ipython() is None:  # plain Python / pytest: keep the figure, draw nothing
             return
         buf = io.BytesIO()
         self.fig.savefig(buf, format="png", dpi=90)
-        with self.output:
-            self.output.clear_output(wait=True)
-            display(Image(buf.getvalue()))
+        self.image.value = buf.getvalue()
 
     def _ipython_display_(self) -> None:
         from IPython.display import display

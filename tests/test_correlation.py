@@ -110,3 +110,20 @@ def test_summary_states_verdicts():
     assert "Caution: at most 5 models" in summarize(small, claims)
     row = tab[(tab.flatness == "avg_case_flatness") & (tab.method == "spearman")].iloc[0]
     assert verdict(row, +1) == "supported" and verdict(row, -1) == "contradicted"
+
+
+def test_a_column_is_never_correlated_with_itself():
+    df = table_of_models()
+    tab = correlation_table(df, ["robust_gap", "surface_sharpness"], ["surface_sharpness", "hessian_top_eig"],
+                            methods=["spearman"], n_resamples=50)
+    pairs = list(zip(tab["robustness"], tab["flatness"]))
+    assert pairs == [("robust_gap", "surface_sharpness"), ("robust_gap", "hessian_top_eig"),
+                     ("surface_sharpness", "hessian_top_eig")]
+
+
+def test_summary_without_an_interval_says_so():
+    df = table_of_models().head(3)
+    tab = correlation_table(df, ["robust_gap"], ["avg_case_flatness"], n_resamples=50)
+    text = summarize(tab, [Claim("avg", "robust_gap", "avg_case_flatness", +1)])
+    assert "- avg: INCONCLUSIVE" in text and "no interval, n = 3 models" in text and "at least 4 models" in text
+    assert "nan" not in text

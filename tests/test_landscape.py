@@ -429,3 +429,113 @@ def test_comparison_figure_shares_one_colour_scale(tmp_path):
     first = a[1].read_bytes()
     plots.save_figure(plots.curves_1d({"base": _quadratic(np.eye(2)).sel(beta=0)}), "c", tmp_path)
     assert a[1].read_bytes() == first and a[0].stat().st_size > 0  # reproducible PDF
+
+
+# --- the notebook's helpers (model_surfaces, sharpness_summary, sensitivity_summary, compare_curves) -----
+
+
+def test_model_surfaces_are_consistent_cached_and_checked(cnn, cnn_b, xy, tmp_path):
+    x, y = xy[0][:32], xy[1][:32]
+    models = {"base": cnn, "ft": cnn_b}
+    kw = dict(seed=0, span=0.5, resolution=5, attack=functools.partial(_fgsm, eps=0.1), attack_name="FGSM 0.1")
+    out = L.model_surfaces(models, x, y, tmp_path, **kw)
+    assert set(out) == {"grid", "line", "interpolation"} and list(out["interpolation"]) == ["ft"]
+    assert sorted(p.name for p in tmp_path.glob("*.nc")) == ["base_grid.nc", "base_line.nc", "ft_grid.nc",
+                                                             "ft_interpolation.nc", "ft_line.nc"]
+    for name, model in models.items():
+        grid, line = out["grid"][name], out["line"][name]
+        # the line runs along the grid's first direction: it is the grid's beta = 0 row
+        np.testing.assert_allclose(line.loss.values, grid.loss.sel(beta=0).values, rtol=1e-5)
+        assert line.robust_loss.values[2] == pytest.approx(own_loss(model, _fgsm(model, x, y), y)[0], rel=1e-5)
+        assert line.attrs["attack"] == "FGSM 0.1"
+    interp = out["interpolation"]["ft"]
+    assert interp.attrs["model"] == "base -> ft"
+    assert interp.loss.values[[0, -1]] == pytest.approx([own_loss(cnn, x, y)[0], own_loss(cnn_b, x, y)[0]], rel=1e-5)
+    again = L.model_surfaces(models, x, y, tmp_path, **kw)  # reused from the files, not recomputed
+    assert again["grid"]["ft"].attrs["created"] == out["grid"]["ft"].attrs["created"]
+    np.testing.assert_array_equal(again["line"]["base"].robust_loss.values, out["line"]["base"].robust_loss.values)
+    with pytest.raises(ValueError, match="directions_sha256"):
+        L.model_surfaces(models, x, y, tmp_path, **{**kw, "seed": 1})
+    other = L.model_surfaces({"base": cnn}, x, y, tmp_path, **{**kw, "seed": 1}, overwrite=True)
+    assert other["grid"]["base"].attrs["direction_seed"] == 1
+    with pytest.raises(ValueError, match="radius=0.1 holds only 1 point"):
+        L.model_surfaces(models, x, y, tmp_path / "new", **kw, radius=0.1)
+    assert not (tmp_path / "new").exists()  # failed before computing anything
+    with pytest.raises(ValueError, match="robust_resolution > 0 needs attack"):
+        L.model_surfaces(models, x, y, seed=0, robust_resolution=5)
+
+
+def test_model_surfaces_robust_subset_and_robust_grid(cnn, xy):
+    x, y = xy[0][:32], xy[1][:32]
+    out = L.model_surfaces({"base": cnn}, x, y, seed=0, span=0.5, resolution=3, robust_resolution=3, robust_n=8,
+                           attack=functools.partial(_fgsm, eps=0.1), data_name="test")
+    assert set(out) == {"grid", "line", "robust_grid"}  # one model: nothing to interpolate
+    assert out["grid"]["base"].attrs["data_n"] == 32 and out["line"]["base"].attrs["data_n"] == 8
+    assert out["robust_grid"]["base"].attrs["data"] == "test, first 8"
+    rg = out["robust_grid"]["base"]
+    assert set(rg.data_vars) == {"robust_loss", "robust_accuracy", "computed"}
+    np.testing.assert_allclose(rg.robust_loss.sel(beta=0).values, out["line"]["base"].robust_loss.values, rtol=1e-5)
+
+
+def test_check_radius_counts_points_within_the_radius():
+    assert L.check_radius(0.2, 1.0, 21, dims=1) == 5
+    assert L.check_radius(0.2, 1.0, 21, dims=2) == 13  # (0,0), 4 at 0.1, 4 at 0.2, 4 at (0.1, 0.1)
+    with pytest.raises(ValueError, match="radius=0.2 holds only 1 point.*needs 7"):
+        L.check_radius(0.2, 1.0, 9, dims=2)
+
+
+def test_sharpness_summary_has_one_row_per_model():
+    clean = {"flat": _quadratic(np.eye(2)), "sharp": _quadratic(np.diag([4.0, 2.0]))}
+    robust = {m: ds.rename(loss="robust_loss").sel(beta=0, drop=True) for m, ds in clean.items()}
+    table = L.sharpness_summary(clean, robust, radius=0.3)
+    assert list(table.index) == ["flat", "sharp"] and table.index.name == "model"
+    assert table.loc["sharp", "loss_curvature_max"] == pytest.approx(4.0)
+    assert table.loc["sharp", "loss_curvature_min"] == pytest.approx(2.0)
+    assert table.loc["sharp", "robust_loss_curvature_max"] == pytest.approx(4.0)  # 1D: along alpha
+    assert (table["surface_sharpness"] == table["loss_curvature_max"]).all()
+    assert table.loc["flat", "loss_dims"] == 2 and table.loc["flat", "robust_loss_dims"] == 1
+    assert table.loc["sharp", "robust_loss_mean_increase"] > table.loc["flat", "robust_loss_mean_increase"]
+    assert "robust_loss_centre" not in L.sharpness_summary(clean, radius=0.3)
+
+
+def test_sensitivity_summary_per_norm_spans_and_one_model(cnn, cnn_b, xy, tmp_path):
+    x, y = xy[0][:16], xy[1][:16]
+    spans = {"filter": [0.1, 0.2], "none": [0.01]}
+    surfaces = L.sensitivity_surfaces({"a": cnn, "b": cnn_b}, x, y, norms=("filter", "none"), spans=spans,
+                                      resolution=5, directory=tmp_path)
+    assert sorted(surfaces) == [("filter", 0.1, "a"), ("filter", 0.1, "b"), ("filter", 0.2, "a"),
+                                ("filter", 0.2, "b"), ("none", 0.01, "a"), ("none", 0.01, "b")]
+    table = L.sensitivity_summary(surfaces, radius_fraction=1.0, reference=("filter", 0.2))
+    assert list(table.metric) == ["curvature"] * 3 + ["mean_increase"] * 3
+    assert table.attrs["reference"] == "filter @ span 0.2"
+    ref = table[(table.norm == "filter") & (table.span == 0.2)]
+    assert ref.same_ordering.all() and (ref.kendall_tau == 1).all()
+    single = L.sensitivity_summary({k: v for k, v in surfaces.items() if k[2] == "a"}, radius_fraction=1.0)
+    assert single.same_ordering.all() and single.kendall_tau.isna().all()  # one model: trivially the same
+    with pytest.raises(ValueError, match="spans has no entry.*'layer'"):
+        L.sensitivity_surfaces({"a": cnn}, x, y, norms=("filter", "layer"), spans=spans)
+    fig = pytest.importorskip("advkit.plots").sensitivity_figure(table)
+    assert len(fig.axes) == 4  # 2 metrics x 2 normalizations
+    fig.clf()
+
+
+def test_compare_curves_draws_each_model_clean_and_robust():
+    plots = pytest.importorskip("advkit.plots")
+    a = np.linspace(-1, 1, 5)
+    lines = {}
+    for name, k in (("base", 1.0), ("pgd", 3.0)):
+        lines[name] = xr.Dataset({"loss": ("alpha", k * a ** 2), "accuracy": ("alpha", 1 - a ** 2 / 2),
+                                  "robust_loss": ("alpha", k * a ** 2 + 1),
+                                  "robust_accuracy": ("alpha", 0.5 - a ** 2 / 4)},
+                                 coords={"alpha": a}, attrs={"attack": "PGD-5"})
+    fig = plots.compare_curves(lines)
+    ax_loss, ax_acc = fig.axes[:2]
+    drawn = [ln for ln in ax_loss.get_lines() if len(ln.get_xdata()) == 5]
+    assert len(drawn) == 4  # 2 models x (clean, robust)
+    np.testing.assert_allclose(drawn[3].get_ydata(), 3 * a ** 2 + 1)
+    assert drawn[3].get_linestyle() == "--" and drawn[2].get_color() == drawn[3].get_color()
+    assert ax_acc.get_ylim() == pytest.approx((-0.02, 1.02))
+    assert "PGD-5" in " ".join(t.get_text() for t in fig.legends[0].get_texts())
+    plots.plt.close(fig)
+    with pytest.raises(ValueError, match="is 2D"):
+        plots.compare_curves({"base": _quadratic(np.eye(2))})

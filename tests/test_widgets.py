@@ -96,6 +96,18 @@ def test_slicer_executes_under_papermill(files, tmp_path):
     src, out = tmp_path / "slicer.ipynb", tmp_path / "slicer_out.ipynb"
     nbformat.write(nb, src)
     papermill.execute_notebook(str(src), str(out), kernel_name="python3", progress_bar=False,
-                               cwd=str(tmp_path))
-    outputs = nbformat.read(out, as_version=4).cells[0].outputs
+                               cwd=str(tmp_path), execution_timeout=120)
+    executed = nbformat.read(out, as_version=4)
+    outputs = executed.cells[0].outputs
     assert not [o for o in outputs if o.get("output_type") == "error"]
+    # the figure reaches the front end as an Image widget (no Output widget: see advkit.widgets)
+    models = executed.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"].values()
+    names = {m["model_name"] for m in models}
+    assert "ImageModel" in names and "OutputModel" not in names
+
+
+def test_log_scale_from_the_start(files):
+    paths, data = files
+    s = LandscapeSlicer(paths, models=["pgd"], log=True)
+    assert s.log_widget.value and s.ax_profile.get_yscale() == "log"
+    assert s.ax_map.collections[0].norm.__class__.__name__ == "LogNorm"
