@@ -221,6 +221,13 @@ class Batcher:
         n = len(self.y)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
+    def transform(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """uint8 batch -> float batch in [0, 1], augmented; subclasses add augmentations here."""
+        x = to_float(x)
+        if self.augment:
+            x = random_crop_flip(x, self.padding, self.flip, generator)
+        return x
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         n = len(self.y)
@@ -228,7 +235,4 @@ class Batcher:
         for i in range(len(self)):
             idx = slice(i * self.batch_size, (i + 1) * self.batch_size)
             take = order[idx] if order is not None else idx
-            x = to_float(self.x[take])
-            if self.augment:
-                x = random_crop_flip(x, self.padding, self.flip, gen)
-            yield x, self.y[take]
+            yield self.transform(self.x[take], gen), self.y[take]

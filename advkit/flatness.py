@@ -20,7 +20,6 @@ perturbed weights. Every random choice is seeded.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from torch.func import functional_call
 
 from advkit.hessian import (Attack, LossFn, WithParams, adversarial_inputs, check_data, check_positive_int, chunks,
                             eval_mode, model_device, per_example_cross_entropy, select_params)
+from advkit.runs import describe_callable
 
 
 @dataclass(frozen=True)
@@ -54,18 +54,6 @@ class FlatnessResult:
                f"{self.metric}_perturbed_loss": self.perturbed_loss}
         row.update({f"{self.metric}_{k}": v for k, v in self.settings.items()})
         return row
-
-
-def describe(fn: Callable | None) -> str:
-    """Stable text for a loss/attack callable (partial arguments included, no addresses) for settings columns."""
-    if fn is None:
-        return "none"
-    if isinstance(fn, functools.partial):
-        args = [repr(a) for a in fn.args] + [f"{k}={v!r}" for k, v in sorted(fn.keywords.items())]
-        return f"{describe(fn.func)}({', '.join(args)})"
-    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
-    module = getattr(fn, "__module__", None) or type(fn).__module__
-    return f"{module}.{name}"
 
 
 def _check_radius(name: str, value: float) -> None:
@@ -131,8 +119,8 @@ def avg_case_flatness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, xi:
     for _ in range(n_samples):
         v = relative_sphere(params, xi, gen)
         losses.append(dataset_loss(model, x, y, params={n: w + v[n] for n, w in params.items()}, **kw))
-    settings = {"xi": xi, "n_samples": n_samples, "seed": seed, "attack": describe(attack),
-                "loss_fn": describe(loss_fn or per_example_cross_entropy), "include_bn": include_bn, "n_data": len(x)}
+    settings = {"xi": xi, "n_samples": n_samples, "seed": seed, "attack": describe_callable(attack),
+                "loss_fn": describe_callable(loss_fn or per_example_cross_entropy), "include_bn": include_bn, "n_data": len(x)}
     return FlatnessResult("avg_case_flatness", float(np.mean(losses)) - ref, ref, float(np.mean(losses)),
                           [lo - ref for lo in losses], settings)
 
@@ -244,8 +232,8 @@ def worst_case_flatness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, x
         losses.append(_ascent(model, x, y, params, v0, lambda u: u, _relative_ball_step(params, xi, weight_step),
                               steps, **kw))
     settings = {"xi": xi, "steps": steps, "restarts": restarts, "eps": eps, "input_step": input_step,
-                "weight_step": weight_step, "seed": seed, "attack": describe(attack),
-                "loss_fn": describe(loss_fn or per_example_cross_entropy), "include_bn": include_bn, "n_data": len(x)}
+                "weight_step": weight_step, "seed": seed, "attack": describe_callable(attack),
+                "loss_fn": describe_callable(loss_fn or per_example_cross_entropy), "include_bn": include_bn, "n_data": len(x)}
     return FlatnessResult("worst_case_flatness", max(losses) - ref, ref, max(losses),
                           [lo - ref for lo in losses], settings)
 
@@ -275,8 +263,8 @@ def epsilon_sharpness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps
     ref = dataset_loss(model, x, y, attack=attack, loss_fn=loss_fn, batch_size=batch_size)
     top = _ascent(model, x, y, params, z0, lambda u: u, step, steps, loss_fn=loss_fn, attack=attack, eps=0.0,
                   input_step=0.0, generator=gen, batch_size=batch_size)
-    settings = {"epsilon": epsilon, "steps": steps, "seed": seed, "attack": describe(attack),
-                "loss_fn": describe(loss_fn or per_example_cross_entropy), "include_bn": include_bn, "n_data": len(x)}
+    settings = {"epsilon": epsilon, "steps": steps, "seed": seed, "attack": describe_callable(attack),
+                "loss_fn": describe_callable(loss_fn or per_example_cross_entropy), "include_bn": include_bn, "n_data": len(x)}
     return FlatnessResult("epsilon_sharpness", 100 * (top - ref) / (1 + ref), ref, top, [top - ref], settings)
 
 
@@ -314,8 +302,8 @@ def adaptive_sharpness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, rh
     ref = dataset_loss(model, x, y, attack=attack, loss_fn=loss_fn, batch_size=batch_size)
     top = _ascent(model, x, y, params, u0, lambda u: {k: scale[k] * t for k, t in u.items()}, step, steps,
                   loss_fn=loss_fn, attack=attack, eps=0.0, input_step=0.0, generator=gen, batch_size=batch_size)
-    settings = {"rho": rho, "eta": eta, "steps": steps, "seed": seed, "attack": describe(attack),
-                "loss_fn": describe(loss_fn or per_example_cross_entropy), "include_bn": include_bn, "n_data": len(x)}
+    settings = {"rho": rho, "eta": eta, "steps": steps, "seed": seed, "attack": describe_callable(attack),
+                "loss_fn": describe_callable(loss_fn or per_example_cross_entropy), "include_bn": include_bn, "n_data": len(x)}
     return FlatnessResult("adaptive_sharpness", top - ref, ref, top, [top - ref], settings)
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import math
 import os
 import time
@@ -35,6 +34,7 @@ from torch.func import functional_call, vmap
 
 from advkit.directions import (Directions, interpolation_directions, perturbable_state,
                                plane_directions, random_directions, state_hash, tensors_hash)
+from advkit.runs import describe_callable
 
 QUANTITIES = ("loss", "accuracy", "robust_loss", "robust_accuracy")
 BN_MODES = ("eval", "recalibrate")
@@ -369,16 +369,6 @@ class _Engine:
 # --- settings and files -----------------------------------------------------------------------
 
 
-def describe_attack(attack: Attack) -> str:
-    """A stable text for an attack callable (functools.partial arguments included, no addresses)."""
-    if isinstance(attack, functools.partial):
-        args = [repr(a) for a in attack.args] + [f"{k}={v!r}" for k, v in sorted(attack.keywords.items())]
-        return f"{describe_attack(attack.func)}({', '.join(args)})"
-    name = getattr(attack, "__qualname__", None) or type(attack).__qualname__
-    module = getattr(attack, "__module__", None) or type(attack).__module__
-    return f"{module}.{name}"
-
-
 def _attr_value(v: Any) -> str | float:
     if isinstance(v, (bool, np.bool_)):
         return float(v)
@@ -517,7 +507,7 @@ def compute_surface(model: nn.Module, directions: Directions, x: torch.Tensor, y
                        "fixed": "fixed adversarial examples"}[robust],
         }
         if robust == "attack":
-            settings["attack"] = attack_name or describe_attack(attack)
+            settings["attack"] = attack_name or describe_callable(attack)
         if robust == "fixed":
             settings["x_adv_sha256"] = tensors_hash(x_adv)
         if bn_mode == "recalibrate":

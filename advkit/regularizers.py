@@ -11,12 +11,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 from torchvision.transforms import v2
 
-from advkit.data import Batcher, random_crop_flip, to_float
+from advkit.data import Batcher
 
 
 def noisy_labels(y: torch.Tensor, fraction: float, num_classes: int | None = None,
@@ -90,14 +88,6 @@ class AutoAugmentBatcher(Batcher):
         magnitude = 0.0 if magnitudes is None else float(magnitudes[magnitude_idx])
         return op, -magnitude if signed and negative else magnitude
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        n = len(self.y)
-        order = torch.randperm(n, generator=gen).to(self.x.device) if self.shuffle else None
-        for i in range(len(self)):
-            idx = slice(i * self.batch_size, (i + 1) * self.batch_size)
-            take = order[idx] if order is not None else idx
-            x = to_float(self.autoaugment_batch(self.x[take], gen))
-            if self.augment:
-                x = random_crop_flip(x, self.padding, self.flip, gen)
-            yield x, self.y[take]
+    def transform(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """AutoAugment on the uint8 batch, then the Batcher's crop + flip."""
+        return super().transform(self.autoaugment_batch(x, generator), generator)

@@ -8,6 +8,7 @@ papermill and nbval start kernels in different folders.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -89,6 +90,19 @@ def _jsonable(obj: Any) -> Any:
     if hasattr(obj, "item"):
         return obj.item()
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def describe_callable(fn: Any) -> str:
+    """Stable text naming a callable (functools.partial arguments included, no memory addresses),
+    for the settings recorded beside results; None gives "none"."""
+    if fn is None:
+        return "none"
+    if isinstance(fn, functools.partial):
+        args = [repr(a) for a in fn.args] + [f"{k}={v!r}" for k, v in sorted(fn.keywords.items())]
+        return f"{describe_callable(fn.func)}({', '.join(args)})"
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    module = getattr(fn, "__module__", None) or type(fn).__module__
+    return f"{module}.{name}"
 
 
 def git_commit() -> str | None:

@@ -7,7 +7,6 @@ again ends with exactly the weights of an uninterrupted run.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 import time
@@ -23,6 +22,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 from tqdm.auto import tqdm
 
+from advkit.attack_utils import autocast
 from advkit.data import Batcher, to_float
 from advkit.objectives import Objective, get_objective
 from advkit.runs import atomic_path, atomic_write_text, load_checkpoint, save_model
@@ -92,13 +92,6 @@ class FitResult:
     files: dict[str, Path] = field(default_factory=dict)
 
 
-def autocast(device: torch.device, enabled: bool = True):
-    """bf16 autocast on CUDA (a no-op on CPU, where bf16 matmuls are slow)."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 @torch.no_grad()
 def loss_and_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024,
                       amp: bool = True) -> tuple[float, float]:
@@ -110,7 +103,7 @@ def loss_and_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_
     correct = torch.zeros((), device=device, dtype=torch.int64)
     for i in range(0, len(y), batch_size):
         xb, yb = to_float(x[i:i + batch_size].to(device)), y[i:i + batch_size].to(device)
-        with autocast(device, amp):
+        with autocast(device, None if amp else False):
             logits = model(xb).float()
         total_loss += F.cross_entropy(logits, yb, reduction="sum")
         correct += (logits.argmax(1) == yb).sum()
@@ -256,7 +249,7 @@ def _train_one_epoch(model, train, objective, opt, sched, averaged, config, devi
     for x, y in train:
         if device.type == "cuda" and config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, config.amp):
+        with autocast(device, None if config.amp else False):
             loss = objective(model, x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()

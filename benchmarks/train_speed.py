@@ -10,7 +10,6 @@ Prints a markdown table and appends it to benchmarks/RESULTS.md (date, device, c
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
@@ -21,7 +20,8 @@ from common import RESULTS, append_results, device_name, results_entry, timed  #
 from advkit.data import Batcher, get_dataset
 from advkit.models import get_model
 from advkit.runs import resolve_device
-from advkit.train import TrainConfig, autocast, fit
+from advkit.attack_utils import autocast
+from advkit.train import TrainConfig, fit
 
 
 def throughput(model_name: str, device: torch.device, batch_size: int, steps: int, amp: bool,
@@ -35,7 +35,7 @@ def throughput(model_name: str, device: torch.device, batch_size: int, steps: in
     y = torch.randint(0, 10, (batch_size,), device=device)
 
     def step():
-        with autocast(device, amp):
+        with autocast(device, amp and device.type == "cuda"):
             loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -57,10 +57,8 @@ def time_to_accuracy(args, device: torch.device) -> tuple[float | None, float, i
     model = get_model(args.model, 10, 3).to(device)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule,
                          weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, seed=0)
-    t0 = time.perf_counter()
     result = fit(model, Batcher(data.x_train, data.y_train, args.batch_size, device=device), config,
                  test=(data.x_test.to(device), data.y_test.to(device)))
-    total = time.perf_counter() - t0
     elapsed = result.history["time_s"].cumsum()
     hit = result.history.index[result.history["test_acc"] >= args.to_accuracy]
     when = float(elapsed[hit[0]]) if len(hit) else None

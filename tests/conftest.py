@@ -1,7 +1,5 @@
 """Shared fixtures: the digits dataset and a small CNN trained on it (seconds on CPU)."""
 
-import os
-
 import pytest
 import torch
 

@@ -38,7 +38,6 @@ def test_load_akamaster_checkpoint(tmp_path):
     torch.save({"best_prec1": 92.63, "state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}},
                tmp_path / "resnet32-d509ac18.th")
     model = load_akamaster_checkpoint(tmp_path / "resnet32-d509ac18.th", depth=32)
-    x = torch.rand(2, 3, 32, 32)
     assert torch.allclose(model.mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))
     for k, v in src.state_dict().items():
         assert torch.equal(model.state_dict()[k], v)

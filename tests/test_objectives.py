@@ -22,14 +22,6 @@ OBJECTIVE_SETTINGS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared CPU: OpenMP synchronisation costs far more than a second thread gives."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_model(seed=0, width=8):
     torch.manual_seed(seed)

@@ -11,13 +11,6 @@ from advkit.regularizers import AutoAugmentBatcher, noisy_labels
 from advkit.train import TrainConfig, fit
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_noisy_labels_corrupt_exactly_the_fraction_once(digits):
     y = digits.y_train

@@ -15,13 +15,6 @@ from advkit.train import TrainConfig, fit, loss_and_accuracy
 ATTACK = AttackSpec("pgd", dict(eps=0.1, alpha=0.04, steps=3))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_stutz_subsets_hold_out_validation_images(digits):
     s = stutz_subsets(digits, n_train=100, n_test=50, n_val=80, seed=0)
