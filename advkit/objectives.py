@@ -196,14 +196,9 @@ class FGSMRS(PGDAT):
 
 
 @dataclass
-class TRADES(Adversarial):
-    """TRADES (Zhang et al. 2019, Eq. 5): CE(f(x), y) + beta * KL(f(x) || f(x_adv)), x_adv
-    maximizing the KL in the eps-ball by signed-gradient ascent from x + 0.001 N(0, 1).
-
-    Defaults from their CIFAR-10 code: eps 0.031 (~8/255; we use 8/255), step 0.007, 10 steps,
-    beta 6. As in their code the attack runs with the model in EVAL mode and the outer loss in
-    train mode (x and x_adv in separate forward passes). beta = 0 is clean training.
-    """
+class _Regularized(Adversarial):
+    """Settings shared by TRADES and MART: their CIFAR-10 code's budget (eps 0.031 ~ 8/255, step
+    0.007, 10 steps from x + 0.001 N(0, 1)), the weight beta of the robust term, eval-mode attack."""
 
     eps: float = 8 / 255
     alpha: float = 0.007
@@ -218,6 +213,17 @@ class TRADES(Adversarial):
         _check_steps(self.steps)
         _check_number(self.beta, "beta")
         _check_mode(self.attack_mode)
+
+
+@dataclass
+class TRADES(_Regularized):
+    """TRADES (Zhang et al. 2019, Eq. 5): CE(f(x), y) + beta * KL(f(x) || f(x_adv)), x_adv
+    maximizing the KL in the eps-ball by signed-gradient ascent from x + 0.001 N(0, 1).
+
+    Defaults from their CIFAR-10 code: eps 0.031 (~8/255; we use 8/255), step 0.007, 10 steps,
+    beta 6. As in their code the attack runs with the model in EVAL mode and the outer loss in
+    train mode (x and x_adv in separate forward passes). beta = 0 is clean training.
+    """
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         start = _gaussian_start(x, self.generator)
@@ -236,7 +242,7 @@ class TRADES(Adversarial):
 
 
 @dataclass
-class MART(Adversarial):
+class MART(_Regularized):
     """MART, misclassification-aware adversarial training (Wang et al. 2020, Eq. 9):
     BCE(f(x_adv), y) + beta * KL(f(x) || f(x_adv)) * (1 - f_y(x)), with
     BCE = -log f_y(x_adv) - log(1 - max_{k != y} f_k(x_adv)) (Eq. 7).
@@ -245,20 +251,6 @@ class MART(Adversarial):
     ascent from x + 0.001 N(0, 1), beta 6 (their WideResNet script; their ResNet-18 script uses
     5). The attack runs in EVAL mode and the loss in train mode, as in their code.
     """
-
-    eps: float = 8 / 255
-    alpha: float = 0.007
-    steps: int = 10
-    beta: float = 6.0
-    attack_mode: str = "eval"
-    generator: torch.Generator | None = field(default=None, repr=False, compare=False)
-
-    def __post_init__(self):
-        _check_number(self.eps, "eps", high=1.0)
-        _check_number(self.alpha, "alpha", high=1.0)
-        _check_steps(self.steps)
-        _check_number(self.beta, "beta")
-        _check_mode(self.attack_mode)
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         start = _gaussian_start(x, self.generator)
