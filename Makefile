@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PROFILE ?= quick
 STAMP := $(VENV)/.advkit-installed
 
-.PHONY: run test notebooks lab clean
+.PHONY: run test browser-test notebooks lab clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,12 @@ run: $(STAMP)
 
 ## unit tests and nbval notebook regression tests
 test: $(STAMP)
-	$(BIN)/python -m pytest --nbval tests notebooks
+	$(BIN)/python -m pytest --nbval --nbval-sanitize-with nbval_sanitize.cfg tests notebooks
+
+## the real-browser slicer test alone (installs Debian's chromium and playwright when missing)
+browser-test: $(STAMP)
+	.ci/browser-setup
+	$(BIN)/python -m pytest tests/test_slicer_browser.py
 
 ## re-execute the notebooks in place (quick profile, fresh run directory) to refresh their outputs
 notebooks: $(STAMP)

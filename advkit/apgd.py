@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from advkit.attack_utils import (Strongest, ascent_direction, attack_loss, attack_mode, check_eps,
-                                 check_images, check_int, check_positive, dlr_targeted, forward_fn,
-                                 is_fooled, logits_at, loss_and_grad, make_generator, prepare, project,
-                                 random_point)
+                                 check_images, check_int, check_model_output, check_positive, dlr_targeted,
+                                 forward_fn, is_fooled, logits_at, loss_and_grad, make_generator, prepare,
+                                 project, random_point)
 
 APGD_LOSSES = ("ce", "dlr")
 
@@ -58,6 +58,7 @@ def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 25
     with attack_mode(model):
         forward = forward_fn(model, compile)
         x = prepare(x, channels_last)
+        check_model_output(forward, x, y, autocast)
         gen = make_generator(x.device, seed, generator)
         loss_fn = attack_loss(loss, y) if target is None else (lambda z: dlr_targeted(z, y, target))
         best = Strongest(x)
@@ -143,6 +144,7 @@ def apgd_t(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 
     shared = dict(autocast=autocast, channels_last=channels_last, compile=compile)
     with attack_mode(model):
         forward = forward_fn(model, compile)
+        check_model_output(forward, prepare(x, channels_last), y, autocast)
         logits = logits_at(forward, prepare(x, channels_last), autocast)
         if not 1 <= n_target_classes <= logits.shape[1] - 1 or logits.shape[1] < 4:
             raise ValueError(f"n_target_classes must be in [1, {logits.shape[1] - 1}] and the model needs "

@@ -57,12 +57,35 @@ def check_images(x: torch.Tensor, y: torch.Tensor | None = None) -> None:
     if not x.is_floating_point():
         raise ValueError(f"x must be float images in [0, 1], got dtype {x.dtype} "
                          "(convert uint8 with advkit.data.to_float)")
-    if x.numel() and bool((x.amin() < 0) | (x.amax() > 1)):
-        raise ValueError("x must lie in [0, 1] (normalization belongs inside the model)")
+    if x.numel() and not bool(((x >= 0) & (x <= 1)).all()):  # NaN fails both comparisons
+        n_nan = int(x.isnan().sum())
+        if n_nan:
+            raise ValueError(f"x must be finite images in [0, 1], got {n_nan} NaN pixels")
+        raise ValueError(f"x must lie in [0, 1] (normalization belongs inside the model), got values in "
+                         f"[{float(x.amin()):g}, {float(x.amax()):g}]")
     if y is not None:
         if not isinstance(y, torch.Tensor) or y.shape != x.shape[:1] or y.dtype != torch.int64:
             raise ValueError(f"y must be int64 labels of shape ({len(x)},), got "
                              f"{getattr(y, 'dtype', type(y))} {tuple(getattr(y, 'shape', ()))}")
+
+
+def check_model_output(forward: Callable, x: torch.Tensor, y: torch.Tensor, amp: bool | None = None) -> None:
+    """One forward pass on the first image, in attack mode: the model must give finite logits
+    (NaN weights would otherwise reach the attack's arithmetic, e.g. grid_sample, which crashes on
+    NaN coordinates) and y must be class indices in [0, K) for its K outputs. One host sync."""
+    if not len(x):
+        return
+    logits = logits_at(forward, x[:1], amp)
+    if logits.dim() != 2:
+        raise ValueError(f"the model must return logits of shape (N, K), got {tuple(logits.shape)}")
+    k = logits.shape[1]
+    bad_logits, bad_labels = (~torch.isfinite(logits)).any(), ((y < 0) | (y >= k)).any()
+    if bool(bad_logits | bad_labels):  # the sync; the messages below are the error path only
+        if bool(bad_logits):
+            raise ValueError("the model returned non-finite logits (NaN or inf) on x[:1]: "
+                             "check its weights (e.g. a diverged training run)")
+        wrong = y[(y < 0) | (y >= k)].unique()[:5].tolist()
+        raise ValueError(f"y must be class indices in [0, {k - 1}] for a model with {k} outputs, got {wrong}")
 
 
 # --- the model during an attack ----------------------------------------------------------------

@@ -20,8 +20,8 @@ from torch import nn
 
 from advkit.apgd import apgd, apgd_ce, apgd_dlr, apgd_t
 from advkit.attack_utils import (NORMS, Strongest, ascent_direction, attack_loss, attack_mode,
-                                 check_choice, check_eps, check_images, check_int, check_positive,
-                                 forward_fn, is_fooled, logits_at, loss_and_grad, make_generator,
+                                 check_choice, check_eps, check_images, check_int, check_model_output,
+                                 check_positive, forward_fn, is_fooled, logits_at, loss_and_grad, make_generator,
                                  prepare, project, random_point)
 from advkit.stadv import stadv
 
@@ -39,6 +39,7 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 25
     with attack_mode(model):
         forward = forward_fn(model, compile)
         x = prepare(x, channels_last)
+        check_model_output(forward, x, y, autocast)
         grad, _, _ = loss_and_grad(forward, x, attack_loss("ce", y, targeted), autocast)
         return (x + eps * grad.sign()).clamp(0.0, 1.0)
 
@@ -69,6 +70,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255
     with attack_mode(model):
         forward = forward_fn(model, compile)
         x = prepare(x, channels_last)
+        check_model_output(forward, x, y, autocast)
         gen = make_generator(x.device, seed, generator) if random_start else None
         loss_fn = attack_loss(loss, y, targeted)
         best = Strongest(x)
@@ -113,6 +115,7 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 
             else (apgd_dlr, {})]
     with attack_mode(model):
         forward = forward_fn(model, compile)
+        check_model_output(forward, prepare(x, channels_last), y, autocast)
         robust = logits_at(forward, prepare(x, channels_last), autocast).argmax(1) == y
         x_adv = x.detach().clone()
         for i, (attack, extra) in enumerate(runs):

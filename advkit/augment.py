@@ -9,7 +9,9 @@ in the run directory as uint8 (`attacks/augment_<attack>.pt` plus a JSON of the 
 like the clean data: rounding to the nearest grey level moves a pixel by at most 0.5/255 and,
 for L-inf budgets that are whole grey levels (8/255, 1/255), keeps |x_adv - x| <= eps exactly,
 because x sits on a level and the ball's faces do too. What rounding does cost (fractional
-PGD steps rounded away) shows in the stored `fooled_stored` vs `fooled_float` rates.
+PGD steps rounded away) shows in the stored `fooled_stored` vs `fooled_float` rates; `dtype="float32"`
+keeps them. `RegeneratedAugmentation` is the released code's alternative: the adversarial half made
+anew for every batch against the current model (Xu et al.'s ambiguities as switches: README).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -29,7 +32,8 @@ from advkit.attack_utils import make_generator
 from advkit.attacks import get_attack
 from advkit.data import to_float
 from advkit.evaluate import XU2019
-from advkit.runs import atomic_path, write_json
+from advkit.objectives import Adversarial
+from advkit.runs import atomic_path, load_torch, write_json
 
 XU_ATTACKS = tuple(XU2019.attacks)  # ("fgsm", "pgd", "stadv")
 DTYPES = ("uint8", "float32")
@@ -119,8 +123,8 @@ def augmented_dataset(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack
     cache = Path(run) / "attacks" / f"augment_{attack}.pt" if run is not None else None
     x_adv = None
     if cache is not None and cache.exists():
-        payload = torch.load(cache, map_location="cpu", weights_only=True)
-        if _jsonable(payload.get("settings")) == _jsonable(settings):
+        payload = load_torch(cache)
+        if isinstance(payload, dict) and "x_adv" in payload and _jsonable(payload.get("settings")) == _jsonable(settings):
             x_adv = payload["x_adv"].to(x.device)
     if x_adv is None:
         t0 = time.perf_counter()
@@ -150,3 +154,72 @@ def finetune_config(epochs: int, *, lr: float = 1e-3, batch_size: int = 128, **o
     settings = dict(epochs=epochs, batch_size=batch_size, optimizer="adam", lr=lr, weight_decay=0.0,
                     schedule="constant", augment=True, padding=4)
     return TrainConfig(**{**settings, **overrides})
+
+
+# --- Xu et al.'s ambiguities as switches --------------------------------------------------------
+
+AUGMENT_MODES = ("static", "regenerate")
+CODE_EPS = 8 / 255  # the L-inf bound of the released code (joycex99/adversarial-training, L_INF_BOUND)
+
+
+def xu_training_budget(attack: str, budget: dict[str, Any], eps: float | None = None) -> dict[str, Any]:
+    """The augmentation budget: `budget` (Table 1's evaluation settings) or, with `eps`, the L-inf attacks
+    at `eps` instead (the released code trains at 8/255 for FGSM and PGD; PGD step eps/4); stAdv unchanged."""
+    if eps is not None and not (isinstance(eps, (int, float)) and 0 < eps <= 1):
+        raise ValueError(f"eps must be None or a number in (0, 1], got {eps!r}")
+    budget = {k: v for k, v in budget.items() if v is not None}
+    if eps is None or attack == "stadv":
+        return budget
+    return {**budget, "eps": float(eps), **({"alpha": float(eps) / 4} if attack == "pgd" else {})}
+
+
+class RegeneratedAugmentation(Adversarial):
+    """Xu et al.'s 1:1 clean + adversarial training with the adversarial half regenerated for every batch
+    against the current model (as the released code's adversarial training does), not once against the
+    base model (Sec. 2.2, `augmented_dataset`). loss = CE(model(concat(x, x_adv)), concat(y, y)).
+
+    Random starts draw a seed from torch's global RNG, which `fit` reseeds per epoch (exact resume).
+    Use half the static batch size to see as many images per step as the static 1:1 set does.
+    """
+
+    def __init__(self, attack: str = "fgsm", **budget: Any):
+        if attack not in XU_ATTACKS:
+            raise ValueError(f"attack={attack!r} is not available for augmentation; choose one of {list(XU_ATTACKS)}")
+        self.attack = attack
+        self.budget = {**xu_budget(attack), **{k: v for k, v in budget.items() if v is not None}}
+        fn = get_attack(attack)
+        try:  # a misspelled budget fails here, not after the first batch
+            inspect.signature(fn).bind(None, None, None, **self.budget)
+        except TypeError as err:
+            raise ValueError(f"invalid settings for attack {attack!r}: {err}") from err
+        self._random = "seed" in inspect.signature(fn).parameters
+
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        extra = {"seed": int(torch.randint(0, 2**31 - 1, ()))} if self._random else {}
+        return get_attack(self.attack)(model, x, y, **self.budget, **extra).detach()
+
+    def training_loss(self, forward, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(forward(torch.cat([x, x_adv])), torch.cat([y, y]))
+
+    def __repr__(self) -> str:
+        return f"RegeneratedAugmentation({self.attack!r}, {self.budget})"
+
+
+# The settings of fine-tunes made before these switches existed (no record beside their checkpoint).
+LEGACY_FINETUNE = {"augment_mode": "static", "storage": "uint8", "augment_eps": None}
+
+
+def check_finetune_settings(run: str | Path, name: str, settings: dict[str, Any]) -> None:
+    """Fail, naming the switch, when fine-tune `name` of `run` has a checkpoint made with other Xu switches
+    (`fit` would otherwise resume it silently); else record `settings` beside the checkpoint."""
+    checkpoint = Path(run) / "checkpoints" / f"{name}.state.pt"
+    record = checkpoint.with_name(f"{name}.xu.json")
+    if checkpoint.exists():
+        saved = json.loads(record.read_text()) if record.exists() else LEGACY_FINETUNE
+        differ = [k for k in settings if _jsonable(saved.get(k)) != _jsonable(settings[k])]
+        if differ:
+            was = ", ".join(f"{k}={saved.get(k)!r}" for k in differ)
+            now = ", ".join(f"{k}={settings[k]!r}" for k in differ)
+            raise ValueError(f"{checkpoint} was fine-tuned with {was}, but this call asks for {now}: "
+                             "delete the checkpoint or use another run")
+    write_json(record, settings)

@@ -1,9 +1,17 @@
-"""Correlation of robustness with flatness across models, with bootstrap confidence intervals.
+"""Correlation of robustness with flatness across models, with confidence intervals.
 
-Pearson, Spearman and Kendall coefficients come from scipy.stats; their confidence
-intervals from a paired, seeded `scipy.stats.bootstrap` over models (BCa, falling back to
-percentiles of the non-degenerate resamples when BCa is undefined, e.g. with few models
-and ties). `correlation_table` makes one tidy DataFrame for a per-model table;
+Pearson, Spearman and Kendall coefficients come from scipy.stats. Their confidence intervals
+are, by default, analytic Fisher-z intervals (`ci="fisher"`): tanh(atanh(r) ± z·se) with
+se = 1/sqrt(n-3) for Pearson (scipy's `pearsonr(...).confidence_interval()`), sqrt((1 + r²/2)/(n-3))
+for Spearman and sqrt(0.437/(n-4)) for Kendall (Bonett & Wright 2000; Fieller et al. 1957).
+They are smooth functions of the coefficient, so a last-bit change of the inputs (another
+BLAS kernel on another CPU) moves them by a few ulps. BCa bootstrap intervals are not: with
+the handful of models of a run, many resamples reproduce the estimate up to rounding, BCa's
+bias correction counts those below it, and one ulp moved a bound from 0.973 to 0.981 (n = 6).
+`ci="bootstrap"` gives a seeded paired percentile bootstrap instead (continuous in the data,
+hence as stable), from `BOOTSTRAP_MIN_N` models on. Below each method's minimum n
+(`min_pairs`) there is no interval (NaN, `ci_method="none"`), and `summarize` says so.
+`correlation_table` makes one tidy DataFrame for a per-model table;
 `summarize` turns it into a few plain sentences: which expected relations (`Claim`) the
 numbers support, contradict or leave open, and how confidently.
 """
@@ -20,11 +28,13 @@ import pandas as pd
 import scipy.stats
 
 METHODS = ("pearson", "spearman", "kendall")
+CI_METHODS = ("fisher", "bootstrap")
+BOOTSTRAP_MIN_N = 8   # fewer models give too few distinct resamples for a percentile interval
 
 
 @dataclass(frozen=True)
 class CorrelationResult:
-    """A correlation coefficient, its p-value and bootstrap confidence interval over n pairs."""
+    """A correlation coefficient, its p-value and confidence interval over n pairs (ci_method: how)."""
 
     method: str
     statistic: float
@@ -54,10 +64,12 @@ def _check_method(method: str) -> None:
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    constant = (a.max(-1) == a.min(-1)) | (b.max(-1) == b.min(-1))   # exactly NaN, not a rounding residue
     a = a - a.mean(-1, keepdims=True)
     b = b - b.mean(-1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return (a * b).sum(-1) / np.sqrt((a * a).sum(-1) * (b * b).sum(-1))
+        r = (a * b).sum(-1) / np.sqrt((a * a).sum(-1) * (b * b).sum(-1))
+    return np.where(constant, np.nan, r)
 
 
 def _kendall_tau_b(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -84,13 +96,47 @@ def _bootstrap(data, statistic, *, seed: int, **kwargs):
         return scipy.stats.bootstrap(data, statistic, random_state=np.random.default_rng(seed), **kwargs)
 
 
-def correlate(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, method: str = "spearman", *,
-              n_resamples: int = 2000, confidence_level: float = 0.95, seed: int = 0) -> CorrelationResult:
-    """Correlation of paired samples x, y with a seeded paired-bootstrap confidence interval.
+def min_pairs(method: str, ci: str = "fisher") -> int:
+    """Fewest pairs that get a confidence interval: Fisher z needs n - 3 > 0 (Kendall's se: n - 4 > 0);
+    the percentile bootstrap `BOOTSTRAP_MIN_N`."""
+    _check_method(method)
+    _check_ci(ci)
+    if ci == "bootstrap":
+        return BOOTSTRAP_MIN_N
+    return 5 if method == "kendall" else 4
 
-    Needs >= 3 pairs for a coefficient and >= 4 for an interval (else NaN).
+
+def _check_ci(ci: str) -> None:
+    if ci not in CI_METHODS:
+        raise ValueError(f"ci={ci!r}: choose one of {CI_METHODS}")
+
+
+def fisher_interval(method: str, statistic: float, n: int, confidence_level: float = 0.95) -> tuple[float, float]:
+    """Analytic interval tanh(atanh(r) ± z·se) with the method's standard error of atanh(r) (Fisher 1921;
+    Spearman: Bonett & Wright 2000, se² = (1 + r²/2)/(n-3); Kendall: Fieller et al. 1957, se² = 0.437/(n-4))."""
+    _check_method(method)
+    if n < min_pairs(method):
+        raise ValueError(f"n={n}: a Fisher-z interval for {method} needs n >= {min_pairs(method)}")
+    se = {"pearson": lambda: 1 / math.sqrt(n - 3),
+          "spearman": lambda: math.sqrt((1 + statistic ** 2 / 2) / (n - 3)),
+          "kendall": lambda: math.sqrt(0.437 / (n - 4))}[method]()
+    z = scipy.stats.norm.ppf((1 + confidence_level) / 2) * se
+    with np.errstate(divide="ignore"):
+        centre = float(np.arctanh(np.clip(statistic, -1.0, 1.0)))
+    return math.tanh(centre - z), math.tanh(centre + z)
+
+
+def correlate(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, method: str = "spearman", *,
+              ci: str = "fisher", n_resamples: int = 2000, confidence_level: float = 0.95,
+              seed: int = 0) -> CorrelationResult:
+    """Correlation of paired samples x, y with a confidence interval that is stable in the inputs' last bits.
+
+    `ci="fisher"`: analytic Fisher-z interval (`fisher_interval`); `ci="bootstrap"`: seeded paired
+    percentile bootstrap with `n_resamples` (not BCa: see the module docstring). Needs >= 3 pairs for a
+    coefficient and `min_pairs(method, ci)` for an interval (else NaN, `ci_method="none"`).
     """
     _check_method(method)
+    _check_ci(ci)
     if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or n_resamples < 10:
         raise ValueError(f"n_resamples must be an integer >= 10, got {n_resamples!r}")
     if not 0 < confidence_level < 1:
@@ -106,28 +152,38 @@ def correlate(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, 
     stat, p = _coefficient(method, x, y)
     lo = hi = nan
     ci_method = "none"
-    if n >= 4 and math.isfinite(stat):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            res = _bootstrap((x, y), _vectorized(method), paired=True, vectorized=True, n_resamples=n_resamples,
-                             confidence_level=confidence_level, method="BCa", seed=seed)
-        lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
-        ci_method = "BCa"
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            dist = res.bootstrap_distribution
-            dist = dist[np.isfinite(dist)]
-            if len(dist) >= 10:
-                alpha = (1 - confidence_level) / 2
-                lo, hi = (float(v) for v in np.quantile(dist, [alpha, 1 - alpha]))
-                ci_method = "percentile"
-            else:
-                lo = hi = nan
+    if n >= min_pairs(method, ci) and math.isfinite(stat):
+        if ci == "fisher":
+            lo, hi = fisher_interval(method, stat, n, confidence_level)
+            ci_method = "fisher-z"
+        else:
+            lo, hi = _percentile_bootstrap(x, y, method, n_resamples, confidence_level, seed)
+            ci_method = "percentile" if math.isfinite(lo) else "none"
     return CorrelationResult(method, stat, p, lo, hi, n, confidence_level, ci_method)
 
 
+def _percentile_bootstrap(x: np.ndarray, y: np.ndarray, method: str, n_resamples: int, confidence_level: float,
+                          seed: int) -> tuple[float, float]:
+    """Percentiles of the finite resampled coefficients (scipy's paired bootstrap; NaN if under 10 are finite).
+
+    Every resample's coefficient and the quantiles are continuous in the data, unlike BCa's bias
+    correction, which counts resamples below the estimate."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = _bootstrap((x, y), _vectorized(method), paired=True, vectorized=True, n_resamples=n_resamples,
+                         confidence_level=confidence_level, method="percentile", seed=seed)
+    dist = res.bootstrap_distribution
+    dist = dist[np.isfinite(dist)]
+    if len(dist) < 10:
+        return float("nan"), float("nan")
+    alpha = (1 - confidence_level) / 2
+    lo, hi = np.quantile(dist, [alpha, 1 - alpha])
+    return float(lo), float(hi)
+
+
 def correlation_table(table: pd.DataFrame, robustness: Sequence[str], flatness: Sequence[str], *,
-                      methods: Sequence[str] = METHODS, n_resamples: int = 2000, confidence_level: float = 0.95,
-                      seed: int = 0) -> pd.DataFrame:
+                      methods: Sequence[str] = METHODS, ci: str = "fisher", n_resamples: int = 2000,
+                      confidence_level: float = 0.95, seed: int = 0) -> pd.DataFrame:
     """Tidy correlations between robustness and flatness columns of a per-model table (one row per model).
 
     One row per (robustness, flatness, method): n, statistic, pvalue, ci_low, ci_high; pairs
@@ -142,6 +198,7 @@ def correlation_table(table: pd.DataFrame, robustness: Sequence[str], flatness: 
             raise ValueError(f"{name}: columns {missing} not in the table; available: {list(table.columns)}")
     for m in methods:
         _check_method(m)
+    _check_ci(ci)
     rows = []
     for r in robustness:
         for f in flatness:
@@ -149,7 +206,7 @@ def correlation_table(table: pd.DataFrame, robustness: Sequence[str], flatness: 
                 continue
             pair = table[[r, f]].apply(pd.to_numeric, errors="coerce").dropna()
             for m in methods:
-                res = correlate(pair[r].to_numpy(), pair[f].to_numpy(), m, n_resamples=n_resamples,
+                res = correlate(pair[r].to_numpy(), pair[f].to_numpy(), m, ci=ci, n_resamples=n_resamples,
                                 confidence_level=confidence_level, seed=seed)
                 rows.append({"robustness": r, "flatness": f, **asdict(res)})
     cols = ["robustness", "flatness", "method", "n", "statistic", "pvalue", "ci_low", "ci_high",
@@ -208,7 +265,7 @@ def summarize(table: pd.DataFrame, claims: Sequence[Claim] = SEED_CLAIMS, *, met
     """A short plain-language summary of `correlation_table` output for the given claims.
 
     One line per claim whose columns were correlated: verdict, coefficient with its
-    bootstrap interval and n; claims without data are listed as not tested.
+    confidence interval and n; claims without data are listed as not tested.
     """
     _check_method(method)
     symbol = {"pearson": "r", "spearman": "rho", "kendall": "tau"}[method]
@@ -231,9 +288,11 @@ def summarize(table: pd.DataFrame, claims: Sequence[Claim] = SEED_CLAIMS, *, met
         text += f"; {c.source})" if c.source else ")"
         if v == "inconclusive":
             text += ("; the interval includes 0, so the data neither confirm nor refute it" if has_ci else
-                     "; a bootstrap interval needs at least 4 models, so the data neither confirm nor refute it")
+                     f"; {int(row['n'])} models are too few for a confidence interval (see "
+                     "advkit.correlation.min_pairs), so the data neither confirm nor refute it")
         lines.append(text)
-    header = f"Correlations over models ({method}, bootstrap intervals):"
+    kinds = sorted(set(sub["ci_method"]) - {"none"}) if "ci_method" in sub else []
+    header = f"Correlations over models ({method}, {', '.join(kinds) or 'no'} intervals):"
     if not lines:
         header = "No claim could be tested: too few models or missing columns."
     out = [header, *lines]
@@ -244,3 +303,4 @@ def summarize(table: pd.DataFrame, claims: Sequence[Claim] = SEED_CLAIMS, *, met
         out.append(f"Caution: at most {int(ns.max())} models; intervals are wide and a single model can flip "
                    "a verdict. Read these as indications, not evidence.")
     return "\n".join(out)
+

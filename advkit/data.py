@@ -7,6 +7,7 @@ augmentation costs a few tensor ops per batch, with no per-image Python work.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,9 +45,10 @@ class Dataset:
 
 
 def default_data_dir() -> Path:
-    """`$ADVKIT_DATA_DIR`, else `data/` in the repository."""
-    from advkit.runs import repo_root
+    """`$ADVKIT_DATA_DIR` (made absolute), else `data/` in the repository."""
+    from advkit.runs import repo_root, resolve_environment_paths
 
+    resolve_environment_paths()
     return Path(os.environ.get("ADVKIT_DATA_DIR") or repo_root() / "data")
 
 
@@ -89,19 +91,63 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
 
 
 def _cifar10(data_dir: Path, download: bool) -> Dataset:
+    """CIFAR-10 from an ImageFolder copy or torchvision's files, through a cache keyed on them.
+
+    The cache `cifar10.npz` records a key of its source files (names, sizes, mtimes) and is
+    reused only while they are unchanged; it is never read without its source."""
     cache = data_dir / "cifar10.npz"
-    if cache.exists():
-        with np.load(cache) as z:
-            arrays = {k: torch.from_numpy(z[k]) for k in z.files}
-        return Dataset("cifar10", classes=CIFAR10_CLASSES, **arrays)
-    for root in (data_dir, data_dir / "cifar10-jpeg"):
-        if (root / "train").is_dir() and (root / "test").is_dir():
-            arrays = {**_image_folder(root / "train", "train"), **_image_folder(root / "test", "test")}
-            break
+    root = next((r for r in (data_dir, data_dir / "cifar10-jpeg") if (r / "train").is_dir() and (r / "test").is_dir()),
+                None)
+    sources = [root / "train", root / "test"] if root is not None else [data_dir / "cifar-10-batches-py"]
+    key = source_key(sources)
+    if root is not None or (data_dir / "cifar-10-batches-py").is_dir():
+        arrays, reason = _read_cache(cache, key)
+        if arrays is not None:
+            return Dataset("cifar10", classes=CIFAR10_CLASSES, **arrays)
+        if reason is not None:
+            print(f"advkit.data: rebuilding {cache}: {reason}")
+    if root is not None:
+        arrays = {**_image_folder(root / "train", "train"), **_image_folder(root / "test", "test")}
     else:
         arrays = _torchvision_cifar10(data_dir, download)
-    _save_npz(cache, {k: v.numpy() for k, v in arrays.items()})
+        key = source_key(sources)  # the download created them
+    _save_npz(cache, {**{k: v.numpy() for k, v in arrays.items()}, "source_key": np.array(key)})
     return Dataset("cifar10", classes=CIFAR10_CLASSES, **arrays)
+
+
+def source_key(folders: list[Path]) -> str:
+    """sha256 of the relative names, sizes and modification times of every file under `folders`:
+    what a decoded-data cache depends on (a file added, removed, replaced or edited changes it)."""
+    h = hashlib.sha256()
+    for top in folders:
+        h.update(f"[{top.name}]".encode())
+        for folder, dirs, files in os.walk(top):
+            dirs.sort()
+            for name in sorted(files):
+                st = os.stat(os.path.join(folder, name))
+                rel = os.path.relpath(os.path.join(folder, name), top)
+                h.update(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _read_cache(cache: Path, key: str) -> tuple[dict[str, torch.Tensor] | None, str | None]:
+    """The cached arrays if the cache is intact and was built from the same source files; else
+    (None, why it must be rebuilt), or (None, None) when there is no cache."""
+    from advkit.runs import checksum_path, verified
+
+    if not cache.exists():
+        return None, None
+    if not checksum_path(cache).exists():
+        return None, "it has no recorded checksum (written by an older advkit)"
+    try:
+        verified(cache)
+        with np.load(cache) as z:
+            if "source_key" not in z.files or str(z["source_key"]) != key:
+                return None, "the source files changed (added, removed or modified) since it was built"
+            arrays = {k: torch.from_numpy(z[k]) for k in z.files if k != "source_key"}
+    except (ValueError, OSError, KeyError) as err:
+        return None, f"it is unreadable ({err})"
+    return arrays, None
 
 
 def _torchvision_cifar10(data_dir: Path, download: bool) -> dict[str, torch.Tensor]:
@@ -139,8 +185,14 @@ def _image_folder(root: Path, split: str) -> dict[str, torch.Tensor]:
     samples = make_dataset(str(root), {c: i for i, c in enumerate(classes)}, extensions=(".jpg", ".jpeg", ".png"))
 
     def decode(path: str) -> np.ndarray:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+        try:
+            with Image.open(path) as im:
+                image = np.asarray(im.convert("RGB"))
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{path}: cannot decode this image ({err}); replace or delete it") from err
+        if image.shape != (32, 32, 3):
+            raise ValueError(f"{path}: a CIFAR-10 image is 32x32 RGB, this one is {image.shape[1]}x{image.shape[0]}")
+        return image
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         images = np.stack(list(pool.map(decode, [path for path, _ in samples], chunksize=256)))

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -73,6 +74,10 @@ class Directions:
             "direction_orthogonalized": int(self.orthogonalized),
             "directions_sha256": self.sha256,
         }
+
+    def check(self, model: nn.Module) -> None:
+        """Raise ValueError unless every direction fits `model` (see `check_directions`)."""
+        check_directions(model, self)
 
     def to(self, device: torch.device | str) -> Directions:
         """A copy with the tensors on `device` (hash and settings unchanged)."""
@@ -183,10 +188,40 @@ def perturbable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def check_directions(model: nn.Module, directions: Directions) -> None:
+    """Check directions against the model's perturbable entries before a surface is computed:
+    every name must be a parameter or float buffer of the model, every tensor finite and of the
+    model's shape (a transposed tensor of the right size is an error, not a different surface),
+    and every parameter present (zeros for parameters that stay fixed; `explicit_directions`
+    adds them). Errors name the direction and the key."""
+    state = perturbable_state(model)
+    params = [k for k, _ in model.named_parameters()]
+    for i, d in enumerate(directions.vectors):
+        label = f"direction {i + 1}"
+        if not isinstance(d, Mapping):
+            raise ValueError(f"{label} must be a mapping name -> tensor, got {type(d).__name__}")
+        for k, v in d.items():
+            if k not in state:
+                raise ValueError(f"{label}[{k!r}] is not a parameter or float buffer of the model; "
+                                 f"its entries are e.g. {params[:3]}")
+            if not isinstance(v, torch.Tensor):
+                raise ValueError(f"{label}[{k!r}] must be a tensor, got {type(v).__name__}")
+            if tuple(v.shape) != tuple(state[k].shape):
+                raise ValueError(f"{label}[{k!r}] has shape {tuple(v.shape)}, the model's is {tuple(state[k].shape)}")
+            if not bool(torch.isfinite(v).all()):
+                raise ValueError(f"{label}[{k!r}] holds NaN or infinite values")
+        missing = [k for k in params if k not in d]
+        if missing:
+            raise ValueError(f"{label} has no entry for the parameters {missing[:5]}"
+                             f"{' ...' if len(missing) > 5 else ''}: give zeros for parameters that stay "
+                             "fixed (explicit_directions(model, ...) does)")
+
+
 def as_direction(model: nn.Module, direction: Mapping[str, torch.Tensor] | Sequence[torch.Tensor],
                  name: str = "direction") -> Direction:
     """Check a given direction against the model: a name->tensor mapping, or tensors in
-    `named_parameters` order. Shapes must match; names must be parameters or float buffers."""
+    `named_parameters` order. Shapes must match; names must be parameters or float buffers.
+    Parameters it does not name get an explicit zero direction (they stay fixed)."""
     state = perturbable_state(model)
     if isinstance(direction, Mapping):
         d = dict(direction)
@@ -209,6 +244,9 @@ def as_direction(model: nn.Module, direction: Mapping[str, torch.Tensor] | Seque
         if tuple(v.shape) != tuple(state[k].shape):
             raise ValueError(f"{name}[{k!r}] has shape {tuple(v.shape)}, the model's is {tuple(state[k].shape)}")
         out[k] = v.detach().to(device=state[k].device, dtype=state[k].dtype)
+    for k, p in model.named_parameters():
+        if k not in out:
+            out[k] = torch.zeros_like(p.detach())
     return out
 
 
@@ -290,11 +328,20 @@ def load_loss_landscape_directions(path: str | Path, model: nn.Module) -> Direct
     state_keys = list(model.state_dict())
     perturbable = perturbable_state(model)
     vectors = []
-    with h5py.File(path, "r") as f:
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise ValueError(f"{path} is not a readable HDF5 direction file (truncated or another format?): {err}") \
+            from err
+    with f:
         for group in ("xdirection", "ydirection"):
             if group not in f:
                 continue
-            arrays = [torch.from_numpy(f[group][str(i)][()]) for i in range(len(f[group]))]
+            try:
+                arrays = [torch.from_numpy(np.asarray(f[group][str(i)][()])) for i in range(len(f[group]))]
+            except (KeyError, OSError, TypeError, ValueError) as err:
+                raise ValueError(f"{path}:{group} is not a loss-landscape direction group (datasets '0', '1', "
+                                 f"... of numbers): {err}") from err
             if len(arrays) == len(params):
                 vectors.append(dict(zip(params, arrays)))
             elif len(arrays) == len(state_keys):  # dir_type "states": skip integer counters

@@ -106,6 +106,11 @@ def avg_case_flatness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, xi:
 
     v is drawn uniformly on the relative per-layer L2 sphere of radius xi ||w_l|| (n_samples
     draws, seeded); L is the clean loss, or the robust loss with the attack re-run on w + v.
+    Sphere, not ball: Stutz et al. define the neighbourhood as the ball B_xi(w) (Eq. 2) and draw
+    "random weight perturbations v in B_xi(w)"; a uniform draw from a d_l-dimensional ball has
+    radius xi ||w_l|| U^(1/d_l), on average d_l / (d_l + 1) of the boundary (>= 0.996 for the
+    smallest layer here, 288 weights; ~1 for ResNet-18's), so sampling the sphere gives the same
+    measure while keeping every draw at the stated relative size xi.
     """
     check_data(x, y)
     _check_radius("xi", xi)

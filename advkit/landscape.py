@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import os
 import time
 import warnings
 from collections import Counter
@@ -34,7 +33,7 @@ from torch.func import functional_call, vmap
 
 from advkit.directions import (Directions, interpolation_directions, perturbable_state,
                                plane_directions, random_directions, state_hash, tensors_hash)
-from advkit.runs import describe_callable
+from advkit.runs import atomic_path, describe_callable, verified
 
 QUANTITIES = ("loss", "accuracy", "robust_loss", "robust_accuracy")
 BN_MODES = ("eval", "recalibrate")
@@ -392,23 +391,26 @@ def check_settings(existing: Mapping[str, Any], requested: Mapping[str, Any], pa
 
 
 def _write(ds: xr.Dataset, path: Path) -> None:
-    """Write atomically: a temporary file beside `path`, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    """Write atomically with a recorded checksum (`advkit.runs.atomic_path`)."""
+    with atomic_path(path) as tmp:
         ds.to_netcdf(tmp, engine="h5netcdf")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def load_surface(path: str | Path) -> xr.Dataset:
-    """Read a surface file into memory (the file is closed afterwards)."""
+    """Read a surface file into memory (the file is closed afterwards), after checking it
+    against the checksum recorded when it was written; an unreadable file is an error naming it."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no surface file at {path}")
-    return xr.load_dataset(path, engine="h5netcdf")
+    verified(path)
+    try:
+        ds = xr.load_dataset(path, engine="h5netcdf")
+    except Exception as err:  # h5py/h5netcdf raise OSError, ValueError, KeyError, ... on damaged files
+        raise ValueError(f"{path} is not a readable surface file (truncated or not netCDF?): {err}. "
+                         "Delete it (and its .sha256) and compute the surface again (notebook 04).") from err
+    if "computed" not in ds:
+        raise ValueError(f"{path} is not an advkit surface file: it has no 'computed' mask")
+    return ds
 
 
 def coordinates(span: tuple[float, float] | float = (-1.0, 1.0), resolution: int = 51) -> np.ndarray:
@@ -451,6 +453,7 @@ def compute_surface(model: nn.Module, directions: Directions, x: torch.Tensor, y
     # -- validate everything before any computation
     if not isinstance(directions, Directions):
         raise ValueError(f"directions must be an advkit.directions.Directions, got {type(directions).__name__}")
+    directions.check(model)
     alphas = np.asarray(alphas, dtype=np.float64)
     betas = None if betas is None else np.asarray(betas, dtype=np.float64)
     ndim = 1 if betas is None else 2

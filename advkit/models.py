@@ -1,4 +1,4 @@
-"""Model registry: CIFAR ResNets (He et al. 2016), PreAct ResNet-18 and a small CNN.
+"""Model registry: CIFAR ResNets and ResNet-18 (He et al. 2016), PreAct ResNet-18 and a small CNN.
 
 Every model takes images in [0, 1] and normalizes them itself, so attack budgets
 and landscapes are always expressed in pixel space. The normalization constants
@@ -167,6 +167,59 @@ class PreActResNet18(Normalized):
         return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
+# --- ResNet-18 (He et al. 2016), CIFAR variant, as used by Stutz et al. 2021 ---------------
+
+
+class BasicBlockB(nn.Module):
+    """Post-activation basic block with option-B shortcuts: conv-BN-ReLU-conv-BN + shortcut
+    (1x1 conv-BN when the shape changes), as in ResNet-18."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
+                                          nn.BatchNorm2d(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet18(Normalized):
+    """ResNet-18 (He et al. 2016) for 32x32 inputs: 3x3 stride-1 stem, no max-pool, four stages of
+    two basic blocks (64-512 channels); 11,173,962 parameters for 10 classes. Stutz et al. (2021,
+    Sec. 3)'s adversarial-training baseline."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3,
+                 mean: Sequence[float] | None = CIFAR10_MEAN, std: Sequence[float] | None = CIFAR10_STD):
+        super().__init__(in_channels, mean, std)
+        self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.in_planes = 64
+        self.layer1 = self._make_layer(64, 2, 1)
+        self.layer2 = self._make_layer(128, 2, 2)
+        self.layer3 = self._make_layer(256, 2, 2)
+        self.layer4 = self._make_layer(512, 2, 2)
+        self.linear = nn.Linear(512, num_classes)
+
+    def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        layers = []
+        for s in [stride] + [1] * (blocks - 1):
+            layers.append(BasicBlockB(self.in_planes, planes, s))
+            self.in_planes = planes
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(self.normalize(x))))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
 # --- small CNN for the offline quick profile -----------------------------------------------
 
 
@@ -199,6 +252,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet44": lambda **kw: CifarResNet(44, **kw),
     "resnet56": lambda **kw: CifarResNet(56, **kw),
     "preact_resnet18": PreActResNet18,
+    "resnet18": ResNet18,
 }
 
 

@@ -189,6 +189,9 @@ class FGSMRS(PGDAT):
     steps: int = 1
 
     def __post_init__(self):
+        if self.steps != 1:
+            raise ValueError(f"steps={self.steps!r}: FGSM-RS takes exactly one step (Wong et al. 2020); "
+                             "use pgd_at for several")
         if self.alpha is None:
             _check_number(self.eps, "eps", high=1.0)
             self.alpha = 1.25 * self.eps

@@ -2,41 +2,49 @@
 
 A profile (advkit/profiles/<name>.yaml) assigns values to the notebooks' parameters;
 each notebook receives the ones its `parameters` cell declares. Every value is
-checked (name, type, range) before the first notebook starts.
+checked against its declaration in advkit.params (type, range, list elements,
+cross-parameter rules) before the first notebook starts; kernels are quiet and
+stop with the driver.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import contextlib
+import functools
+import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from advkit.runs import environment_info, repo_root, run_dir, update_manifest
+from advkit import params
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
 NOTEBOOKS = ("01_train", "02_attack", "03_finetune", "04_visualize", "05_flatness_correlation")
 
 
 def notebooks_dir() -> Path:
-    return repo_root() / "notebooks"
+    return Path(__file__).resolve().parent.parent / "notebooks"  # runs.repo_root, without importing torch
 
 
 def notebook_paths(only: Sequence[str] | None = None) -> list[Path]:
     """The pipeline's notebooks that exist, in order; `only` picks by number prefix ("01", "02")."""
     paths = [notebooks_dir() / f"{nb}.ipynb" for nb in NOTEBOOKS]
     paths = [p for p in paths if p.exists()]
-    if only:
+    if only is not None:
         known = {p.name[:2]: p for p in paths}
         unknown = [o for o in only if o not in known]
         if unknown:
             raise ValueError(f"--only {','.join(unknown)}: no such notebook; choose from {sorted(known)}")
-        paths = [known[o] for o in sorted(only)]
+        if not only:
+            raise ValueError("--only names no notebook; give numbers such as --only 01,02")
+        paths = [known[o] for o in sorted(set(only))]
     return paths
 
 
@@ -48,170 +56,214 @@ def load_profile(name: str) -> dict[str, Any]:
     """The parameter values of a profile."""
     if name not in available_profiles():
         raise ValueError(f"profile={name!r} does not exist; choose one of {available_profiles()}")
-    return yaml.safe_load((PROFILES_DIR / f"{name}.yaml").read_text()) or {}
+    path = PROFILES_DIR / f"{name}.yaml"
+    values = _yaml(path.read_text(), f"profile {name!r} ({path})") or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"profile {name!r} ({path}) must map parameter names to values, got {type(values).__name__}")
+    return {k: params.coerce(k, v) for k, v in values.items()}
 
 
 def notebook_parameters(paths: Sequence[Path]) -> dict[str, dict[str, dict[str, Any]]]:
-    """{notebook name: {parameter: papermill's description (type, default, help)}}."""
-    import papermill
-
-    return {p.stem: papermill.inspect_notebook(str(p)) for p in paths}
+    """{notebook name: {parameter: type, default and help}} from the `parameters` cells (no papermill)."""
+    return params.notebook_parameters(paths)
 
 
-# Range and choice rules for parameters, checked on top of the declared types.
-def _choices(values: Callable[[], Sequence[str]]):
-    return lambda v: (v in values(), f"one of {sorted(values())}")
+def validate(values: dict[str, Any], declared: dict[str, dict[str, dict[str, Any]]],
+             environment: bool = True) -> None:
+    """Raise ValueError naming the parameter(s) of the first bad value or broken rule (advkit.params)."""
+    params.validate(values, declared, environment=environment)
 
 
-def _at_least(lo: float):
-    return lambda v: (v >= lo, f">= {lo}")
-
-
-def _between(lo: float, hi: float):
-    return lambda v: (lo <= v <= hi, f"in [{lo}, {hi}]")
-
-
-def _models():
-    from advkit.models import MODELS
-    return list(MODELS)
-
-
-def _datasets():
-    from advkit.data import DATASETS
-    return list(DATASETS)
-
-
-RULES: dict[str, Callable[[Any], tuple[bool, str]]] = {
-    "model": _choices(_models),
-    "dataset": _choices(_datasets),
-    "device": lambda v: (v in ("auto", "cpu", "cuda") or str(v).startswith("cuda:"), "auto, cpu, cuda or cuda:N"),
-    "epochs": _at_least(1),
-    "batch_size": _at_least(1),
-    "lr": lambda v: (v > 0, "> 0"),
-    "weight_decay": _at_least(0),
-    "seed": _at_least(0),
-    "n_train": _at_least(1),
-    "n_test": _at_least(1),
-    "label_smoothing": lambda v: (0 <= v < 1, "in [0, 1)"),
-    "eps": _between(0, 1),
-    "aa_targets": _between(1, 9),
-    "stadv_tau": _at_least(0),
-    "threads": _at_least(1),
-    "resolution": _at_least(3),
-    "line_resolution": _at_least(3),
-    "sensitivity_resolution": _at_least(4),
-    "robust_resolution": lambda v: (v == 0 or v >= 3, "0 (off) or >= 3"),
-    "span": lambda v: (v > 0, "> 0"),
-    "radius": lambda v: (v > 0, "> 0"),
-    "normalization": _choices(lambda: importlib.import_module("advkit.directions").NORMS),
-    "hessian_backend": _choices(lambda: ["forward", "reverse"]),
-    "optimizer": _choices(lambda: importlib.import_module("advkit.train").OPTIMIZERS),
-    "schedule": _choices(lambda: importlib.import_module("advkit.train").SCHEDULES),
-}
-# Rules by name pattern, for the many budgets and counts: *_eps in [0, 1], *_steps and n_* >= 1.
-SUFFIX_RULES: dict[str, Callable[[Any], tuple[bool, str]]] = {"_eps": _between(0, 1), "_steps": _at_least(1),
-                                                               "_samples": _at_least(1), "_iters": _at_least(1),
-                                                               "_xi": _at_least(0)}
-
-
-def _rule(name: str) -> Callable[[Any], tuple[bool, str]] | None:
-    if name in RULES:
-        return RULES[name]
-    if name.startswith("n_"):
-        return _at_least(1)
-    return next((rule for suffix, rule in SUFFIX_RULES.items() if name.endswith(suffix)), None)
-
-
-def _type_ok(value: Any, type_name: str) -> bool:
-    base = (type_name or "None").replace(" ", "").removeprefix("typing.")
-    optional = base.startswith("Optional[") or "|None" in base or "None|" in base
-    if value is None:
-        return optional or base == "None"
-    for t in (base.removeprefix("Optional[").removesuffix("]") if base.startswith("Optional[") else base).split("|"):
-        if t == "None":
-            continue
-        if t == "bool" and isinstance(value, bool):
-            return True
-        if t == "int" and isinstance(value, int) and not isinstance(value, bool):
-            return True
-        if t == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True
-        if t == "str" and isinstance(value, str):
-            return True
-        if t.startswith(("list", "tuple")) and isinstance(value, (list, tuple)):
-            return True
-        if t.startswith("dict") and isinstance(value, dict):
-            return True
-    return False
-
-
-def validate(values: dict[str, Any], declared: dict[str, dict[str, dict[str, Any]]]) -> None:
-    """Raise ValueError naming the first unknown, mistyped or out-of-range parameter."""
-    known: dict[str, str] = {}
-    for params in declared.values():
-        for name, info in params.items():
-            known.setdefault(name, info.get("inferred_type_name") or "None")
-    for name, value in values.items():
-        if name not in known:
-            raise ValueError(f"unknown parameter {name!r}; the notebooks take: {', '.join(sorted(known))}")
-        if not _type_ok(value, known[name]):
-            raise ValueError(f"parameter {name}={value!r} has the wrong type: expected {known[name]}")
-        rule = _rule(name)
-        if rule is not None and value is not None and not isinstance(value, (list, dict)):
-            ok, allowed = rule(value)
-            if not ok:
-                raise ValueError(f"parameter {name}={value!r} is out of range: must be {allowed}")
+def _yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ValueError(f"{where} is not valid YAML{at}: {getattr(err, 'problem', None) or err}") from None
 
 
 def parse_assignments(items: Sequence[str]) -> dict[str, Any]:
-    """`name=value` strings -> dict; values are parsed as YAML (numbers, lists, true/false)."""
+    """`name=value` strings -> dict; values are parsed as YAML (numbers, lists, true/false) and
+    read as their declared type (`run=2024` is the run "2024")."""
     out = {}
     for item in items:
         if "=" not in item:
             raise ValueError(f"-p {item!r}: expected name=value")
         name, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else ""
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        out[name.strip()] = value
+        name = name.strip()
+        if not name:
+            raise ValueError(f"-p {item!r}: the parameter name is empty; expected name=value")
+        value = _yaml(raw, f"-p {item!r}") if raw.strip() else ""
+        out[name] = params.coerce(name, value, raw)
     return out
+
+
+def parse_only(only: str | None) -> list[str] | None:
+    """`--only 01,2` -> ["01", "02"]; None means every notebook; an empty selection is an error."""
+    if only is None:
+        return None
+    picked = [o.strip().zfill(2) for o in only.split(",") if o.strip()]
+    if not picked:
+        raise ValueError(f"--only {only!r} names no notebook; give numbers such as --only 01,02 "
+                         f"(or leave --only out to run all)")
+    return picked
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_manager_class():
+    """papermill's kernel manager, made quiet: IPC transport (ipykernel warns that TCP runs
+    without encryption) and no SIGINT before a graceful shutdown (jupyter_client >= 8 interrupts
+    every kernel first, so a kernel that finished logs "KeyboardInterrupt caught in kernel.").
+    `kill_all()` stops the kernels it started (their process groups), from any thread."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class QuietKernelManager(AsyncKernelManager):
+        live: set = set()
+
+        def __init__(self, **kwargs):
+            kwargs.setdefault("transport", "ipc")
+            super().__init__(**kwargs)
+
+        async def _async_start_kernel(self, **kw) -> None:
+            await super()._async_start_kernel(**kw)
+            QuietKernelManager.live.add(self)
+
+        async def _async_interrupt_kernel(self) -> None:
+            if not self.shutting_down:
+                await super()._async_interrupt_kernel()
+
+        async def _async_cleanup_resources(self, restart: bool = False) -> None:
+            QuietKernelManager.live.discard(self)
+            await super()._async_cleanup_resources(restart=restart)
+
+        start_kernel = _async_start_kernel  # AsyncKernelManager binds the public names to the base's
+        cleanup_resources = _async_cleanup_resources
+
+        @classmethod
+        def kill_all(cls, grace: float = 3.0) -> None:
+            """SIGTERM each kernel's process group, SIGKILL what is left after `grace` seconds."""
+            groups = [getattr(km.provisioner, "pgid", None) or getattr(km.provisioner, "pid", None)
+                      for km in list(cls.live) if km.provisioner is not None]
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                alive = []
+                for pgid in filter(None, groups):
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(pgid, sig)
+                        alive.append(pgid)
+                deadline = time.monotonic() + grace
+                while alive and time.monotonic() < deadline:
+                    alive = [g for g in alive if _group_alive(g)]
+                    time.sleep(0.05)
+                groups = alive
+
+    return QuietKernelManager
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(-pgid, os.WNOHANG)  # reap the kernel if it is our child
+    return True
+
+
+class Interrupted(Exception):
+    """The driver got SIGINT or SIGTERM; the notebook's kernel has been stopped."""
+
+
+def _execute(path: Path, out: Path, parameters: dict[str, Any], log_output: bool) -> None:
+    """Run one notebook with papermill in a worker thread, so that the main thread keeps the
+    signals: SIGINT or SIGTERM stops the notebook's kernel and raises Interrupted."""
+    import papermill
+
+    km_class = _kernel_manager_class()
+    failure: list[BaseException] = []
+    if log_output:  # papermill logs cell output at INFO on its logger; show it on the terminal
+        import logging
+
+        logger = logging.getLogger("papermill")
+        logger.setLevel(logging.INFO)
+        if not logger.handlers:
+            logger.addHandler(logging.StreamHandler(sys.stdout))
+
+    def work():
+        try:
+            papermill.execute_notebook(str(path), str(out), parameters=parameters, cwd=str(path.parent),
+                                       progress_bar=False, log_output=log_output, kernel_manager_class=km_class)
+        except BaseException as err:  # re-raised in the main thread
+            failure.append(err)
+
+    def stop(signum, frame):
+        raise Interrupted(signal.Signals(signum).name)
+
+    worker = threading.Thread(target=work, name=f"papermill {path.stem}", daemon=True)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.2)
+    except Interrupted:
+        km_class.kill_all()
+        worker.join(10)
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if failure:
+        raise failure[0]
+
+
+# Parameters that name files or folders: made absolute by the driver before any kernel starts.
+PATH_PARAMETERS = ("data_dir", "pretrained_checkpoint")
 
 
 def run(profile: str = "quick", only: Sequence[str] | None = None, overrides: dict[str, Any] | None = None,
         log_output: bool = False) -> Path:
     """Validate the parameters, then execute the notebooks in order into `runs/<run>/notebooks/`."""
-    import papermill
-
     values = {**load_profile(profile), **(overrides or {})}
     declared = notebook_parameters(notebook_paths())
-    validate(values, declared)  # against every notebook, so a profile stays valid with --only
     paths = notebook_paths(only)
-    run_name = values.get("run", profile)
+    validate(values, declared)  # against every notebook, so a profile stays valid with --only
+    from advkit.runs import environment_info, resolve_environment_paths, run_dir, update_manifest  # torch: after validation
+
+    # Relative folders resolve once, against the caller's directory: kernels start in notebooks/.
+    resolve_environment_paths()
+    values = {k: str(Path(v).expanduser().resolve()) if k in PATH_PARAMETERS and isinstance(v, str) else v
+              for k, v in values.items()}
+    run_name = str(values.get("run", profile))
     out_dir = run_dir(run_name) / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     update_manifest(out_dir.parent, "pipeline", {"profile": profile, "parameters": values,
                                                  "environment": environment_info(values.get("device", "auto"))})
     for path in paths:
-        params = {k: v for k, v in values.items() if k in declared[path.stem]}
+        nb_params = {k: v for k, v in values.items() if k in declared[path.stem]}
         t0 = time.perf_counter()
-        print(f"[advkit] {path.name} ({profile}) ...", flush=True)
-        papermill.execute_notebook(str(path), str(out_dir / path.name), parameters=params,
-                                   cwd=str(path.parent), progress_bar=False, log_output=log_output)
-        print(f"[advkit] {path.name} done in {time.perf_counter() - t0:.0f} s", flush=True)
+        print(f"[advkit] {path.stem} started -> {out_dir / path.name}", flush=True)
+        try:
+            _execute(path, out_dir / path.name, nb_params, log_output)
+        except Interrupted as err:
+            print(f"[advkit] {path.stem} interrupted ({err}) after {time.perf_counter() - t0:.0f} s; "
+                  f"its kernel was shut down", flush=True)
+            raise
+        except Exception:
+            print(f"[advkit] {path.stem} failed after {time.perf_counter() - t0:.0f} s; "
+                  f"see {out_dir / path.name}", flush=True)
+            raise
+        print(f"[advkit] {path.stem} done in {time.perf_counter() - t0:.0f} s", flush=True)
     return out_dir.parent
 
 
 def refresh_notebooks(only: Sequence[str] | None = None) -> None:
     """Re-execute the notebooks in place with their own (quick) defaults, refreshing the
     committed outputs that nbval compares against. Use a fresh ADVKIT_RUNS_DIR."""
-    import papermill
-
     for path in notebook_paths(only):
-        print(f"[advkit] refreshing {path.name} ...", flush=True)
-        papermill.execute_notebook(str(path), str(path), cwd=str(path.parent), progress_bar=False)
+        t0 = time.perf_counter()
+        print(f"[advkit] refreshing {path.stem} -> {path}", flush=True)
+        _execute(path, path, {}, log_output=False)
+        print(f"[advkit] {path.stem} done in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -231,13 +283,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         if args.command == "params":
             values = load_profile(args.profile)
-            for nb, params in notebook_parameters(notebook_paths()).items():
+            for nb, declared in notebook_parameters(notebook_paths()).items():
                 print(f"{nb}:")
-                for name, info in params.items():
+                for name, info in declared.items():
                     val = values.get(name, info["default"])
-                    print(f"  {name}: {info['inferred_type_name']} = {val}   # {info['help']}")
+                    rule = params.PARAMS[name].allowed if name in params.PARAMS else "undeclared"
+                    print(f"  {name}: {info['inferred_type_name']} = {val}   # {info['help']} [{rule}]")
             return
-        only = [o.strip() for o in args.only.split(",")] if args.only else None
+        only = parse_only(args.only)
         if args.command == "refresh":
             refresh_notebooks(only)
             return
@@ -246,3 +299,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except (Interrupted, KeyboardInterrupt) as err:
+        print(f"[advkit] stopped ({err or 'SIGINT'})", file=sys.stderr)
+        sys.exit(143 if str(err) == "SIGTERM" else 130)

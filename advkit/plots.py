@@ -1,12 +1,14 @@
 """Figures (matplotlib/seaborn): learning curves, attack results, landscapes, correlations.
 
 Every figure function returns a matplotlib Figure; `save_figure` writes it as PNG and PDF
-into `figures/` (reproducibly: no timestamps in the PDF).
+into `figures/`, the one place figures are written: byte-identical for the same figure (no dates,
+no software versions in the PDF or PNG metadata), so an unchanged run leaves `git status` clean.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -15,14 +17,19 @@ import seaborn as sns
 
 from advkit.runs import figures_dir
 
+if TYPE_CHECKING:
+    import torch
+
 
 def save_figure(fig: plt.Figure, name: str, folder: str | Path | None = None, dpi: int = 150) -> list[Path]:
-    """Write `fig` as `<name>.png` and `<name>.pdf` into `folder` (default: figures/)."""
+    """Write `fig` as `<name>.png` and `<name>.pdf` into `folder` (default: figures/), reproducibly:
+    the same figure gives the same bytes (no creation/modification dates or software versions)."""
     folder = Path(folder) if folder is not None else figures_dir()
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{name}.png", folder / f"{name}.pdf"]
     fig.savefig(paths[0], dpi=dpi, bbox_inches="tight", metadata={"Software": None})
-    fig.savefig(paths[1], bbox_inches="tight", metadata={"CreationDate": None, "Producer": None, "Creator": None})
+    fig.savefig(paths[1], bbox_inches="tight",
+                metadata={"CreationDate": None, "ModDate": None, "Producer": None, "Creator": None})
     return paths
 
 
@@ -391,11 +398,25 @@ def sensitivity_figure(table: pd.DataFrame, *, log: bool = True) -> plt.Figure:
 def _image(ax, img, title: str = "", cmap=None) -> None:
     img = img.detach().cpu().float()
     if img.shape[0] == 1:
-        ax.imshow(img[0], cmap=cmap or "gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.imshow(img[0].numpy(), cmap=cmap or "gray", vmin=0, vmax=1, interpolation="nearest")
     else:
-        ax.imshow(img.permute(1, 2, 0).clamp(0, 1), interpolation="nearest")
+        ax.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
     ax.set_title(title, fontsize=8)
     ax.set_axis_off()
+
+
+ZERO_PERTURBATION = 1e-6  # max |δ| below this (a 4000th of a grey level) is drawn and labelled as no change
+
+
+def amplified_perturbation(delta: torch.Tensor, name: str = "") -> tuple[torch.Tensor, str]:
+    """δ scaled to fill the grey range around 0.5 for display, and its panel title: "<name> δ ×k", or
+    "<name> δ = 0" when max |δ| < ZERO_PERTURBATION (then drawn unamplified, i.e. flat grey)."""
+    top = float(delta.abs().max()) if delta.numel() else 0.0
+    prefix = f"{name} δ" if name else "δ"
+    if top < ZERO_PERTURBATION:
+        return 0.5 + delta, f"{prefix} = 0" if top == 0 else f"{prefix} ≈ 0"
+    gain = 0.5 / top
+    return 0.5 + gain * delta, f"{prefix} ×{gain:.0f}" if gain >= 10 else f"{prefix} ×{gain:.1f}"
 
 
 def attack_gallery(x, adversarial: dict, flow=None, labels=None, n: int = 4) -> plt.Figure:
@@ -407,10 +428,8 @@ def attack_gallery(x, adversarial: dict, flow=None, labels=None, n: int = 4) -> 
     for i in range(n):
         _image(axes[i, 0], x[i], "clean" + (f" ({labels[i]})" if labels is not None else ""))
         for j, (name, x_adv) in enumerate(adversarial.items()):
-            delta = (x_adv[i] - x[i]).detach().cpu()
-            scale = delta.abs().max().clamp_min(1e-12)
             _image(axes[i, 1 + 2 * j], x_adv[i], name)
-            _image(axes[i, 2 + 2 * j], 0.5 + 0.5 * delta / scale, f"{name} δ ×{0.5 / scale:.0f}")
+            _image(axes[i, 2 + 2 * j], *amplified_perturbation((x_adv[i] - x[i]).detach().cpu(), name))
         if flow is not None:
             ax = axes[i, -1]
             _image(ax, x[i], "stAdv flow")

@@ -7,6 +7,7 @@ again ends with exactly the weights of an uninterrupted run.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import time
@@ -25,10 +26,11 @@ from tqdm.auto import tqdm
 from advkit.attack_utils import autocast
 from advkit.data import Batcher, to_float
 from advkit.objectives import Objective, get_objective
-from advkit.runs import atomic_path, atomic_write_text, load_checkpoint, save_model
+from advkit.runs import atomic_path, atomic_write_text, load_checkpoint, save_model, verified
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "multistep", "cosine", "onecycle")
+EARLY_SUFFIX = "_early"  # models/<name>_early.pt: the early-stopped weights of <name>
 
 
 @dataclass
@@ -85,11 +87,12 @@ class TrainConfig:
 
 @dataclass
 class FitResult:
-    model: nn.Module  # the returned weights: best epoch under early stopping, else final
+    model: nn.Module  # the final weights (Stutz et al. 2021 do not early-stop by default)
     history: pd.DataFrame
     best_epoch: int | None = None
     resumed_from: int = 0  # epochs already done when this call started
     files: dict[str, Path] = field(default_factory=dict)
+    early: nn.Module | None = None  # with `select`: a copy holding the best epoch's weights
 
 
 @torch.no_grad()
@@ -155,8 +158,10 @@ def fit(model: nn.Module, train: Batcher, config: TrainConfig, *,
     - `run`/`name`: write `history/<name>.csv`, `models/<name>.pt` and the resumable state
       `checkpoints/<name>.state.pt` under the run directory; an existing state is resumed
       (its config must equal `config`).
-    - `select`: a history column to minimize (e.g. "val_robust_loss"): early stopping keeps the
-      best epoch's weights. `keep_epochs`: also save `models/<name>_e<NNN>.pt` at these epochs.
+    - `select`: a history column to minimize (e.g. "val_robust_loss"): early stopping. The final
+      weights stay the result (`models/<name>.pt`, FitResult.model); the best epoch's weights are
+      kept as well (`models/<name>_early.pt`, FitResult.early), so both can be compared.
+      `keep_epochs`: also save `models/<name>_e<NNN>.pt` at these epochs.
     - `stop_after`: stop (as if interrupted) after this many epochs; for tests and time budgets.
     """
     device = next(model.parameters()).device
@@ -181,7 +186,7 @@ def fit(model: nn.Module, train: Batcher, config: TrainConfig, *,
         sched.load_state_dict(state["scheduler"])
         if averaged is not None:
             averaged.load_state_dict(state["averaged"])
-        history = list(pd.read_csv(paths["history"]).to_dict("records")) if paths["history"].exists() else []
+        history = list(pd.read_csv(verified(paths["history"])).to_dict("records")) if paths["history"].exists() else []
         history = history[:state["epoch"]]
         if state.get("best_state") is not None:
             best = (state["best_value"], state["best_epoch"], state["best_state"])
@@ -221,15 +226,19 @@ def fit(model: nn.Module, train: Batcher, config: TrainConfig, *,
             _save_state(paths["state"], model, opt, sched, averaged, config, epoch, best)
 
     final = averaged.module if averaged is not None else model
+    early = None
     if best is not None:
-        final.load_state_dict(best[2])
+        early = copy.deepcopy(final)
+        early.load_state_dict(best[2])
     done = len(history) == config.epochs
     files = {}
     if paths and done:
-        files["model"] = save_model(paths["models"] / f"{name}.pt", final, asdict(config),
-                                    epoch=best[1] if best else config.epochs)
+        files["model"] = save_model(paths["models"] / f"{name}.pt", final, asdict(config), epoch=len(history))
+        if early is not None:
+            files["early"] = save_model(paths["models"] / f"{name}{EARLY_SUFFIX}.pt", early, asdict(config),
+                                        epoch=best[1], early_stopped=True, select=select)
         files["history"] = paths["history"]
-    return FitResult(final, pd.DataFrame(history), best[1] if best else None, start, files)
+    return FitResult(final, pd.DataFrame(history), best[1] if best else None, start, files, early)
 
 
 def _named_objective(name: str, label_smoothing: float) -> Objective:

@@ -2,9 +2,10 @@
 
 `flatness_table` loads each model of `runs/<run>/models/` (epoch checkpoints included) in
 turn and measures it on fixed subsets (the first n training and test images, as Stutz et
-al. 2021): clean and robust accuracy, the robust loss (RLoss: cross-entropy on PGD
-examples) on train and test and their gap, average- and worst-case flatness of the robust
-loss (the attack re-run on the perturbed weights), the Hessian's top eigenvalue and trace
+al. 2021): clean and robust accuracy, the robust loss (RLoss: cross-entropy on PGD-20
+examples with 10 restarts) and robust error (RErr: AutoAttack) on train and test and their
+gap, average-case flatness of the robust loss on train and test and its worst case (the
+attack re-run on the perturbed weights), the Hessian's top eigenvalue and trace
 (clean loss) and the relative flatness of the feature layer (Petzka et al. 2021; Walter et
 al. 2025) on clean and on PGD inputs. Rows are cached in `flatness.csv` with their settings
 and the checkpoint's hash; a row is recomputed only when either changes. The 1 - SSIM of
@@ -15,7 +16,6 @@ are merged in afresh on every call (`attach_run_results`).
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import math
 import time
@@ -32,15 +32,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from advkit.attacks import pgd
+from advkit.attacks import autoattack, pgd
 from advkit.correlation import SEED_CLAIMS, Claim, correlation_table, summarize
 from advkit.data import Dataset, subset, to_float
+from advkit.evaluate import STUTZ2021
 from advkit.flatness import avg_case_flatness, relative_flatness, worst_case_flatness
 from advkit.hessian import (Attack, HessianOperator, adversarial_inputs, chunks, eval_mode, hessian_eigenvalues,
                             hessian_trace)
-from advkit.runs import atomic_path, list_models, load_checkpoint, load_model
+from advkit.runs import atomic_path, file_sha256, list_models, load_checkpoint, load_model, verified
+from advkit.train import EARLY_SUFFIX
 
-ZOO_VERSION = 1  # bump when a metric's definition changes: cached rows are then recomputed
+ZOO_VERSION = 2  # bump when a metric's definition changes: cached rows are then recomputed
 HESSIAN_BACKENDS = HessianOperator.BACKENDS
 TRACE_METHODS = ("hutchpp", "hutchinson")
 AUGMENTATION_ATTACKS = ("fgsm", "pgd", "stadv")  # Xu et al.'s fine-tunes, named after their attack
@@ -51,25 +53,37 @@ SHARPNESS_COLUMNS = {"surface_sharpness": "surface_sharpness", "loss_mean_increa
                      "robust_loss_curvature_max": "robust_surface_sharpness",
                      "robust_loss_mean_increase": "robust_surface_mean_increase"}
 # What notebook 05 correlates: robustness-side and flatness-side columns.
-ROBUSTNESS = ("robust_loss_test", "robust_gap", "robust_acc", "one_minus_ssim", "surface_sharpness")
-FLATNESS = ("avg_case_flatness", "worst_case_flatness", "hessian_top_eig", "hessian_trace", "relative_flatness",
-            "surface_sharpness")
+ROBUSTNESS = ("robust_loss_test", "robust_gap", "robust_err", "robust_acc", "one_minus_ssim", "surface_sharpness")
+FLATNESS = ("avg_case_flatness", "avg_case_flatness_train", "worst_case_flatness", "hessian_top_eig", "hessian_trace",
+            "relative_flatness", "surface_sharpness")
+
+
+_STUTZ_PGD = STUTZ2021.attacks["pgd"].params  # RLoss: PGD-20, step 0.007, 10 restarts at 8/255
 
 
 @dataclass(frozen=True)
 class ZooSettings:
     """What determines the metrics of one model (defaults: Stutz et al. 2021's CIFAR-10 settings).
 
-    The robust loss uses L-inf PGD (eps `pgd_eps`, `pgd_steps` steps of 2.5 eps / steps,
-    random start seeded by `seed`); `worst_steps` joint weight/input ascent steps for the
-    worst case; `hessian_iters` Lanczos steps and `hessian_samples` Hessian-vector products
-    for the trace (`trace_method` Hutch++: about 3x less spread than Hutchinson's at 30).
+    The robust loss (RLoss, Stutz et al. Sec. 3) uses L-inf PGD (eps `pgd_eps`, `pgd_steps`
+    steps of `pgd_alpha`, None: 2.5 eps / steps; `pgd_restarts` uniform random starts seeded by
+    `seed`, each example keeping its worst); the robust error (RErr) is 1 - AutoAttack accuracy
+    (`advkit.attacks.autoattack`, `aa_steps` APGD iterations, `aa_targets` APGD-T targets) on the
+    first `n_autoattack` of the n_eval images (0: skip). Flatness re-runs PGD with ONE restart at
+    every perturbed weight (ten would cost ten times as much). `worst_steps` joint weight/input
+    ascent steps for the worst case; `hessian_iters` Lanczos steps and `hessian_samples` Hessian-vector products for the
+    trace (`trace_method` Hutch++: about 3x less spread than Hutchinson's at 30).
     """
 
     dataset: str = "cifar10"
-    n_eval: int = 1000
-    pgd_eps: float = 8 / 255
-    pgd_steps: int = 10
+    n_eval: int = STUTZ2021.n_test
+    pgd_eps: float = _STUTZ_PGD["eps"]
+    pgd_steps: int = _STUTZ_PGD["steps"]
+    pgd_alpha: float | None = _STUTZ_PGD["alpha"]
+    pgd_restarts: int = _STUTZ_PGD["restarts"]
+    n_autoattack: int = STUTZ2021.n_test
+    aa_steps: int = 100
+    aa_targets: int = 9
     flatness_xi: float = 0.5
     flatness_samples: int = 10
     worst_xi: float = 0.003
@@ -82,8 +96,8 @@ class ZooSettings:
     batch_size: int = 500
 
     def __post_init__(self):
-        for name in ("n_eval", "pgd_steps", "flatness_samples", "worst_steps", "hessian_iters", "hessian_samples",
-                     "batch_size"):
+        for name in ("n_eval", "pgd_steps", "pgd_restarts", "aa_steps", "aa_targets", "flatness_samples", "worst_steps",
+                     "hessian_iters", "hessian_samples", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -91,6 +105,12 @@ class ZooSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= hi:
                 raise ValueError(f"{name} must be a number in [0, {hi}], got {value!r}")
+        if isinstance(self.n_autoattack, bool) or not isinstance(self.n_autoattack, (int, np.integer)) \
+                or self.n_autoattack < 0:
+            raise ValueError(f"n_autoattack must be an integer >= 0 (0: no AutoAttack), got {self.n_autoattack!r}")
+        alpha = self.pgd_alpha
+        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1):
+            raise ValueError(f"pgd_alpha must be None (2.5 eps / steps) or a number in (0, 1], got {self.pgd_alpha!r}")
         if self.trace_method not in TRACE_METHODS:
             raise ValueError(f"trace_method={self.trace_method!r}: choose one of {TRACE_METHODS}")
         if self.trace_method == "hutchpp" and self.hessian_samples < 3:
@@ -104,13 +124,21 @@ class ZooSettings:
         """Canonical JSON of the settings (and ZOO_VERSION): the cache key stored with each row."""
         return json.dumps({**asdict(self), "version": ZOO_VERSION}, sort_keys=True)
 
-    def attack(self) -> Attack:
-        """The robust loss's attack, attack(model, x, y) -> x_adv (seeded: the same starts every call)."""
-        return functools.partial(pgd, eps=self.pgd_eps, steps=self.pgd_steps, seed=self.seed)
+    def attack(self, restarts: int | None = None) -> Attack:
+        """The robust loss's PGD, attack(model, x, y) -> x_adv (seeded: the same starts every call);
+        `pgd_restarts` restarts unless `restarts` is given (flatness uses 1)."""
+        return functools.partial(pgd, eps=self.pgd_eps, alpha=self.pgd_alpha, steps=self.pgd_steps,
+                                 restarts=self.pgd_restarts if restarts is None else restarts, seed=self.seed)
+
+    def robust_error_attack(self) -> Attack:
+        """AutoAttack for the robust error (Stutz et al.: RErr), seeded."""
+        return functools.partial(autoattack, eps=self.pgd_eps, steps=self.aa_steps,
+                                 n_target_classes=self.aa_targets, seed=self.seed)
 
 
 def split_name(name: str) -> tuple[str, int | None]:
-    """'pgd_at_e002' -> ('pgd_at', 2); 'pgd_at' -> ('pgd_at', None): epoch checkpoints of `fit(keep_epochs=)`."""
+    """'pgd_at_e002' -> ('pgd_at', 2); 'pgd_at' -> ('pgd_at', None): epoch checkpoints of `fit(keep_epochs=)`.
+    Early-stopped weights ('pgd_at_early') are models of their own, not epoch checkpoints."""
     stem, _, epoch = name.rpartition("_e")
     if stem and len(epoch) == 3 and epoch.isdigit():
         return stem, int(epoch)
@@ -119,19 +147,24 @@ def split_name(name: str) -> tuple[str, int | None]:
 
 def checkpoint_hash(path: str | Path) -> str:
     """First 16 hex digits of the checkpoint file's SHA-256: a retrained model invalidates its cached row."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    return file_sha256(path)[:16]
 
 
 def model_metrics(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor],
                   test: tuple[torch.Tensor, torch.Tensor], settings: ZooSettings) -> dict[str, Any]:
-    """One table row: accuracy, robust loss (train/test), gap, flatness, Hessian and relative flatness.
+    """One table row: accuracy, robust loss and robust error (train/test), gap, flatness, Hessian
+    and relative flatness.
 
-    `train` and `test` are (x float in [0, 1], y) subsets on the model's device; the flatness
-    metrics and the Hessian use the test subset (robust generalization is about test RLoss).
-    robust_gap = RLoss(test) - RLoss(train), Stutz et al.'s robust generalization gap.
+    `train` and `test` are (x float in [0, 1], y) subsets on the model's device. RLoss uses
+    `settings.attack()` (Stutz et al.: PGD-20, 10 restarts); robust_err / robust_err_train are
+    1 - AutoAttack accuracy on the first `n_autoattack` images (NaN when 0); robust_acc is PGD's.
+    Average-case flatness is measured on both subsets (avg_case_flatness on test,
+    avg_case_flatness_train on train: Stutz et al. Fig. 7); worst-case flatness and the Hessian
+    on the test subset. robust_gap = RLoss(test) - RLoss(train), the robust generalization gap.
     """
     s = settings
     attack = s.attack()
+    flat_attack = s.attack(restarts=1)
     bs = s.batch_size
     row: dict[str, Any] = {}
     for split, (x, y) in (("train", train), ("test", test)):
@@ -141,12 +174,16 @@ def model_metrics(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor],
         suffix = "" if split == "test" else "_train"
         row[f"clean_acc{suffix}"], row[f"robust_acc{suffix}"] = clean_acc, robust_acc
         row[f"clean_loss_{split}"], row[f"robust_loss_{split}"] = clean_loss, robust_loss
+        row[f"robust_err{suffix}"] = _robust_error(model, x, y, s)
         if split == "test":
             row["relative_flatness"] = relative_flatness(model, x, batch_size=bs).value
             row["relative_flatness_adv"] = relative_flatness(model, x_adv, batch_size=bs).value
     row["robust_gap"] = row["robust_loss_test"] - row["robust_loss_train"]
+    avg_train = avg_case_flatness(model, *train, xi=s.flatness_xi, n_samples=s.flatness_samples,
+                                  attack=flat_attack, seed=s.seed, batch_size=bs)
+    row["avg_case_flatness_train"] = avg_train.value
     x, y = test
-    avg = avg_case_flatness(model, x, y, xi=s.flatness_xi, n_samples=s.flatness_samples, attack=attack,
+    avg = avg_case_flatness(model, x, y, xi=s.flatness_xi, n_samples=s.flatness_samples, attack=flat_attack,
                             seed=s.seed, batch_size=bs)
     worst = worst_case_flatness(model, x, y, xi=s.worst_xi, steps=s.worst_steps, eps=s.pgd_eps, seed=s.seed,
                                 batch_size=bs)
@@ -157,6 +194,15 @@ def model_metrics(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor],
     for part in (avg.as_row(), worst.as_row(), eig.as_row(), trace.as_row()):
         row.update(part)
     return row
+
+
+def _robust_error(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: ZooSettings) -> float:
+    """1 - AutoAttack accuracy on the first n_autoattack images (Stutz et al.'s RErr); NaN when 0."""
+    n = min(settings.n_autoattack, len(x))
+    if n == 0:
+        return math.nan
+    x_adv = adversarial_inputs(model, x[:n], y[:n], settings.robust_error_attack(), settings.batch_size)
+    return 1.0 - _loss_acc(model, x_adv, y[:n], settings.batch_size)[1]
 
 
 def _loss_acc(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[float, float]:
@@ -186,7 +232,7 @@ def read_cache(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():
         return pd.DataFrame()
-    table = pd.read_csv(path, index_col="model")
+    table = pd.read_csv(verified(path), index_col="model")
     return table.drop(columns=[c for c in MERGED if c in table.columns])
 
 
@@ -226,13 +272,13 @@ def flatness_table(run: str | Path, data: Dataset, settings: ZooSettings, *, dev
             rows[name] = cache.loc[name].to_dict()
             continue
         family, epoch = split_name(name)
-        if epoch is None:
-            epoch = load_checkpoint(file).get("epoch")
+        saved = load_checkpoint(file)
+        epoch = saved.get("epoch") if epoch is None else epoch
         model = load_model(file, device=device)
         t0 = time.perf_counter()
         metrics = model_metrics(model, train, test, settings)
-        rows[name] = {"family": family, "epoch": epoch, **metrics, "checkpoint": digest, "settings": key,
-                      "compute_s": time.perf_counter() - t0}
+        rows[name] = {"family": family, "epoch": epoch, "early_stopped": bool(saved.get("early_stopped", False)),
+                      **metrics, "checkpoint": digest, "settings": key, "compute_s": time.perf_counter() - t0}
         _write(path, attach_run_results(_file_rows(cache, available, rows), run))
     _write(path, attach_run_results(_file_rows(cache, available, rows), run))
     return attach_run_results(_frame(rows), run)
@@ -336,10 +382,36 @@ def read_histories(run: str | Path, families: Sequence[str]) -> dict[str, pd.Dat
 
 def overview(table: pd.DataFrame, decimals: int = 3) -> pd.DataFrame:
     """The headline columns of `flatness_table` (those present), rounded: what notebook 05 shows."""
-    cols = ["epoch", "clean_acc", "robust_acc", "robust_loss_train", "robust_loss_test", "robust_gap",
-            "avg_case_flatness", "worst_case_flatness", "hessian_top_eig", "hessian_trace", "relative_flatness",
-            "relative_flatness_adv", "one_minus_ssim", "surface_sharpness"]
+    cols = ["epoch", "early_stopped", "clean_acc", "robust_acc", "robust_err", "robust_err_train",
+            "robust_loss_train", "robust_loss_test", "robust_gap", "avg_case_flatness", "avg_case_flatness_train",
+            "worst_case_flatness", "hessian_top_eig", "hessian_trace", "relative_flatness", "relative_flatness_adv",
+            "one_minus_ssim", "surface_sharpness"]
     return table[[c for c in cols if c in table.columns]].round(decimals)
+
+
+def early_stopping_table(table: pd.DataFrame, decimals: int = 3) -> pd.DataFrame:
+    """Stutz et al. Table 1 for every model with early-stopped weights (`<name>` and `<name>_early`):
+    test and train RErr and flatness in RLoss of the final weights, then RErr, RLoss and flatness
+    after early stopping, and whether early stopping found a flatter minimum (their Sec. 4; NaN
+    when the early-stopped epoch is the final one)."""
+    rows = {}
+    for name in table.index:
+        early = f"{name}{EARLY_SUFFIX}"
+        if early not in table.index:
+            continue
+        final, stopped = table.loc[name], table.loc[early]
+        rows[name] = {"robust_err": final.get("robust_err"), "robust_err_train": final.get("robust_err_train"),
+                      "avg_case_flatness": final.get("avg_case_flatness"),
+                      "robust_loss_test": final.get("robust_loss_test"),
+                      "early_epoch": stopped.get("epoch"), "early_robust_err": stopped.get("robust_err"),
+                      "early_robust_loss_test": stopped.get("robust_loss_test"),
+                      "early_avg_case_flatness": stopped.get("avg_case_flatness"),
+                      # NaN when early stopping kept the final epoch (the same weights)
+                      "early_flatter": (np.nan if stopped.get("epoch") == final.get("epoch") else
+                                        bool(stopped.get("avg_case_flatness") < final.get("avg_case_flatness")))}
+    out = pd.DataFrame.from_dict(rows, orient="index")
+    out.index.name = "model"
+    return out.round(decimals)
 
 
 def settings_of(table: pd.DataFrame) -> pd.Series:
@@ -388,7 +460,7 @@ def summary(table: pd.DataFrame, correlations: pd.DataFrame,
     if confidence is not None:
         lines.append(_walter_line(*confidence))
     if n >= 3:
-        epochs = sum(split_name(m)[1] is not None for m in table.index)
+        epochs = sum(split_name(m)[1] is not None or m.endswith(EARLY_SUFFIX) for m in table.index)
         lines.append(f"How far to trust this: {n} models from one seed, evaluated on one subset"
                      + (f"; {epochs} of them are checkpoints of another model's training run, so the models are "
                         "not independent" if epochs else "")

@@ -44,7 +44,6 @@ from advkit.evaluate import XU2019, accuracy, evaluate_attacks, robust_accuracy 
 from advkit.models import get_model  # noqa: E402
 from advkit.objectives import PGDAT, paper_config  # noqa: E402
 from advkit.robust_overfitting import epoch_robust_metrics  # noqa: E402
-from advkit.runs import load_checkpoint  # noqa: E402
 from advkit.train import TrainConfig, fit  # noqa: E402
 
 
@@ -84,12 +83,11 @@ def part_at(data: Dataset, args, device: torch.device, run: Path) -> tuple[str, 
                  evaluate=evaluate, select="val_robust_loss", run=run, name=f"pgd_at_{args.arch}", progress=True)
     history = result.history
     train_time = (history["time_s"] - history["eval_time_s"]).mean()
-    final = get_model(args.arch, 10, 3).to(device)
-    final.load_state_dict(load_checkpoint(run / "checkpoints" / f"pgd_at_{args.arch}.state.pt")["state_dict"])
+    final = result.model
     x_test, y_test = to_float(data.x_test[:args.n_test]), data.y_test[:args.n_test]
     attack = dict(eps=8 / 255, alpha=2 / 255, steps=20, restarts=1)
     rows = []
-    for label, m in (("early stopped (epoch %d)" % result.best_epoch, result.model), ("final", final)):
+    for label, m in (("early stopped (epoch %d)" % result.best_epoch, result.early), ("final", final)):
         m.eval()
         rows.append({"weights": label, "clean acc": accuracy(m, x_test, y_test),
                      "PGD-20 acc": robust_accuracy(m, x_test, y_test, "pgd", batch_size=args.eval_batch_size,

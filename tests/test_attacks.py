@@ -187,8 +187,8 @@ def test_flow_loss_and_warp_pass_gradcheck():
 def test_flow_loss_is_total_variation():
     flow = torch.zeros(1, 2, 3, 3)
     assert flow_loss(flow, eps=0).item() == 0
-    flow[0, 0, 1, 1] = 3.0  # one pixel moved: 4 neighbours, each pair counted from both sides
-    assert math.isclose(flow_loss(flow, eps=0).item(), 2 * 4 * 3.0)
+    flow[0, 0, 1, 1] = 3.0  # one pixel moved: 4 neighbours, each pair counted from both sides,
+    assert math.isclose(flow_loss(flow, eps=0).item(), 2 * 4 * 3.0 / 9, rel_tol=1e-6)  # mean over 9 pixels
 
 
 def test_stadv_lowers_accuracy(trained_cnn, digits_test):
@@ -304,3 +304,27 @@ def test_registry_lists_names_in_error():
         get_attack("cw")
     for name in ("fgsm", "pgd", "stadv", "apgd-ce", "apgd-t", "autoattack"):
         assert name in str(info.value) and name in ATTACKS
+
+
+NAMED_ATTACKS = ["fgsm", "pgd", "apgd-ce", "apgd-dlr", "apgd-t", "autoattack", "stadv"]
+
+
+@pytest.mark.parametrize("name", NAMED_ATTACKS)
+def test_nan_pixels_are_rejected(name, random_model, random_data):
+    x, y = random_data
+    x = x.clone()
+    x[0, 0, 0, 0] = float("nan")  # NaN fails both x < 0 and x > 1: the old range check let it in
+    kwargs = {} if name == "fgsm" else {"steps": 1}
+    with pytest.raises(ValueError, match="NaN"):
+        get_attack(name)(random_model, x, y, **kwargs)
+
+
+@pytest.mark.parametrize("name", NAMED_ATTACKS)
+@pytest.mark.parametrize("bad", [10, -1])
+def test_labels_outside_the_classes_are_rejected(name, bad, random_model, random_data):
+    x, y = random_data
+    y = y.clone()
+    y[1] = bad  # the model has 10 outputs: torch would raise an IndexError deep inside the attack
+    kwargs = {} if name == "fgsm" else {"steps": 1}
+    with pytest.raises(ValueError, match=r"y must be class indices in \[0, 9\]"):
+        get_attack(name)(random_model, x, y, **kwargs)

@@ -1,6 +1,7 @@
 """advkit.augment: static adversarial augmentation (Xu et al. 2019) and its cache."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -91,3 +92,119 @@ def test_finetune_config_follows_the_seed_code():
 def test_bad_input(trained_cnn, train_images, kwargs, match):
     with pytest.raises(ValueError, match=match):
         augmented_dataset(trained_cnn, *train_images, progress=False, **kwargs)
+
+
+# --- Xu et al.'s switches: budget, regeneration per batch, float32 storage (CIFAR-shaped) ----------------
+
+
+@pytest.fixture(scope="module")
+def cifar_shaped():
+    from advkit.models import get_model
+
+    torch.manual_seed(0)
+    model = get_model("resnet20", 10, 3).eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 10, (16,), generator=g)
+    return model, x, y
+
+
+def test_regenerated_augmentation_follows_the_current_model(cifar_shaped):
+    import copy
+
+    model, x, y = cifar_shaped
+    model = copy.deepcopy(model)
+    objective = augment.RegeneratedAugmentation("fgsm")
+    xf = to_float(x)
+    first = objective.perturb(model, xf, y)
+    assert torch.equal(first, objective.perturb(model, xf, y))  # FGSM: same model, same examples
+    assert (first - xf).abs().max() <= 8 / 255 + 1e-6 and (first != xf).float().mean() > 0.5
+    static, _ = augment.adversarial_examples(model, x, y, "fgsm", dtype="float32", progress=False)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(3):  # the model changes under training on the objective
+        loss = objective(model, xf, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    again = objective.perturb(model, xf, y)
+    changed = (again != first).flatten(1).any(1).float().mean()
+    assert changed > 0.5  # regenerated against the new weights
+    assert torch.equal(static, first)  # the static set stays what the base model gave
+    with torch.no_grad():
+        expected = F.cross_entropy(model(torch.cat([xf, again])), torch.cat([y, y]))
+        assert objective.training_loss(model, xf, again, y) == pytest.approx(expected.item())
+
+
+def test_regenerated_pgd_draws_its_start_from_the_global_rng(cifar_shaped):
+    model, x, y = cifar_shaped
+    objective = augment.RegeneratedAugmentation("pgd", eps=8 / 255, alpha=2 / 255, steps=2)
+    xf = to_float(x)
+    torch.manual_seed(5)
+    a = objective.perturb(model, xf, y)
+    torch.manual_seed(5)
+    assert torch.equal(a, objective.perturb(model, xf, y))  # fit reseeds per epoch: exact resume
+    assert not torch.equal(a, objective.perturb(model, xf, y))
+
+
+def test_float32_storage_keeps_a_1_255_pgd_perturbation_that_uint8_loses(cifar_shaped):
+    model, x, y = cifar_shaped
+    budget = dict(eps=1 / 255, alpha=0.25 / 255, steps=10)  # Xu et al. Table 1's PGD
+    x32, _ = augment.adversarial_examples(model, x, y, "pgd", dtype="float32", progress=False, **budget)
+    x8, _ = augment.adversarial_examples(model, x, y, "pgd", dtype="uint8", progress=False, **budget)
+    delta32 = x32 - to_float(x)
+    assert delta32.abs().max() <= 1 / 255 + 1e-6
+    assert torch.equal(x8, x32.mul(255).round().to(torch.uint8))  # uint8 is the float result rounded
+    fractional = (delta32.abs() > 1e-7) & ((delta32 * 255 - (delta32 * 255).round()).abs() > 1e-3)
+    assert fractional.float().mean() > 0.05  # float32 keeps sub-level steps (about 10 %)
+    lost = (delta32.abs() > 1e-7) & (x8 == x)
+    assert lost.float().mean() > 0.02  # ... that uint8 rounds back to the clean pixel (about 4 %)
+
+
+def test_training_budget_switch():
+    table1 = {"eps": 1 / 255, "alpha": 0.25 / 255, "steps": 10}
+    assert augment.xu_training_budget("pgd", table1) == table1
+    assert augment.xu_training_budget("pgd", table1, augment.CODE_EPS) == {"eps": 8 / 255, "alpha": 2 / 255,
+                                                                           "steps": 10}
+    assert augment.xu_training_budget("fgsm", {"eps": 8 / 255}, 16 / 255) == {"eps": 16 / 255}
+    stadv = {"tau": 0.05, "steps": 50, "max_flow": None}
+    assert augment.xu_training_budget("stadv", stadv, 8 / 255) == {"tau": 0.05, "steps": 50}
+    with pytest.raises(ValueError, match="eps must be None or a number in"):
+        augment.xu_training_budget("pgd", table1, 2.0)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(attack="cw"), "attack='cw'.*fgsm"),
+    (dict(attack="pgd", epsilon=0.1), "invalid settings for attack 'pgd'"),
+])
+def test_regenerated_augmentation_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        augment.RegeneratedAugmentation(**kwargs)
+
+
+def test_fit_takes_the_regenerating_objective(cifar_shaped):
+    import copy
+
+    from advkit.data import Batcher
+    from advkit.train import fit
+
+    model, x, y = cifar_shaped
+    model = copy.deepcopy(model)
+    before = [p.detach().clone() for p in model.parameters()]
+    config = augment.finetune_config(1, batch_size=8, padding=4)
+    result = fit(model, Batcher(x, y, 8), config, objective=augment.RegeneratedAugmentation("fgsm"), progress=False)
+    assert len(result.history) == 1 and math.isfinite(result.history.train_loss.iloc[0])
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_a_fine_tune_made_with_other_switches_is_not_resumed_silently(tmp_path):
+    settings = {"augment_mode": "static", "storage": "float32", "augment_eps": None}
+    augment.check_finetune_settings(tmp_path, "pgd", settings)  # no checkpoint yet: recorded
+    (tmp_path / "checkpoints" / "pgd.state.pt").write_bytes(b"")
+    augment.check_finetune_settings(tmp_path, "pgd", settings)  # same switches: resume is fine
+    with pytest.raises(ValueError, match="augment_mode='static'.*asks for augment_mode='regenerate'"):
+        augment.check_finetune_settings(tmp_path, "pgd", {**settings, "augment_mode": "regenerate"})
+    (tmp_path / "checkpoints" / "fgsm.state.pt").write_bytes(b"")  # made before the switches: uint8, static
+    with pytest.raises(ValueError, match="storage='uint8'"):
+        augment.check_finetune_settings(tmp_path, "fgsm", settings)

@@ -1,3 +1,6 @@
+import os
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -28,7 +31,7 @@ def _fake_image_folder(root, per_class=2):
                 Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
 
 
-def test_cifar10_image_folder_and_cache(tmp_path):
+def test_cifar10_image_folder_and_cache(tmp_path, monkeypatch):
     _fake_image_folder(tmp_path)
     ds = get_dataset("cifar10", tmp_path)
     assert ds.x_train.shape == (20, 3, 32, 32) and ds.x_train.dtype == torch.uint8
@@ -37,20 +40,69 @@ def test_cifar10_image_folder_and_cache(tmp_path):
     first = torch.from_numpy(np.array(Image.open(tmp_path / "train" / "airplane" / "0.png"))).permute(2, 0, 1)
     assert any(torch.equal(x, first) and y == 0 for x, y in zip(ds.x_train, ds.y_train))
     assert (tmp_path / "cifar10.npz").exists()
-    for p in (tmp_path / "train").rglob("*.png"):  # the second load must come from the cache
-        p.unlink()
+    monkeypatch.setattr(data, "_image_folder", None)  # the second load must come from the cache
     again = get_dataset("cifar10", tmp_path)
     assert torch.equal(again.x_train, ds.x_train) and torch.equal(again.y_test, ds.y_test)
+
+
+def test_cifar10_cache_follows_the_folder(tmp_path, capsys):
+    _fake_image_folder(tmp_path, per_class=2)
+    assert len(get_dataset("cifar10", tmp_path).y_train) == 20
+    assert "rebuilding" not in capsys.readouterr().out  # first build: nothing to rebuild
+    (tmp_path / "train" / "cat" / "0.png").unlink()                          # a file removed
+    assert len(get_dataset("cifar10", tmp_path).y_train) == 19
+    assert "source files changed" in capsys.readouterr().out
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(tmp_path / "train" / "cat" / "9.png")  # a file added
+    ds = get_dataset("cifar10", tmp_path)
+    assert len(ds.y_train) == 20 and any(torch.equal(x[:, 0, 0], torch.tensor([1, 2, 3], dtype=torch.uint8))
+                                         for x in ds.x_train)
+    out = capsys.readouterr().out
+    assert out.count("advkit.data: rebuilding") == 1 and "cifar10.npz" in out and "source files changed" in out
+    (tmp_path / "test" / "dog" / "0.png").write_bytes(b"\x89PNG garbled")  # one image corrupted
+    with pytest.raises(ValueError, match=r"test/dog/0.png: cannot decode this image"):
+        get_dataset("cifar10", tmp_path)
+
+
+def test_cifar10_garbled_cache_is_rebuilt(tmp_path, capsys):
+    _fake_image_folder(tmp_path, per_class=1)
+    ds = get_dataset("cifar10", tmp_path)
+    cache = tmp_path / "cifar10.npz"
+    raw = bytearray(cache.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    cache.write_bytes(bytes(raw))
+    again = get_dataset("cifar10", tmp_path)
+    assert torch.equal(again.x_train, ds.x_train)
+    assert "rebuilding" in capsys.readouterr().out
+
+
+def test_cifar10_cache_alone_is_not_cifar10(tmp_path, monkeypatch):
+    _fake_image_folder(tmp_path, per_class=1)
+    get_dataset("cifar10", tmp_path)
+    for split in ("train", "test"):
+        shutil.rmtree(tmp_path / split)
+    assert (tmp_path / "cifar10.npz").exists()
+    import torchvision.datasets
+
+    def offline(root, train, download):
+        raise RuntimeError("Dataset not found or corrupted.")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(FileNotFoundError, match="CIFAR-10 not found"):
+        get_dataset("cifar10", tmp_path, download=False)
 
 
 def test_cifar10_torchvision_download_is_called(tmp_path, monkeypatch):
     calls = []
 
     class FakeCIFAR10:
+        value = 7
+
         def __init__(self, root, train, download):
             calls.append((root, train, download))
+            folder = tmp_path / "cifar-10-batches-py"  # what the real download extracts
+            folder.mkdir(exist_ok=True)
+            (folder / "data_batch_1").write_bytes(bytes([self.value]) * 10)
             n = 6 if train else 4
-            self.data = np.full((n, 32, 32, 3), 7, dtype=np.uint8)
+            self.data = np.full((n, 32, 32, 3), self.value, dtype=np.uint8)
             self.targets = list(range(n))
 
     import torchvision.datasets
@@ -58,6 +110,10 @@ def test_cifar10_torchvision_download_is_called(tmp_path, monkeypatch):
     ds = get_dataset("cifar10", tmp_path)
     assert calls == [(str(tmp_path), True, True), (str(tmp_path), False, True)]
     assert ds.x_train.shape == (6, 3, 32, 32) and int(ds.x_test[0, 0, 0, 0]) == 7
+    assert int(get_dataset("cifar10", tmp_path).x_train[0, 0, 0, 0]) == 7 and len(calls) == 2  # from the cache
+    FakeCIFAR10.value = 9  # torchvision's files change: the cache is rebuilt from them
+    os.utime(tmp_path / "cifar-10-batches-py" / "data_batch_1", ns=(0, 0))
+    assert int(get_dataset("cifar10", tmp_path).x_train[0, 0, 0, 0]) == 9 and len(calls) == 4
 
 
 def test_cifar10_missing_says_how_to_get_it(tmp_path, monkeypatch):

@@ -62,3 +62,12 @@ def test_normalization_is_inside_the_model():
 def test_unknown_model_names_choices():
     with pytest.raises(ValueError, match="model='resnet33'.*resnet32"):
         get_model("resnet33")
+
+
+def test_resnet18_cifar_variant_has_11m_parameters():
+    model = get_model("resnet18", 10, 3)
+    assert num_parameters(model) == 11_173_962  # He et al. 2016 ResNet-18, CIFAR stem (3x3, no max-pool)
+    assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in model.modules())
+    model.eval()
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)

@@ -86,6 +86,8 @@ def test_attack_mode_decides_batchnorm_statistics(digits, mode, updates_bn):
 def test_fgsm_rs_defaults_follow_wong_et_al():
     assert FGSMRS().alpha == pytest.approx(1.25 * 8 / 255) and FGSMRS().steps == 1
     assert FGSMRS(eps=0.1).alpha == pytest.approx(0.125)
+    with pytest.raises(ValueError, match="exactly one step"):
+        get_objective("fgsm_rs", eps=0.1, steps=10)  # notebook 03 once gave it at_steps steps
     assert (PGDAT().eps, PGDAT().alpha, PGDAT().steps) == (8 / 255, 2 / 255, 10)
     assert TRADES().beta == 6 and MART().beta == 6 and AWP().gamma == 5e-3
 

@@ -1,6 +1,9 @@
+import os
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -27,13 +30,13 @@ def test_notebook_parameters_are_documented(declared):
 
 
 @pytest.mark.parametrize("values, match", [
-    ({"epochs": -1}, "epochs=-1 is out of range: must be >= 1"),
+    ({"epochs": -1}, "epochs=-1 is out of range: must be an integer >= 1"),
     ({"model": "resnet33"}, "model='resnet33' is out of range: must be one of .*resnet32"),
     ({"epochs": "ten"}, "epochs='ten' has the wrong type: expected int"),
     ({"lr": True}, "lr=True has the wrong type"),
     ({"learning_rate": 0.1}, "unknown parameter 'learning_rate'.*lr"),
     ({"dataset": "imagenet"}, "dataset='imagenet'.*cifar10"),
-    ({"pgd_eps": 1.5}, r"pgd_eps=1.5 is out of range: must be in \[0, 1\]"),
+    ({"pgd_eps": 1.5}, r"pgd_eps=1.5 is out of range: must be a number in \[0, 1\]"),
     ({"pgd_steps": 0}, "pgd_steps=0 is out of range"),
     ({"n_eval": 0}, "n_eval=0 is out of range"),
 ])
@@ -43,14 +46,16 @@ def test_bad_parameters_name_themselves(declared, values, match):
 
 
 def test_optional_and_float_parameters_accept_sensible_values(declared):
-    validate({"n_train": None, "lr": 1, "data_dir": "/tmp/x"}, declared)
+    validate({"n_train": None, "lr": 1, "data_dir": "/tmp", "run": "2024"}, declared)
 
 
 def test_parse_assignments_reads_yaml_values():
-    assert parse_assignments(["epochs=3", "lr=1e-3", "model=resnet20", "n_train=null"]) == \
-        {"epochs": 3, "lr": 1e-3, "model": "resnet20", "n_train": None}
+    assert parse_assignments(["epochs=3", "lr=1e-3", "model=resnet20", "n_train=null", "run=2024"]) == \
+        {"epochs": 3, "lr": 1e-3, "model": "resnet20", "n_train": None, "run": "2024"}
     with pytest.raises(ValueError, match="name=value"):
         parse_assignments(["epochs"])
+    with pytest.raises(ValueError, match=r"-p 'eps_grid=\[0.1' is not valid YAML"):
+        parse_assignments(["eps_grid=[0.1"])
 
 
 def test_unknown_profile_and_notebook():
@@ -60,16 +65,144 @@ def test_unknown_profile_and_notebook():
         notebook_paths(["09"])
 
 
+# Hostile-user probes (issues 9 and 10): each class is rejected before any notebook starts, with
+# exit status 2 and an error line naming every parameter involved.
+PROBES = {
+    "list element: xu_attacks": (["-p", "xu_attacks=[bogus]"], ["xu_attacks"]),
+    "list element: at_variants": (["-p", "at_variants=[bogus]"], ["at_variants"]),
+    "list element: sensitivity_norms": (["-p", "sensitivity_norms=[bogus]"], ["sensitivity_norms"]),
+    "list element: eps_grid": (["-p", "eps_grid=[2.0,-1]"], ["eps_grid"]),
+    "list element: sensitivity_radii": (["-p", "sensitivity_radii=[-1]"], ["sensitivity_radii"]),
+    "prefixed: finetune_epochs": (["-p", "finetune_epochs=0"], ["finetune_epochs"]),
+    "prefixed: at_batch_size": (["-p", "at_batch_size=0"], ["at_batch_size"]),
+    "prefixed: finetune_lr": (["-p", "finetune_lr=-1"], ["finetune_lr"]),
+    "prefixed: at_alpha": (["-p", "at_alpha=-1"], ["at_alpha"]),
+    "prefixed: stadv_max_flow": (["-p", "stadv_max_flow=-1"], ["stadv_max_flow"]),
+    "prefixed: robust_n_images": (["-p", "robust_n_images=0"], ["robust_n_images"]),
+    "non-finite: lr=inf": (["-p", "lr=.inf"], ["lr"]),
+    "non-finite: span=nan": (["-p", "span=nan"], ["span"]),
+    "too large: resolution": (["-p", "resolution=100000"], ["resolution"]),
+    "too large: line_resolution": (["-p", "line_resolution=100000000"], ["line_resolution"]),
+    "beyond training: keep_epochs": (["-p", "keep_epochs=[2,40]"], ["keep_epochs", "at_epochs"]),
+    "above data: n_images (digits test)": (["-p", "n_images=361"], ["n_images", "dataset"]),
+    "above data: n_train (digits train)": (["-p", "n_train=1438"], ["n_train", "dataset"]),
+    "above data: n_eval (CIFAR-10 test)": (["--profile", "paper", "-p", "n_eval=10001"], ["n_eval", "dataset"]),
+    "above data: n_val beside n_robust_test": (["-p", "n_val=101"], ["n_val", "n_robust_test"]),
+    "cross: radius vs resolution": (["-p", "resolution=11"], ["radius", "resolution", "span"]),
+    "cross: radius vs line_resolution": (["-p", "line_resolution=5"], ["radius", "line_resolution"]),
+    "cross: n_autoattack vs n_eval": (["-p", "n_eval=100", "-p", "n_autoattack=200"], ["n_autoattack", "n_eval"]),
+    "cross: robust_n_images vs n_images": (["-p", "robust_n_images=300"], ["robust_n_images", "n_images"]),
+    "cross: pretrained_checkpoint vs dataset": (["-p", "pretrained_checkpoint=x.th"], ["pretrained_checkpoint",
+                                                                                     "dataset", "model"]),
+    "cross: sensitivity reference": (["-p", "sensitivity_norms=[layer]"], ["sensitivity_norms"]),
+    "confidence_model not in the run": (["-p", "confidence_model=resnet"], ["confidence_model", "at_variants"]),
+    "run name: ../x": (["-p", "run=../x"], ["run"]),
+    "run name: .": (["-p", "run=."], ["run"]),
+    "YAML syntax in -p": (["-p", "eps_grid=[0.1"], ["eps_grid"]),
+    "empty --only": (["--only", ""], ["--only"]),
+    "empty --only ,": (["--only", ","], ["--only"]),
+}
+
+
+@pytest.mark.parametrize("argv, names", PROBES.values(), ids=PROBES.keys())
+def test_cli_rejects_each_probe_naming_its_parameters(tmp_run, capsys, argv, names):
+    with pytest.raises(SystemExit) as exit_:
+        pipeline.main(["run", *argv])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and all(n in err[-1] for n in names), err
+    assert not (tmp_run / "runs").exists()  # rejected before the run folder is made
+
+
+def test_cli_rejects_cuda_without_a_gpu(tmp_run, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(SystemExit):
+        pipeline.main(["run", "-p", "device=cuda"])
+    assert "device='cuda'" in capsys.readouterr().err
+
+
+def test_cli_rejects_a_broken_profile(tmp_path, monkeypatch, capsys):
+    (tmp_path / "broken.yaml").write_text("epochs: [1\n")
+    monkeypatch.setattr(pipeline, "PROFILES_DIR", tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        pipeline.main(["run", "--profile", "broken"])
+    assert exit_.value.code == 2 and "error: profile 'broken'" in capsys.readouterr().err
+
+
+def test_numeric_run_name_is_a_name(tmp_run):
+    declared = notebook_parameters(notebook_paths())
+    values = parse_assignments(["run=2024"])
+    validate(values, declared)
+    assert values["run"] == "2024"
+
+
 def test_cli_rejects_bad_parameter_fast():
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "advkit", "run", "--profile", "quick", "-p", "epochs=-1"],
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "epochs=-1" in proc.stderr
-    assert time.perf_counter() - t0 < 10  # before any notebook starts
+    """A real `python -m advkit` start: the rejection, Python start-up included, within 5 s."""
+    for bad in ("epochs=-1", "xu_attacks=[bogus]", "resolution=11"):
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "advkit", "run", "--profile", "quick", "-p", bad],
+                              capture_output=True, text=True, timeout=60)
+        elapsed = time.perf_counter() - t0
+        assert proc.returncode == 2 and bad.split("=")[0] in proc.stderr.splitlines()[-1]
+        assert elapsed < 5, f"{bad}: rejected after {elapsed:.1f} s"
 
 
-def test_pipeline_runs_notebook_01(tmp_run):
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_killed_driver_stops_its_kernel(tmp_path):
+    env = {**os.environ, "ADVKIT_RUNS_DIR": str(tmp_path / "runs"), "ADVKIT_FIGURES_DIR": str(tmp_path / "fig"),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "advkit", "run", "--only", "01", "-p", "epochs=500",
+                             "-p", "run=killed"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert "01_train started" in proc.stdout.readline()
+        history = tmp_path / "runs" / "killed" / "history" / "base.csv"
+        deadline = time.monotonic() + 120
+        while not history.exists() and time.monotonic() < deadline:  # the kernel is training
+            time.sleep(0.5)
+        kernels = [k for k in _children(proc.pid) if _running(k)]
+        assert history.exists() and kernels
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 143
+        time.sleep(3)
+        assert not any(_running(k) for k in kernels)
+        size = history.stat().st_size
+        time.sleep(2)
+        assert history.stat().st_size == size  # nothing writes any more
+        assert "stopped (SIGTERM)" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_pipeline_runs_notebook_01(tmp_run, capfd):
     out = pipeline.run("quick", only=["01"], overrides={"epochs": 2, "run": "smoke"})
+    printed = capfd.readouterr()  # the kernel's stderr too
+    assert "without encryption" not in printed.err and "KeyboardInterrupt" not in printed.err, printed.err
+    assert f"01_train started -> {out / 'notebooks' / '01_train.ipynb'}" in printed.out
+    assert "01_train done in" in printed.out
     assert (out / "notebooks" / "01_train.ipynb").exists() and (out / "models" / "base.pt").exists()
     assert (tmp_run / "figures" / "01_learning_curves.png").exists()
     import json

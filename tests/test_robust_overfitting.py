@@ -8,23 +8,32 @@ from advkit.evaluate import AttackSpec, robust_accuracy
 from advkit.models import get_model
 from advkit.objectives import PGDAT
 from advkit.regularizers import noisy_labels
-from advkit.robust_overfitting import EPOCH_ATTACK, epoch_robust_metrics, stutz_subsets
-from advkit.runs import load_model
+from advkit.robust_overfitting import (EARLY_STOP_ATTACK, EPOCH_ATTACK, early_stopping_indices, epoch_robust_metrics,
+                                       stutz_subsets)
+from advkit.runs import load_checkpoint, load_model
 from advkit.train import TrainConfig, fit, loss_and_accuracy
 
 ATTACK = AttackSpec("pgd", dict(eps=0.1, alpha=0.04, steps=3))
 
 
 
-def test_stutz_subsets_hold_out_validation_images(digits):
-    s = stutz_subsets(digits, n_train=100, n_test=50, n_val=80, seed=0)
-    assert len(s["val"][1]) == 80 and len(s["train"][1]) == len(digits.y_train) - 80
-    assert torch.equal(s["train_sub"][0], s["train"][0][:100]) and len(s["test_sub"][1]) == 50
-    seen = {img.numpy().tobytes() for img in s["train"][0]}
-    # digits has a few duplicate images; held-out images are (almost all) unseen in training
-    assert sum(img.numpy().tobytes() in seen for img in s["val"][0]) <= 2
-    assert stutz_subsets(digits)["test_sub"][0].shape[0] == 360  # digits has fewer than 1000 test images
+def test_stutz_subsets_early_stop_on_the_last_test_images(digits):
+    s = stutz_subsets(digits, n_train=100, n_test=50, n_val=80)
+    n = len(digits.y_test)  # 360
+    assert torch.equal(s["val"][0], digits.x_test[n - 80:]) and torch.equal(s["val"][1], digits.y_test[n - 80:])
+    assert torch.equal(s["train"][0], digits.x_train)  # Stutz et al. train on the whole training set
+    assert torch.equal(s["train_sub"][0], digits.x_train[:100]) and torch.equal(s["test_sub"][0], digits.x_test[:50])
     assert EPOCH_ATTACK.params["steps"] == 20 and EPOCH_ATTACK.params["restarts"] == 1
+    assert EARLY_STOP_ATTACK.params["steps"] == 7 and EARLY_STOP_ATTACK.params["eps"] == pytest.approx(8 / 255)
+
+
+def test_early_stopping_indices_are_the_last_500_of_cifar10_test():
+    idx = early_stopping_indices(10_000, 500, n_test=1000)  # Stutz et al. Sec. 3
+    assert idx == range(9500, 10_000) and set(idx).isdisjoint(range(1000))
+    with pytest.raises(ValueError, match="overlap"):
+        early_stopping_indices(360, 100, n_test=300)  # digits: first 300 and last 100 share 40 images
+    with pytest.raises(ValueError, match="n_val"):
+        early_stopping_indices(360, 0)
 
 
 def test_robust_metrics_columns_and_values(trained_cnn, digits):
@@ -42,7 +51,7 @@ def test_robust_metrics_columns_and_values(trained_cnn, digits):
 
 
 def test_early_stopping_keeps_the_epoch_with_lowest_held_out_robust_loss(digits, tmp_path):
-    s = stutz_subsets(digits, n_train=64, n_test=64, n_val=100, seed=0)
+    s = stutz_subsets(digits, n_train=64, n_test=64, n_val=100)
     x, y = s["train"][0][:128], s["train"][1][:128]
     evaluate = epoch_robust_metrics(None, None, s["val"], ATTACK)
     torch.manual_seed(0)
@@ -56,9 +65,12 @@ def test_early_stopping_keeps_the_epoch_with_lowest_held_out_robust_loss(digits,
     best = int(history["val_robust_loss"].idxmin()) + 1
     assert 1 < best < 10  # the scenario has an interior optimum, so "last" or "first" would fail
     assert result.best_epoch == best
-    assert evaluate(result.model)["val_robust_loss"] == pytest.approx(history["val_robust_loss"].min(), rel=1e-6)
-    saved = load_model(tmp_path / "models" / "es.pt")
-    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), result.model.state_dict().values()))
+    assert evaluate(result.early)["val_robust_loss"] == pytest.approx(history["val_robust_loss"].min(), rel=1e-6)
+    assert evaluate(result.model)["val_robust_loss"] == pytest.approx(history["val_robust_loss"].iloc[-1], rel=1e-6)
+    for file, expected, epoch in (("es.pt", result.model, 10), ("es_early.pt", result.early, best)):
+        saved = load_model(tmp_path / "models" / file)  # both loadable, final and early stopped
+        assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), expected.state_dict().values()))
+        assert load_checkpoint(tmp_path / "models" / file)["epoch"] == epoch
     assert (tmp_path / "models" / "es_e002.pt").exists() and (tmp_path / "models" / "es_e010.pt").exists()
     assert {"val_robust_loss", "val_robust_err", "val_acc_sub"} <= set(history.columns)
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from advkit.models import get_model
-from advkit.runs import atomic_path, list_models, load_model, run_dir, save_model, update_manifest
+from advkit.runs import (CorruptArtifactError, atomic_path, file_sha256, list_models, load_model, run_dir,
+                         save_model, update_manifest, verified)
 
 
 def test_run_dir_honours_env(tmp_run):
@@ -19,6 +20,18 @@ def test_atomic_path_leaves_old_file_on_failure(tmp_path):
             tmp.write_text("half")
             raise RuntimeError("killed")
     assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]
+
+
+def test_atomic_path_records_a_checksum_that_verified_checks(tmp_path):
+    target = tmp_path / "f.txt"
+    with atomic_path(target) as tmp:
+        tmp.write_text("content")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.txt", "f.txt.sha256"]
+    assert (tmp_path / "f.txt.sha256").read_text().split() == [file_sha256(target), "f.txt"]  # sha256sum -c format
+    assert verified(target) == target
+    target.write_text("contenT")
+    with pytest.raises(CorruptArtifactError, match="f.txt is corrupt.*Delete it"):
+        verified(target)
 
 
 def test_save_and_load_model_roundtrip(tmp_path):
@@ -37,7 +50,11 @@ def test_load_errors_name_the_file(tmp_path):
     with pytest.raises(ValueError, match="m.pt holds a 'small_cnn' model, not the requested 'resnet20'"):
         load_model(path, arch="resnet20")
     path.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(ValueError, match="m.pt is not a readable advkit checkpoint"):
+    with pytest.raises(CorruptArtifactError, match="m.pt is corrupt"):
+        load_model(path)
+    (tmp_path / "m.pt.sha256").unlink()  # no checksum recorded: read with a warning, still an error
+    with pytest.warns(UserWarning, match="no recorded checksum"), \
+            pytest.raises(ValueError, match="m.pt is not a readable advkit checkpoint"):
         load_model(path)
     with pytest.raises(FileNotFoundError, match="nothere.pt"):
         load_model(tmp_path / "nothere.pt")

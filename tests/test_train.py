@@ -73,8 +73,11 @@ def test_select_keeps_best_epoch_and_keep_epochs(digits, tmp_path):
                  keep_epochs=(1, 3), run=tmp_path, name="m", progress=False)
     assert result.best_epoch == 2
     for k, v in snapshots[2].items():
-        assert torch.equal(result.model.state_dict()[k], v)
-    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["m.pt", "m_e001.pt", "m_e003.pt"]
+        assert torch.equal(result.early.state_dict()[k], v)  # early stopped: epoch 2
+    for k, v in snapshots[4].items():
+        assert torch.equal(result.model.state_dict()[k], v)  # the result stays the final weights
+    assert sorted(p.name for p in (tmp_path / "models").glob("*.pt")) == ["m.pt", "m_e001.pt", "m_e003.pt",
+                                                                       "m_early.pt"]
 
 
 @pytest.mark.parametrize("schedule", ["constant", "multistep", "cosine", "onecycle"])

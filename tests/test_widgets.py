@@ -1,5 +1,6 @@
 """The landscape slicer (advkit.widgets): driven by setting widget values, checked on the plot data."""
 
+import io
 import json
 
 import numpy as np
@@ -57,6 +58,7 @@ def test_slider_changes_the_profile_to_the_expected_slice(files):
 
     s.models_widget.value = ("pgd",)
     assert list(s.lines) == ["pgd"] and s.ax_map.get_title() == "pgd"
+    s.quantity_widget.value = "loss"
     s.log_widget.value = True
     assert s.ax_profile.get_yscale() == "log"
 
@@ -111,3 +113,108 @@ def test_log_scale_from_the_start(files):
     s = LandscapeSlicer(paths, models=["pgd"], log=True)
     assert s.log_widget.value and s.ax_profile.get_yscale() == "log"
     assert s.ax_map.collections[0].norm.__class__.__name__ == "LogNorm"
+
+
+def _grid_file(path, model, n, quantities=("loss", "accuracy"), scale=1.0):
+    """A paper-profile-sized 2D surface file (n x n over [-1, 1]^2), as `landscape.grid` writes it."""
+    a = np.linspace(-1, 1, n)
+    aa, bb = np.meshgrid(a, a, indexing="ij")
+    loss = 0.1 + scale * (aa ** 2 + 3 * bb ** 2)
+    values = {"loss": loss, "accuracy": 1 / (1 + loss), "robust_loss": 2 * loss, "robust_accuracy": 1 / (1 + 2 * loss)}
+    ds = xr.Dataset({q: (("alpha", "beta"), values[q]) for q in quantities}
+                    | {"computed": (("alpha", "beta"), np.ones_like(loss, dtype=np.int8))},
+                    coords={"alpha": a, "beta": a}, attrs={"model": model, "kind": "grid"})
+    ds.to_netcdf(path, engine="h5netcdf")
+    return ds
+
+
+def _line_file(path, model):
+    a = np.linspace(-1, 1, 51)
+    xr.Dataset({"loss": ("alpha", a ** 2), "computed": ("alpha", np.ones(51, dtype=np.int8))},
+               coords={"alpha": a}, attrs={"model": model, "kind": "line"}).to_netcdf(path, engine="h5netcdf")
+
+
+@pytest.fixture()
+def landscapes(tmp_path):
+    """A run's landscapes/ folder as notebook 04 leaves it with the paper profile: 51 x 51 clean grids,
+    21 x 21 robust grids, 1D lines and interpolations, and a sensitivity/ subfolder."""
+    folder = tmp_path / "landscapes"
+    (folder / "sensitivity").mkdir(parents=True)
+    for i, model in enumerate(("base", "pgd_at")):
+        _grid_file(folder / f"{model}_grid.nc", model, 51, scale=1 + i)
+        _grid_file(folder / f"{model}_robust_grid.nc", model, 21, ("robust_loss", "robust_accuracy"), scale=1 + i)
+        _line_file(folder / f"{model}_line.nc", model)
+    _line_file(folder / "pgd_at_interpolation.nc", "base -> pgd_at")
+    _line_file(folder / "sensitivity" / "base_filter_0.5.nc", "base")
+    return folder
+
+
+def _cbar_size(s) -> tuple[float, float]:
+    """The colour bar's (height, width) in pixels, once the figure is laid out as for the widget's PNG."""
+    s.fig.savefig(io.BytesIO(), format="png")
+    box = s.ax_cbar.get_window_extent()
+    return float(box.height), float(box.width)
+
+
+def test_colour_bar_keeps_its_size_over_many_redraws(landscapes):
+    s = LandscapeSlicer(landscapes, log=True)
+    first = _cbar_size(s)
+    assert first[0] > 100
+    positions = s.surface("base")["beta"].values
+    for i in range(32):  # every kind of redraw: slider, quantity (log and linear), axis, models
+        s.position_widget.value = float(positions[i % len(positions)])
+        if i % 8 == 3:
+            s.quantity_widget.value = "accuracy" if s.quantity_widget.value == "loss" else "loss"
+        if i % 8 == 5:
+            s.axis_widget.value = "beta" if s.axis_widget.value == "alpha" else "alpha"
+        if i % 8 == 7:
+            s.models_widget.value = ("pgd_at",) if len(s.selected) == 2 else ("base", "pgd_at")
+        if i % 4 == 0:
+            assert _cbar_size(s) == pytest.approx(first, abs=1), f"after {s.draws} redraws"
+    assert s.draws > 32
+    assert _cbar_size(s) == pytest.approx(first, abs=1)  # a shrinking bar lost 9% per redraw
+
+
+def test_one_redraw_per_user_action(files):
+    paths, data = files
+    s = LandscapeSlicer(paths, models=["base", "pgd"], position=0.25)
+    assert s.draws == 1 and s.position_widget.value == 0.25 and s.position_widget.description == "at β ="
+    s.axis_widget.value = "beta"  # the slider is refitted and its value snapped: still one redraw
+    assert s.draws == 2
+    assert (s.position_widget.min, s.position_widget.max, s.position_widget.value) == (-1, 1, 0.25)
+    assert s.position_widget.description == "at α ="
+    np.testing.assert_allclose(s.lines["pgd"].get_ydata(), data["pgd"].loss.sel(alpha=0.25).values)
+    s.axis_widget.value = "alpha"
+    assert s.draws == 3 and s.position_widget.value == 0.25 and s.position_widget.description == "at β ="
+    s.position_widget.value = 0.26  # typed off the grid: snapped to the nearest grid value, one redraw
+    assert s.draws == 4 and s.position_widget.value == 0.25
+    for widget, value in ((s.quantity_widget, "accuracy"), (s.models_widget, ("pgd",)), (s.log_widget, True)):
+        before = s.draws
+        widget.value = value
+        assert s.draws == before + 1, widget.description
+
+
+def test_a_runs_landscapes_folder_is_accepted(landscapes):
+    s = LandscapeSlicer(landscapes)  # 1D lines, interpolations and sensitivity/ are skipped
+    assert s.models_widget.options == ("base", "pgd_at")
+    assert s.quantity_widget.options == ("loss", "accuracy", "robust_loss", "robust_accuracy")
+    assert s.position_widget.step == pytest.approx(2 / 50)
+    s.quantity_widget.value = "robust_loss"  # a model's robust_grid: 21 x 21, the slider follows it
+    assert s.position_widget.step == pytest.approx(2 / 20) and s.draws == 2
+    x, y = s.lines["pgd_at"].get_data()
+    assert len(x) == 21
+    np.testing.assert_allclose(y, s.surface("pgd_at").robust_loss.sel(beta=0).values)
+    with pytest.raises(ValueError, match="only 1D"):
+        LandscapeSlicer(landscapes / "sensitivity")
+
+
+def test_log_scale_is_for_losses_only(landscapes):
+    s = LandscapeSlicer(landscapes, quantity="accuracy", log=True)
+    assert s.log_widget.disabled and not s.log_applied
+    assert s.ax_profile.get_yscale() == "linear"
+    assert s.ax_map.collections[0].norm.__class__.__name__ == "Normalize"
+    assert "log" not in s.ax_cbar.get_ylabel()
+    s.quantity_widget.value = "robust_loss"
+    assert not s.log_widget.disabled and s.log_applied and s.ax_profile.get_yscale() == "log"
+    s.quantity_widget.value = "robust_accuracy"
+    assert s.log_widget.disabled and s.ax_profile.get_yscale() == "linear"

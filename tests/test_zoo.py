@@ -18,8 +18,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import advkit.plots  # noqa: E402
 
-TINY = zoo.ZooSettings(dataset="digits", n_eval=24, pgd_eps=0.1, pgd_steps=2, flatness_samples=2, worst_steps=2,
-                       hessian_iters=3, hessian_samples=3)
+TINY = zoo.ZooSettings(dataset="digits", n_eval=24, pgd_eps=0.1, pgd_steps=2, pgd_alpha=None, pgd_restarts=1,
+                       n_autoattack=24, aa_steps=5, flatness_samples=2, worst_steps=2, hessian_iters=3,
+                       hessian_samples=3)
 
 
 def save(run, name, seed, **extra):
@@ -58,6 +59,31 @@ def test_settings_are_checked_and_keyed():
     assert zoo.ZooSettings().key() == zoo.ZooSettings().key()
     assert zoo.ZooSettings().key() != zoo.ZooSettings(worst_steps=3).key()
     assert json.loads(TINY.key())["version"] == zoo.ZOO_VERSION
+    for bad in ({"pgd_restarts": 0}, {"n_autoattack": -1}, {"pgd_alpha": 0.0}, {"aa_steps": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            zoo.ZooSettings(**bad)
+
+
+def test_default_settings_are_stutz_et_al_evaluation():
+    """RLoss: PGD-20, step 0.007, 10 restarts at 8/255 on the first 1000 images (STUTZ2021 preset); RErr: AutoAttack."""
+    from advkit.evaluate import STUTZ2021
+
+    s = zoo.ZooSettings()
+    pgd = STUTZ2021.attacks["pgd"].params
+    assert s.attack().keywords == {"eps": pgd["eps"], "alpha": pgd["alpha"], "steps": pgd["steps"],
+                                   "restarts": pgd["restarts"], "seed": 0}
+    assert s.attack(restarts=1).keywords["restarts"] == 1  # what flatness re-runs at perturbed weights
+    assert s.n_eval == STUTZ2021.n_test == s.n_autoattack
+    assert s.robust_error_attack().func.__name__ == "autoattack"
+
+
+def test_more_restarts_never_weaken_the_robust_loss_attack(trained_cnn, digits_test):
+    x, y = digits_test[0][:64], digits_test[1][:64]
+    one = zoo.ZooSettings(pgd_eps=0.1, pgd_steps=3, pgd_alpha=None, pgd_restarts=1).attack()
+    three = zoo.ZooSettings(pgd_eps=0.1, pgd_steps=3, pgd_alpha=None, pgd_restarts=3).attack()
+    wrong1 = (trained_cnn(one(trained_cnn, x, y)).argmax(1) != y).sum()
+    wrong3 = (trained_cnn(three(trained_cnn, x, y)).argmax(1) != y).sum()
+    assert wrong3 >= wrong1
 
 
 def test_split_name():
@@ -65,6 +91,26 @@ def test_split_name():
     assert zoo.split_name("pgd_at") == ("pgd_at", None)
     assert zoo.split_name("base") == ("base", None)
     assert zoo.split_name("model_e12") == ("model_e12", None)
+    assert zoo.split_name("pgd_at_early") == ("pgd_at_early", None)  # a model of its own, not an epoch
+
+
+def test_early_stopped_models_are_zoo_members(run, digits):
+    from advkit.runs import list_models
+
+    save(run, "pgd_at", 3, epoch=6)
+    save(run, "pgd_at_early", 4, epoch=3, early_stopped=True, select="val_robust_loss")
+    assert list_models(run) == ["base", "fgsm", "pgd_at", "pgd_at_early"]
+    table = zoo.flatness_table(run, digits, TINY, progress=False, models=["pgd_at", "pgd_at_early", "pgd_at_e001"])
+    assert table.loc["pgd_at_early", ["family", "epoch", "early_stopped"]].tolist() == ["pgd_at_early", 3, True]
+    assert not table.loc["pgd_at", "early_stopped"]
+    assert zoo.trajectories(table) == ["pgd_at"]  # pgd_at_e001 and the final pgd_at (epoch 6); early apart
+    paired = zoo.early_stopping_table(table)
+    assert list(paired.index) == ["pgd_at"] and paired.at["pgd_at", "early_epoch"] == 3
+    assert paired.at["pgd_at", "early_avg_case_flatness"] == round(table.at["pgd_at_early", "avg_case_flatness"], 3)
+    assert paired.at["pgd_at", "early_flatter"] == (table.at["pgd_at_early", "avg_case_flatness"]
+                                                    < table.at["pgd_at", "avg_case_flatness"])
+    same = table.assign(epoch=[6 if n.startswith("pgd_at") else e for n, e in zip(table.index, table["epoch"])])
+    assert np.isnan(zoo.early_stopping_table(same).at["pgd_at", "early_flatter"])  # early stopping kept the last epoch
 
 
 def test_table_metrics_are_consistent(run, digits):
@@ -80,6 +126,12 @@ def test_table_metrics_are_consistent(run, digits):
     assert (table["avg_case_flatness_n_data"] == 24).all() and (table["hessian_trace_n_samples"] == 3).all()
     assert (table["hessian_trace_method"] == "hutchpp").all() and (table["hessian_top_eig_iters"] == 3).all()
     assert (table["robust_acc"] <= table["clean_acc"]).all()
+    # RErr: AutoAttack on all 24 images can only add errors to the clean ones
+    assert ((table["robust_err"] >= 1 - table["clean_acc"] - 1e-9) & (table["robust_err"] <= 1)).all()
+    assert ((table["robust_err_train"] >= 1 - table["clean_acc_train"] - 1e-9)).all()
+    # flatness on train and test subsets (Stutz et al. Fig. 7): both measured, on different images
+    assert table["avg_case_flatness_train"].notna().all()
+    assert (table["avg_case_flatness_train"] != table["avg_case_flatness"]).any()
     assert table["one_minus_ssim"].isna().all() and table["surface_sharpness"].isna().all()
     on_disk = pd.read_csv(run / "flatness.csv", index_col="model")
     assert list(on_disk.index) == list(table.index) and "settings" in on_disk
