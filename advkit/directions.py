@@ -259,8 +259,32 @@ def explicit_directions(model: nn.Module, *directions: Mapping[str, torch.Tensor
     return Directions(vectors, "explicit", note=note)
 
 
+def architecture_name(model: nn.Module) -> str:
+    """The registered architecture a model was built as (`get_model`), else its class name."""
+    spec = getattr(model, "advkit_spec", None)
+    return str(spec["arch"]) if isinstance(spec, Mapping) and "arch" in spec else type(model).__name__
+
+
+def architecture_mismatch(model_a: nn.Module, model_b: nn.Module) -> str | None:
+    """Why theta_a and theta_b cannot be combined (interpolations, planes: Li et al. 2018 need one
+    parameter space), or None when every perturbable entry has the same name and shape in both."""
+    sa, sb = perturbable_state(model_a), perturbable_state(model_b)
+    arch = f"{architecture_name(model_a)} vs {architecture_name(model_b)}"
+    if set(sa) != set(sb):
+        diff = sorted(set(sa) ^ set(sb))
+        return f"different architectures ({arch}): {len(diff)} parameters/buffers in only one of them, e.g. {diff[0]!r}"
+    for k, a in sa.items():
+        if a.shape != sb[k].shape:
+            return f"different architectures ({arch}): {k!r} is {tuple(a.shape)} vs {tuple(sb[k].shape)}"
+    return None
+
+
 def model_difference(model_a: nn.Module, model_b: nn.Module, buffers: bool = True) -> Direction:
-    """theta_b - theta_a over the parameters (and BatchNorm statistics when `buffers`)."""
+    """theta_b - theta_a over the parameters (and BatchNorm statistics when `buffers`); both
+    models must share one architecture (`architecture_mismatch`), else a ValueError says why."""
+    reason = architecture_mismatch(model_a, model_b)
+    if reason is not None:
+        raise ValueError(f"model_a and model_b cannot be interpolated or spanned into a plane: {reason}")
     sa, sb = perturbable_state(model_a), perturbable_state(model_b)
     if not buffers:
         names = {k for k, _ in model_a.named_parameters()}

@@ -31,7 +31,7 @@ import xarray as xr
 from torch import nn
 from torch.func import functional_call, vmap
 
-from advkit.directions import (Directions, interpolation_directions, perturbable_state,
+from advkit.directions import (Directions, architecture_mismatch, interpolation_directions, perturbable_state,
                                plane_directions, random_directions, state_hash, tensors_hash)
 from advkit.runs import atomic_path, describe_callable, verified
 
@@ -891,6 +891,24 @@ def surface_path(directory: str | Path, model_name: str, kind: str) -> Path:
     return Path(directory) / f"{model_name}_{kind}.nc"
 
 
+def interpolation_pairs(models: Mapping[str, nn.Module], reference: str | None = "base"
+                        ) -> tuple[list[str], dict[str, str]]:
+    """The models that can be interpolated from `reference` (same architecture: one parameter
+    space), and {model: why not} for the others (e.g. a ResNet-18 AT model beside a ResNet-32 base)."""
+    if reference is None or reference not in models:
+        return [], {}
+    ok, skipped = [], {}
+    for name, model in models.items():
+        if name == reference:
+            continue
+        reason = architecture_mismatch(models[reference], model)
+        if reason is None:
+            ok.append(name)
+        else:
+            skipped[name] = reason
+    return ok, skipped
+
+
 def model_surfaces(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Tensor,
                    directory: str | Path | None = None, *, seed: int, norm: str = "filter",
                    span: float = 1.0, resolution: int = 21, line_resolution: int | None = None,
@@ -907,7 +925,8 @@ def model_surfaces(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Te
     - "robust_grid": 2D robust loss/accuracy at `robust_resolution` per axis (if > 0, needs `attack`);
       with `robust_n`, "line" and "robust_grid" use only the first `robust_n` images (attacks are
       the expensive part);
-    - "interpolation": (1 - t) theta_reference + t theta_model for every other model, t over
+    - "interpolation": (1 - t) theta_reference + t theta_model for every other model of the
+      reference's architecture (`interpolation_pairs` says which are skipped and why), t over
       `interpolation_span` (keep 0 and 1 on the grid of `line_resolution` points).
 
     Returns {kind: {model: Dataset}}. Each surface is cached as `surface_path(directory, model,
@@ -946,6 +965,7 @@ def model_surfaces(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Te
 
     out: dict[str, dict[str, xr.Dataset]] = {k: {} for k in SURFACE_KINDS}
     robust = {"attack": attack, "attack_name": attack_name} if attack is not None else {}
+    interpolated = set(interpolation_pairs(models, reference)[0])
     for name, model in models.items():
         d2 = random_directions(model, 2, seed=seed, norm=norm)
         d1 = random_directions(model, 1, seed=seed, norm=norm)  # = d2's first direction
@@ -959,7 +979,7 @@ def model_surfaces(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Te
                                             path=path(name, "robust_grid"), model_name=name,
                                             data_name=robust_data, quantities=("robust_loss", "robust_accuracy"),
                                             **robust, **kwargs)
-        if reference in models and name != reference:
+        if name in interpolated:
             out["interpolation"][name] = interpolation(
                 models[reference], model, x, y, span=interpolation_span, resolution=line_resolution or resolution,
                 path=path(name, "interpolation"), model_name=f"{reference} -> {name}", data_name=data_name,

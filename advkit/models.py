@@ -138,6 +138,15 @@ class PreActBlock(nn.Module):
         return out + shortcut
 
 
+def _add_four_stages(net: nn.Module, block: type[nn.Module]) -> None:
+    """`layer1`..`layer4` of an 18-layer ResNet: two `block`s per stage, 64-512 channels, the
+    first block of stages 2-4 with stride 2 (He et al. 2016; shared by ResNet-18 and PreAct)."""
+    in_planes = 64
+    for i, (planes, stride) in enumerate(((64, 1), (128, 2), (256, 2), (512, 2)), start=1):
+        setattr(net, f"layer{i}", nn.Sequential(block(in_planes, planes, stride), block(planes, planes, 1)))
+        in_planes = planes
+
+
 class PreActResNet18(Normalized):
     """PreAct ResNet-18, the standard adversarial-training architecture (Rice et al. 2020)."""
 
@@ -145,20 +154,9 @@ class PreActResNet18(Normalized):
                  mean: Sequence[float] | None = CIFAR10_MEAN, std: Sequence[float] | None = CIFAR10_STD):
         super().__init__(in_channels, mean, std)
         self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
-        self.in_planes = 64
-        self.layer1 = self._make_layer(64, 2, 1)
-        self.layer2 = self._make_layer(128, 2, 2)
-        self.layer3 = self._make_layer(256, 2, 2)
-        self.layer4 = self._make_layer(512, 2, 2)
+        _add_four_stages(self, PreActBlock)
         self.bn = nn.BatchNorm2d(512)
         self.linear = nn.Linear(512, num_classes)
-
-    def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
-        layers = []
-        for s in [stride] + [1] * (blocks - 1):
-            layers.append(PreActBlock(self.in_planes, planes, s))
-            self.in_planes = planes
-        return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv1(self.normalize(x))
@@ -200,19 +198,8 @@ class ResNet18(Normalized):
         super().__init__(in_channels, mean, std)
         self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
-        self.in_planes = 64
-        self.layer1 = self._make_layer(64, 2, 1)
-        self.layer2 = self._make_layer(128, 2, 2)
-        self.layer3 = self._make_layer(256, 2, 2)
-        self.layer4 = self._make_layer(512, 2, 2)
+        _add_four_stages(self, BasicBlockB)
         self.linear = nn.Linear(512, num_classes)
-
-    def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
-        layers = []
-        for s in [stride] + [1] * (blocks - 1):
-            layers.append(BasicBlockB(self.in_planes, planes, s))
-            self.in_planes = planes
-        return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(self.normalize(x))))
@@ -260,6 +247,8 @@ def get_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwargs) 
     """Build a registered model taking [0, 1] images; `kwargs` (mean, std, width) go to its constructor."""
     if name not in MODELS:
         raise ValueError(f"model={name!r} is not available; choose one of {sorted(MODELS)}")
+    if in_channels != 3:  # the CIFAR-10 statistics the CIFAR models default to are RGB's
+        kwargs = {"mean": None, "std": None, **kwargs}
     model = MODELS[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
     # What `advkit.runs.save_model` stores so `load_model` can rebuild the same architecture.
     model.advkit_spec = {"arch": name, "num_classes": num_classes, "in_channels": in_channels,

@@ -240,7 +240,10 @@ class TRADES(_Regularized):
                       y: torch.Tensor) -> torch.Tensor:
         logits = forward(x).float()
         logits_adv = forward(x_adv).float()
-        robust = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits, dim=1), reduction="batchmean")
+        # The target in log space: the same KL as their kl_div(log_softmax, softmax), but a class whose
+        # softmax underflows to 0 (a logit gap over ~100) gives a zero gradient, not 0 * log(0) = NaN.
+        robust = F.kl_div(F.log_softmax(logits_adv, dim=1), F.log_softmax(logits, dim=1), reduction="batchmean",
+                          log_target=True)
         return F.cross_entropy(logits, y) + self.beta * robust
 
 
@@ -271,7 +274,8 @@ class MART(_Regularized):
         bce = F.cross_entropy(logits_adv, y) + F.nll_loss(torch.log(1.0001 - p_adv + 1e-12), runner_up)
         p_natural = F.softmax(logits, dim=1)
         p_true = p_natural.gather(1, y[:, None]).squeeze(1)
-        kl = F.kl_div(torch.log(p_adv + 1e-12), p_natural, reduction="none").sum(1)
+        # target in log space, as in TRADES: an underflowed p_natural gives no NaN gradient
+        kl = F.kl_div(torch.log(p_adv + 1e-12), F.log_softmax(logits, dim=1), reduction="none", log_target=True).sum(1)
         return bce + self.beta * (kl * (1.0000001 - p_true)).mean()
 
 

@@ -204,6 +204,7 @@ def fit(model: nn.Module, train: Batcher, config: TrainConfig, *,
         t0 = time.perf_counter()
         row = {"epoch": epoch, "lr": opt.param_groups[0]["lr"],
                **_train_one_epoch(model, train, objective, opt, sched, averaged, config, device)}
+        _check_finite(model, row["train_loss"], name, epoch)  # before anything of this epoch is saved
         if averaged is not None and config.swa_start is not None and epoch == config.epochs:
             update_bn(train, averaged, device=device)
         eval_model = averaged.module if averaged is not None else model
@@ -250,6 +251,18 @@ def _named_objective(name: str, label_smoothing: float) -> Objective:
     if label_smoothing:
         raise ValueError(f"label_smoothing={label_smoothing} but objective {name!r} does not take it")
     return get_objective(name)
+
+
+def _check_finite(model: nn.Module, train_loss: float, name: str, epoch: int) -> None:
+    """Fail fast on divergence: a non-finite training loss or weight raises FloatingPointError
+    naming the model and epoch, so no NaN model, checkpoint or history row is ever saved."""
+    bad = [k for k, p in model.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+    if math.isfinite(train_loss) and not bad:
+        return
+    raise FloatingPointError(
+        f"training {name!r} diverged in epoch {epoch}: mean training loss {train_loss}, non-finite weights in "
+        f"{len(bad)} tensor(s) {bad[:3]}. Nothing of this epoch was saved; lower the learning rate or check "
+        "the objective's settings (the checkpoint of the previous epoch, if any, still resumes)")
 
 
 def _train_one_epoch(model, train, objective, opt, sched, averaged, config, device) -> dict[str, float]:

@@ -85,14 +85,17 @@ COMMON=(--profile paper -p run=$RUN -p dataset=cifar10 -p "data_dir=$DATA")
 if [ "$SMOKE" = 1 ]; then
   MODE="CPU smoke (tiny sizes)"
   P01=(-p epochs=1 -p n_train=512 -p threads=2)
-  P25=(-p n_train=512 -p threads=2
-       -p n_eval=64 -p n_autoattack=32 -p aa_steps=5 -p stadv_steps=3 -p "eps_grid=[0.0, 0.031372549]"
-       -p finetune_epochs=1 -p at_epochs=1 -p at_steps=2 -p n_robust_train=64 -p n_robust_test=64 -p n_val=64
+  # One variant per objective (awp, mart, fgsm_rs included): the modifiers (ls, ln, wd, swa, aa, eps) train
+  # like pgd_at, and twelve ResNet-18s through notebooks 04-05 take far more than 10 minutes on 2 CPU cores.
+  P25=(-p n_train=128 -p threads=2
+       -p n_eval=32 -p n_autoattack=16 -p aa_steps=5 -p aa_targets=3 -p stadv_steps=3 -p "eps_grid=[0.0, 0.031372549]"
+       -p finetune_epochs=1 -p at_epochs=1 -p at_steps=2 -p n_robust_train=32 -p n_robust_test=32 -p n_val=32
+       -p "at_variants=[pgd_at, trades, mart, awp, fgsm_rs]"
        -p epoch_steps=2 -p early_stop_steps=2 -p "keep_epochs=[1]"
-       -p n_images=64 -p resolution=7 -p line_resolution=9 -p radius=0.5 -p robust_n_images=16 -p robust_resolution=0
-       -p sensitivity_resolution=5
-       -p n_subset=64 -p pgd_steps=2 -p flatness_samples=2 -p worst_steps=2 -p hessian_iters=3 -p hessian_samples=4
-       -p n_resamples=100)
+       -p n_images=16 -p resolution=7 -p line_resolution=9 -p radius=0.5 -p robust_n_images=8 -p robust_resolution=0
+       -p sensitivity_resolution=5 -p "sensitivity_radii=[0.5]" -p "sensitivity_none_radii=[0.05]"
+       -p n_subset=16 -p pgd_steps=2 -p pgd_restarts=1 -p flatness_samples=2 -p worst_steps=2 -p hessian_iters=3
+       -p hessian_samples=4 -p n_resamples=100)
 else
   MODE="paper profile, reduced epochs and counts"
   P01=(-p epochs=10)

@@ -531,3 +531,26 @@ def test_compare_curves_draws_each_model_clean_and_robust():
     plots.plt.close(fig)
     with pytest.raises(ValueError, match="is 2D"):
         plots.compare_curves({"base": _quadratic(np.eye(2))})
+
+
+def test_models_of_different_architectures_are_not_interpolated(tmp_path):
+    """The paper profile's AT models are ResNet-18s beside a ResNet-32 base: interpolations and
+    planes need one parameter space, so they are skipped with the reason (or refused clearly)."""
+    torch.manual_seed(0)
+    base, ft, at = get_model("resnet32").eval(), get_model("resnet32").eval(), get_model("resnet18").eval()
+    x, y = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    with pytest.raises(ValueError, match=r"different architectures \(resnet32 vs resnet18\)"):
+        model_difference(base, at)
+    with pytest.raises(ValueError, match="different architectures"):
+        L.plane(base, ft, at, x, y, resolution=3)
+    hundred = get_model("resnet32", num_classes=100)  # same names, another shape
+    with pytest.raises(ValueError, match=r"resnet32 vs resnet32\): '.+' is \(10, 64\) vs \(100, 64\)"):
+        model_difference(base, hundred)
+    models = {"base": base, "ft": ft, "pgd_at": at}
+    ok, skipped = L.interpolation_pairs(models)
+    assert ok == ["ft"] and list(skipped) == ["pgd_at"] and "resnet32 vs resnet18" in skipped["pgd_at"]
+    out = L.model_surfaces(models, x, y, tmp_path, seed=0, span=0.5, resolution=3, line_resolution=3)
+    assert list(out["interpolation"]) == ["ft"] and set(out["grid"]) == set(models)
+    # random directions are drawn per architecture: the ResNet-18 grid is centred on its own loss
+    assert out["grid"]["pgd_at"].loss.sel(alpha=0, beta=0).item() == pytest.approx(
+        F.cross_entropy(at(x), y).item(), rel=1e-4)

@@ -71,3 +71,10 @@ def test_resnet18_cifar_variant_has_11m_parameters():
     assert not any(isinstance(m, torch.nn.MaxPool2d) for m in model.modules())
     model.eval()
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet18", "preact_resnet18", "small_cnn"])
+def test_every_model_takes_grey_digits(name):
+    """A CIFAR architecture on 1-channel 8x8 digits: no RGB statistics forced on one channel."""
+    model = get_model(name, 10, in_channels=1).eval()
+    assert model(torch.rand(2, 1, 8, 8)).shape == (2, 10)

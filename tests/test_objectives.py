@@ -203,3 +203,21 @@ def test_paper_configs():
 def test_bad_input_names_the_parameter(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize("cls", [TRADES, MART])
+def test_kl_terms_keep_finite_gradients_when_softmax_underflows(cls):
+    """A diverging CIFAR-10 ResNet (lr 0.1 on a few hundred images) reaches logit gaps over ~100:
+    softmax(logits) underflows to exactly 0 and kl_div's target gradient 0 * log(0) was NaN (all
+    weights NaN after one step, although the loss stayed finite). The log-space target avoids it."""
+    torch.manual_seed(0)
+    model = get_model("resnet20").train()
+    x = torch.rand(8, 3, 32, 32)
+    y = torch.arange(8) % 10
+    x_adv = (x + 0.03 * torch.randn_like(x)).clamp(0, 1)
+    loss = cls().training_loss(lambda inp: 300.0 * model(inp), x, x_adv, y)
+    loss.backward()
+    probs = torch.softmax(300.0 * model(x).detach(), 1)
+    assert (probs == 0).any()  # the regime of the bug: some probabilities are exactly 0
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())

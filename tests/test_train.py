@@ -124,3 +124,29 @@ def test_on_epoch_start_hook_sees_every_epoch(digits):
     fit(get_model("small_cnn", 10, 1), Batcher(*_small(digits, 64), 32), _config(epochs=3),
         objective=Recording(), progress=False)
     assert seen == [1, 2, 3]
+
+
+class _DivergesAt:
+    """Cross-entropy that turns NaN from epoch `bad` on (a stand-in for a diverging objective)."""
+
+    def __init__(self, bad):
+        self.bad, self.epoch = bad, 0
+
+    def on_epoch_start(self, epoch):
+        self.epoch = epoch
+
+    def __call__(self, model, x, y):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        return loss * float("nan") if self.epoch >= self.bad else loss
+
+
+def test_non_finite_loss_fails_fast_and_saves_no_nan_model(digits, tmp_path):
+    model = get_model("small_cnn", 10, 1)
+    with pytest.raises(FloatingPointError, match=r"training 'probe' diverged in epoch 2: mean training loss nan"):
+        fit(model, Batcher(*_small(digits), 32), _config(epochs=4), objective=_DivergesAt(2), run=tmp_path,
+            name="probe", keep_epochs=(2,), progress=False)
+    assert not list((tmp_path / "models").glob("probe*.pt"))  # neither the final model nor epoch 2's
+    assert list(pd.read_csv(tmp_path / "history" / "probe.csv")["epoch"]) == [1]
+    finite = fit(get_model("small_cnn", 10, 1), Batcher(*_small(digits), 32), _config(epochs=2),
+                 objective=_DivergesAt(3), progress=False)
+    assert all(torch.isfinite(p).all() for p in finite.model.parameters())
