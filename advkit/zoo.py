@@ -335,10 +335,20 @@ def attach_run_results(table: pd.DataFrame, run: str | Path) -> pd.DataFrame:
 # --- what the numbers say -----------------------------------------------------------------------
 
 
+def distinct_models(table: pd.DataFrame) -> pd.DataFrame:
+    """`table` without the `<name>_early` rows whose early-stopping epoch is `<name>`'s final epoch:
+    those are the same weights, and counting them twice would inflate n in a correlation."""
+    same = [f"{name}{EARLY_SUFFIX}" for name in table.index
+            if f"{name}{EARLY_SUFFIX}" in table.index and "epoch" in table.columns
+            and table.at[f"{name}{EARLY_SUFFIX}", "epoch"] == table.at[name, "epoch"]]
+    return table.drop(index=same)
+
+
 def correlations(table: pd.DataFrame, robustness: Sequence[str] = ROBUSTNESS, flatness: Sequence[str] = FLATNESS,
                  **kwargs: Any) -> pd.DataFrame:
-    """`advkit.correlation.correlation_table` over the columns of `table` that exist (kwargs: methods,
-    n_resamples, confidence_level, seed): Pearson, Spearman and Kendall with bootstrap intervals."""
+    """`advkit.correlation.correlation_table` over the columns of `table` that exist, each distinct set
+    of weights once (`distinct_models`); kwargs: methods, ci, n_resamples, confidence_level, seed."""
+    table = distinct_models(table)
     rob = [c for c in robustness if c in table.columns]
     flat = [c for c in flatness if c in table.columns]
     if not rob or not flat:

@@ -290,3 +290,17 @@ def test_figures():
     fig = advkit.plots.confidence_flatness_plot(*confidence_tables())
     assert [ax.get_title() for ax in fig.axes] == ["clean inputs", "adversarial inputs"]
     plt.close("all")
+
+
+def test_early_weights_equal_to_the_final_ones_count_once_in_correlations():
+    """`trades_early` stopped at trades' last epoch: the same weights, so one point, not two."""
+    rng = np.random.default_rng(0)
+    names = ["base", "pgd", "pgd_at", "pgd_at_early", "trades", "trades_early"]
+    epochs = [15, 3, 10, 6, 10, 10]
+    table = pd.DataFrame({"epoch": epochs, "robust_loss_test": rng.random(6), "avg_case_flatness": rng.random(6)},
+                         index=pd.Index(names, name="model"))
+    kept = zoo.distinct_models(table)
+    assert list(kept.index) == ["base", "pgd", "pgd_at", "pgd_at_early", "trades"]
+    corr = zoo.correlations(table, robustness=["robust_loss_test"], flatness=["avg_case_flatness"],
+                            methods=("spearman",))
+    assert set(corr["n"]) == {5}
