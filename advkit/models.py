@@ -168,24 +168,15 @@ class PreActResNet18(Normalized):
 # --- ResNet-18 (He et al. 2016), CIFAR variant, as used by Stutz et al. 2021 ---------------
 
 
-class BasicBlockB(nn.Module):
-    """Post-activation basic block with option-B shortcuts: conv-BN-ReLU-conv-BN + shortcut
-    (1x1 conv-BN when the shape changes), as in ResNet-18."""
+class BasicBlockB(BasicBlock):
+    """The same basic block with option-B shortcuts (1x1 conv-BN when the shape changes), as in
+    ResNet-18."""
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut = nn.Sequential()
+        super().__init__(in_planes, planes, stride)
         if stride != 1 or in_planes != planes:
             self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
                                           nn.BatchNorm2d(planes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
 class ResNet18(Normalized):
