@@ -181,7 +181,7 @@ class FGSMRS(PGDAT):
     x_adv = Proj(x + delta + alpha sign(grad)), delta ~ U[-eps, eps], alpha = 1.25 eps.
 
     A one-step PGDAT; the attack runs in TRAIN mode as in their code. Their schedule (cyclic
-    lr, 15 epochs) is in `PAPER_TRAINING["fgsm_rs"]`; catastrophic overfitting shows up as a
+    lr, 15 epochs) is in `advkit.train.PAPER_TRAINING["fgsm_rs"]`; catastrophic overfitting shows up as a
     collapse of the held-out PGD accuracy, which early stopping on it catches.
     """
 
@@ -379,34 +379,3 @@ def get_objective(name: str, **kwargs) -> Objective:
     if unknown:
         raise ValueError(f"objective {name!r} has no setting {unknown}; allowed: {allowed}")
     return cls(**kwargs)
-
-
-# Training settings of each paper's CIFAR-10 code (TrainConfig fields), for `paper_config`.
-PAPER_TRAINING: dict[str, dict[str, Any]] = {
-    # Rice et al. 2020 (PreAct ResNet-18): SGD 0.1, x0.1 at 50% and 75% of 200 epochs.
-    "pgd_at": dict(epochs=200, batch_size=128, optimizer="sgd", lr=0.1, momentum=0.9, nesterov=False,
-                   weight_decay=5e-4, schedule="multistep", milestones=(0.5, 0.75), gamma=0.1),
-    # Wong et al. 2020: cyclic lr up to 0.2 over 15 epochs (OneCycleLR approximates their triangle).
-    "fgsm_rs": dict(epochs=15, batch_size=128, optimizer="sgd", lr=0.2, momentum=0.9, nesterov=False,
-                    weight_decay=5e-4, schedule="onecycle"),
-    # Zhang et al. 2019: SGD 0.1, wd 2e-4, 80 epochs, x0.1 at epoch 75.
-    "trades": dict(epochs=80, batch_size=128, optimizer="sgd", lr=0.1, momentum=0.9, nesterov=False,
-                   weight_decay=2e-4, schedule="multistep", milestones=(75 / 80,), gamma=0.1),
-    # Wang et al. 2020 (ResNet-18 script): SGD 0.01, wd 3.5e-3, 120 epochs, x0.1 at 75, 90, 100.
-    "mart": dict(epochs=120, batch_size=128, optimizer="sgd", lr=0.01, momentum=0.9, nesterov=False,
-                 weight_decay=3.5e-3, schedule="multistep", milestones=(75 / 120, 90 / 120, 100 / 120), gamma=0.1),
-    # Wu et al. 2020 AT-AWP (built on Rice et al.'s code): as pgd_at.
-    "awp": dict(epochs=200, batch_size=128, optimizer="sgd", lr=0.1, momentum=0.9, nesterov=False,
-                weight_decay=5e-4, schedule="multistep", milestones=(0.5, 0.75), gamma=0.1),
-}
-
-
-def paper_config(objective: str, epochs: int | None = None, **overrides):
-    """The TrainConfig of `objective`'s paper (PAPER_TRAINING); `epochs` rescales the schedule
-    (milestones are fractions of training), `overrides` replace any field."""
-    from advkit.train import TrainConfig  # train imports this module
-
-    if objective not in PAPER_TRAINING:
-        raise ValueError(f"objective={objective!r} has no paper config; choose one of {sorted(PAPER_TRAINING)}")
-    settings = {**PAPER_TRAINING[objective], **({"epochs": epochs} if epochs is not None else {}), **overrides}
-    return TrainConfig(**settings)

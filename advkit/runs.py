@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, is_dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -459,3 +459,145 @@ def load_models(run: Path, names: list[str] | None = None, device: str | torch.d
     if not names:
         raise FileNotFoundError(f"no models in {Path(run) / 'models'}: run notebook 01 first")
     return {n: load_model(Path(run) / "models" / f"{n}.pt", device=device) for n in names}
+
+
+# --- the one cache policy --------------------------------------------------------------------------
+
+
+class StaleCacheWarning(UserWarning):
+    """A cached artifact was made with other settings than requested; it is being recomputed."""
+
+
+def cache_is_current(path: str | Path, stored: Mapping[str, Any] | None, requested: Mapping[str, Any]) -> bool:
+    """The kit's one cache policy (README, "Caches"): a cached artifact is reused only when every
+    setting it was made with equals the request; otherwise it is recomputed and replaced, with a
+    StaleCacheWarning naming the file and the first setting that differs. Never silent reuse.
+    Settings compare as JSON would store them (tuples equal lists)."""
+    if stored is None:
+        return False
+    as_json = lambda v: json.loads(json.dumps(v, sort_keys=True, default=_jsonable))  # noqa: E731
+    stored, requested = as_json(dict(stored)), as_json(dict(requested))
+    for key in sorted(set(stored) | set(requested)):
+        if stored.get(key) != requested.get(key):
+            warnings.warn(f"{path} was made with {key}={stored.get(key)!r}, this call asks for "
+                          f"{key}={requested.get(key)!r}: recomputing it", StaleCacheWarning, stacklevel=2)
+            return False
+    return True
+
+
+# --- the run object: one name for every artifact ---------------------------------------------------
+
+
+class Run(os.PathLike):
+    """One run directory and the name of every artifact in it (README, "Data flow").
+
+    Notebooks, `train`, `augment`, `landscape` and `zoo` build artifact paths through this
+    object, never by hand, so the layout lives in one place. Tables and JSON are written
+    atomically with a checksum (`write_table`, `write_json`) and read verified; a missing
+    artifact is a FileNotFoundError naming the notebook that makes it (`require`). A Run is
+    path-like: `Path(run)` and `open(run / "x")` work where a run folder did before.
+    """
+
+    def __init__(self, root: str | Path | "Run"):
+        self.root = Path(root)
+
+    @classmethod
+    def named(cls, name: str | int = "quick", create: bool = True) -> "Run":
+        """The run `$ADVKIT_RUNS_DIR/<name>` (see `run_dir`)."""
+        return cls(run_dir(name, create))
+
+    @classmethod
+    def of(cls, run: "str | Path | Run") -> "Run":
+        """`run` as a Run (a folder path or a Run)."""
+        return run if isinstance(run, Run) else cls(run)
+
+    def __fspath__(self) -> str:
+        return str(self.root)
+
+    def __truediv__(self, other: str) -> Path:
+        return self.root / other
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.root)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Run) and other.root == self.root
+
+    def __hash__(self) -> int:
+        return hash(self.root)
+
+    # -- where each artifact lives (one folder per notebook stage) --
+    def _in(self, folder: str, name: str) -> Path:
+        directory = self.root / folder
+        directory.mkdir(parents=True, exist_ok=True)
+        return directory / name
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+    def model(self, name: str) -> Path:
+        """models/<name>.pt: final weights (01 writes `base`, 03 the others; `<name>_early`,
+        `<name>_eNNN` are early-stopped and kept-epoch copies)."""
+        return self._in("models", f"{name}.pt")
+
+    def training_state(self, name: str) -> Path:
+        """checkpoints/<name>.state.pt: the resumable training state of `fit`."""
+        return self._in("checkpoints", f"{name}.state.pt")
+
+    def history(self, name: str) -> Path:
+        """history/<name>.csv: one row per epoch."""
+        return self._in("history", f"{name}.csv")
+
+    def attack_table(self, name: str, suffix: str = ".csv") -> Path:
+        """attacks/<name>.csv (or .json): notebook 02's and 03's evaluation tables."""
+        return self._in("attacks", f"{name}{suffix}")
+
+    def augmentation(self, attack: str) -> Path:
+        """attacks/augment_<attack>.pt: the cached adversarial half of Xu et al.'s fine-tuning set."""
+        return self._in("attacks", f"augment_{attack}.pt")
+
+    def surface(self, model: str, kind: str) -> Path:
+        """landscapes/<model>_<kind>.nc: one surface file (self-describing netCDF)."""
+        return self._in("landscapes", f"{model}_{kind}.nc")
+
+    def landscape_table(self, name: str) -> Path:
+        """landscapes/<name>.csv: notebook 04's tables (`sharpness`, `sensitivity`)."""
+        return self._in("landscapes", f"{name}.csv")
+
+    @property
+    def flatness(self) -> Path:
+        """flatness.csv: notebook 05's metrics, one row per model (a cache keyed by settings)."""
+        return self.root / "flatness.csv"
+
+    @property
+    def correlations(self) -> Path:
+        return self.root / "correlations.csv"
+
+    def models(self, epochs: bool = False) -> list[str]:
+        """The names of the saved models (`list_models`)."""
+        return list_models(self.root, epochs)
+
+    # -- reading and writing --
+    def require(self, path: str | Path) -> Path:
+        """`path` verified against its checksum; missing -> FileNotFoundError naming its notebook."""
+        return verified(path)
+
+    def write_table(self, path: str | Path, table: Any, index: bool = True, **to_csv: Any) -> Path:
+        """Write a pandas table as CSV, atomically and with a checksum."""
+        with atomic_path(path) as tmp:
+            table.to_csv(tmp, index=index, **to_csv)
+        return Path(path)
+
+    def read_table(self, path: str | Path, **read_csv: Any) -> Any:
+        """A table this kit wrote, checksum verified; missing -> an error naming its notebook."""
+        import pandas as pd
+
+        return pd.read_csv(self.require(path), **read_csv)
+
+    def write_json(self, path: str | Path, obj: Any) -> Path:
+        write_json(path, obj)
+        return Path(path)
+
+    def read_json(self, path: str | Path) -> Any:
+        return read_json(path)

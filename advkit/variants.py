@@ -36,9 +36,9 @@ from torch import nn
 
 from advkit.data import Batcher
 from advkit.models import get_model
-from advkit.objectives import AWP_INNER, Objective, get_objective, paper_config
+from advkit.objectives import AWP_INNER, Objective, get_objective
 from advkit.regularizers import AutoAugmentBatcher, noisy_labels
-from advkit.train import FitResult, TrainConfig, fit
+from advkit.train import FitResult, TrainConfig, fit, paper_config
 
 OBJECTIVE_TOKENS = ("pgd_at", "fgsm_rs", "trades", "mart", "awp") + tuple(f"awp_{i}" for i in AWP_INNER)
 MODIFIERS = ("ls", "ln", "wd", "ema", "swa", "aa", "b", "g", "eps")
@@ -69,7 +69,7 @@ class Variant:
 
     @property
     def schedule(self) -> str:
-        """Whose paper's training schedule (advkit.objectives.PAPER_TRAINING) the variant uses."""
+        """Whose paper's training schedule (advkit.train.PAPER_TRAINING) the variant uses."""
         return self.objective
 
 

@@ -1,7 +1,7 @@
 """Adversarial training quality bar and the Xu et al. (2019) Table-1 ordering.
 
 Part A (--part at): PGD-AT (Madry et al. 2018) of PreAct ResNet-18 on CIFAR-10 with Rice et
-al.'s settings (advkit.objectives.paper_config("pgd_at"), rescaled to --epochs), 500 held-out
+al.'s settings (advkit.train.paper_config("pgd_at"), rescaled to --epochs), 500 held-out
 training images for early stopping on the robust loss and Stutz et al.'s per-epoch subsets
 (advkit.robust_overfitting). Reports, for the early-stopped and the final weights, clean test
 accuracy and robust accuracy against PGD-20 at eps 8/255 (step 2/255, uniform start), plus
@@ -42,7 +42,8 @@ from advkit.augment import XU_ATTACKS, augmented_dataset, finetune_config  # noq
 from advkit.data import Batcher, Dataset, split_validation, to_float  # noqa: E402
 from advkit.evaluate import XU2019, accuracy, evaluate_attacks, robust_accuracy  # noqa: E402
 from advkit.models import get_model  # noqa: E402
-from advkit.objectives import PGDAT, paper_config  # noqa: E402
+from advkit.objectives import PGDAT  # noqa: E402
+from advkit.train import paper_config  # noqa: E402
 from advkit.robust_overfitting import epoch_robust_metrics  # noqa: E402
 from advkit.train import TrainConfig, fit  # noqa: E402
 

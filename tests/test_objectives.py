@@ -7,9 +7,8 @@ import torch
 
 from advkit.data import Batcher, to_float
 from advkit.models import get_model
-from advkit.objectives import (AWP, FGSMRS, MART, OBJECTIVES, PGDAT, TRADES, Clean, get_objective,
-                               paper_config)
-from advkit.train import TrainConfig, fit
+from advkit.objectives import AWP, FGSMRS, MART, OBJECTIVES, PGDAT, TRADES, Clean, get_objective
+from advkit.train import TrainConfig, fit, paper_config
 
 EPS = 0.1  # digits have 17 grey levels (steps of 16/255): 8/255 would be half a level
 ATTACK = dict(eps=EPS, alpha=0.04, steps=3)

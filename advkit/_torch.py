@@ -1,0 +1,195 @@
+"""The plumbing every module shares: argument checks, the train/eval mode guard, devices,
+seeded generators, chunking, the one precision vocabulary, the one loss-and-accuracy loop and
+the one content hash of a set of tensors.
+
+Internal: the public modules re-export what users need. Every check takes `(name, value, ...)`
+and raises `ValueError` naming the parameter, before any long computation starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+"""A model or any callable with its signature: images (N, C, H, W) in [0, 1] -> logits (N, K)."""
+Attack = Callable[..., torch.Tensor]
+"""attack(model, x, y, **budget) -> x_adv, the call shape of every attack in `advkit.attacks`."""
+PerExampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""loss(logits, y) -> per-example loss (N,), to be averaged over a dataset."""
+
+PRECISIONS = ("auto", "bf16", "fp32")
+"""The one precision vocabulary: "auto" = bf16 autocast on CUDA and fp32 elsewhere (surfaces
+refine it by measuring the error, `advkit.landscape.choose_precision`), "bf16", "fp32"."""
+
+
+# --- argument checks: one family, one order (name, value, ...) ---------------------------------
+
+
+def check_choice(name: str, value: Any, allowed: Iterable[Any]) -> None:
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not available; choose one of {list(allowed)}")
+
+
+def check_int(name: str, value: Any, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_number(name: str, value: Any, low: float = 0.0, high: float = math.inf, *,
+                 low_open: bool = False) -> None:
+    """A finite real number in [low, high] (or (low, high] with `low_open`)."""
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    ok = ok and math.isfinite(value) and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bound = f"> {low:g}" if low_open else f">= {low:g}"
+        bound += f" and <= {high:g}" if math.isfinite(high) else ""
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+
+
+def check_precision(precision: Any) -> None:
+    check_choice("precision", precision, PRECISIONS)
+
+
+# --- the model: mode, device, precision --------------------------------------------------------
+
+
+@contextlib.contextmanager
+def train_mode(model: nn.Module, training: bool) -> Iterator[nn.Module]:
+    """`model.train(training)` for the block; every submodule's own flag is restored afterwards,
+    also when the block raises (a frozen BatchNorm inside a training model stays frozen)."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.train(training)
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def eval_mode(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
+    """Eval mode (BatchNorm on running statistics, dropout off) for the block, flags restored."""
+    return train_mode(model, False)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (or buffer); CPU for a stateless module."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"bf16" or "fp32": "auto" is bf16 on CUDA (fast, accurate enough for attacks and training)
+    and fp32 elsewhere (bf16 is slow on most CPUs)."""
+    check_precision(precision)
+    if precision == "auto":
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    return precision
+
+
+def autocast(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
+    """The autocast context for `precision` on `device` (a no-op for fp32)."""
+    device = torch.device(device)
+    if resolve_precision(precision, device) == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+# --- data plumbing --------------------------------------------------------------------------------
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float32 in [0, 1] (float input is returned unchanged)."""
+    return x.float().div_(255) if x.dtype == torch.uint8 else x
+
+
+def chunks(n: int, batch_size: int) -> Iterator[slice]:
+    """Consecutive slices of at most `batch_size` over range(n)."""
+    for start in range(0, n, batch_size):
+        yield slice(start, min(start + batch_size, n))
+
+
+def make_generator(device: torch.device | str, seed: int | None = 0,
+                   generator: torch.Generator | None = None) -> torch.Generator:
+    """The caller's generator, or a fresh one seeded with `seed` on `device` (explicit randomness)."""
+    if generator is not None:
+        return generator
+    if seed is None:
+        raise ValueError("seed must be an integer when no generator is given (explicit randomness)")
+    return torch.Generator(device=device).manual_seed(int(seed))
+
+
+def tensors_hash(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """SHA-256 (first 16 hex digits) of named tensors' names, dtypes, shapes and bytes: the one
+    content hash of weights, directions and caches (same values -> same hash, on any device)."""
+    h = hashlib.sha256()
+    for name, t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def state_hash(model: nn.Module) -> str:
+    """Content hash of a model's state_dict (parameters and buffers)."""
+    return tensors_hash(model.state_dict().items())
+
+
+# --- the one loss-and-accuracy loop ---------------------------------------------------------------
+
+
+class LossAccuracy(NamedTuple):
+    loss: float
+    accuracy: float
+
+
+def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-example cross-entropy in fp32, the default `PerExampleLoss`."""
+    return F.cross_entropy(logits.float(), y, reduction="none")
+
+
+def loss_and_accuracy(model: nn.Module | Forward, x: torch.Tensor, y: torch.Tensor, *,
+                      batch_size: int = 1024, precision: str = "auto",
+                      loss_fn: PerExampleLoss | None = None, attack: Attack | None = None,
+                      mode_of: nn.Module | None = None) -> LossAccuracy:
+    """Mean loss and top-1 accuracy over (x, y), in chunks of `batch_size`, in eval mode.
+
+    x may be uint8 or float and live on any device: each chunk moves to the model's device.
+    With `attack`, each chunk is first replaced by attack(model, x, y) (the robust loss and
+    accuracy). `model` may be any forward callable; `mode_of` is then the module whose mode to
+    guard and whose device to use (e.g. the model behind a `torch.func.functional_call`).
+    Sums are accumulated on the device in fp64: one host sync at the end.
+    """
+    module = mode_of if mode_of is not None else model
+    if not isinstance(module, nn.Module):
+        raise ValueError("loss_and_accuracy needs an nn.Module, or mode_of= for a plain callable")
+    check_int("batch_size", batch_size)
+    if len(y) == 0:
+        raise ValueError("loss_and_accuracy needs at least one example, got an empty dataset")
+    loss_fn = loss_fn or cross_entropy
+    device = model_device(module)
+    total = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    with eval_mode(module):
+        for s in chunks(len(y), batch_size):
+            xb, yb = to_float(x[s].to(device)), y[s].to(device)
+            if attack is not None:
+                xb = attack(model, xb, yb).detach()
+            with torch.no_grad(), autocast(device, precision):
+                logits = model(xb)
+            logits = logits.float()
+            total += loss_fn(logits, yb).sum().double()
+            correct += (logits.argmax(1) == yb).sum()
+    return LossAccuracy(total.item() / len(y), correct.item() / len(y))
