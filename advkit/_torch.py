@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from advkit._checks import check_choice, check_int, check_number  # noqa: F401  (re-exported: the one family)
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 """A model or any callable with its signature: images (N, C, H, W) in [0, 1] -> logits (N, K)."""
@@ -32,28 +32,6 @@ refine it by measuring the error, `advkit.landscape.choose_precision`), "bf16", 
 
 
 # --- argument checks: one family, one order (name, value, ...) ---------------------------------
-
-
-def check_choice(name: str, value: Any, allowed: Iterable[Any]) -> None:
-    allowed = tuple(allowed)
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not available; choose one of {list(allowed)}")
-
-
-def check_int(name: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def check_number(name: str, value: Any, low: float = 0.0, high: float = math.inf, *,
-                 low_open: bool = False) -> None:
-    """A finite real number in [low, high] (or (low, high] with `low_open`)."""
-    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-    ok = ok and math.isfinite(value) and (value > low if low_open else value >= low) and value <= high
-    if not ok:
-        bound = f"> {low:g}" if low_open else f">= {low:g}"
-        bound += f" and <= {high:g}" if math.isfinite(high) else ""
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
 
 
 def check_precision(precision: Any) -> None:
@@ -100,11 +78,34 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def autocast(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
-    """The autocast context for `precision` on `device` (a no-op for fp32)."""
+    """The autocast context for `precision` on `device`: bf16 autocast, or for "fp32" autocast
+    switched off, so fp32 also holds inside a caller's bf16 region."""
     device = torch.device(device)
     if resolve_precision(precision, device) == "fp32":
-        return contextlib.nullcontext()
+        return torch.autocast(device.type, enabled=False)
     return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+class WithParams(nn.Module):
+    """`model` seen through substituted parameters (`torch.func.functional_call`), as a module:
+    what an attack callable receives at perturbed weights; the caller's model is never modified.
+
+    `params` maps names (as in `model.named_parameters()`/buffers) to tensors; the rest stay
+    the model's. `forward(params, x)` replaces the plain functional call (e.g. a landscape
+    engine's batched forward). `model` is a submodule: mode and device follow it.
+    """
+
+    def __init__(self, model: nn.Module, params: dict[str, torch.Tensor],
+                 forward: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor] | None = None):
+        super().__init__()
+        self.model = model
+        self.params = params
+        self._forward = forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._forward is not None:
+            return self._forward(self.params, x)
+        return torch.func.functional_call(self.model, self.params, (x,))
 
 
 # --- data plumbing --------------------------------------------------------------------------------
@@ -138,7 +139,7 @@ def tensors_hash(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
     for name, t in tensors:
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
 
 

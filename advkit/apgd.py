@@ -12,10 +12,10 @@ import math
 import torch
 from torch import nn
 
-from advkit.attack_utils import (Strongest, ascent_direction, attack_loss, attack_mode, check_eps,
-                                 check_images, check_int, check_model_output, check_positive, dlr_targeted,
-                                 forward_fn, is_fooled, logits_at, loss_and_grad, make_generator, prepare,
-                                 project, random_point)
+from advkit._torch import check_choice, check_int, check_number, check_precision, eval_mode, make_generator
+from advkit.attack_utils import (Strongest, ascent_direction, attack_loss, check_eps, check_images,
+                                 check_model_output, dlr_targeted, forward_fn, is_fooled, logits_at, loss_and_grad,
+                                 prepare, project, random_point)
 
 APGD_LOSSES = ("ce", "dlr")
 
@@ -33,7 +33,7 @@ def checkpoints(steps: int) -> list[int]:
 def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255, steps: int = 100, *,
          norm: str = "linf", loss: str = "ce", target: torch.Tensor | None = None, restarts: int = 1,
          rho: float = 0.75, momentum: float = 0.75, seed: int | None = 0,
-         generator: torch.Generator | None = None, autocast: bool | None = None,
+         generator: torch.Generator | None = None, precision: str = "auto",
          channels_last: bool | None = None, compile: bool = False) -> torch.Tensor:
     """APGD (Croce & Hein 2020, Alg. 1). Step size starts at 2*eps (L-inf; 2*eps for L2 too) and is
     halved at checkpoint w_j for the examples where (1) fewer than rho*(w_j - w_{j-1}) steps since
@@ -47,22 +47,22 @@ def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 25
     """
     check_images(x, y)
     check_eps(eps, norm, x)
-    check_int(steps, "steps")
-    check_int(restarts, "restarts")
-    check_positive(rho, "rho", maximum=1.0)
-    check_positive(momentum, "momentum", maximum=1.0)
-    if loss not in APGD_LOSSES:
-        raise ValueError(f"loss={loss!r} is not available; choose one of {list(APGD_LOSSES)}")
+    check_int("steps", steps)
+    check_int("restarts", restarts)
+    check_number("rho", rho, 0.0, 1.0, low_open=True)
+    check_number("momentum", momentum, 0.0, 1.0, low_open=True)
+    check_choice("loss", loss, APGD_LOSSES)
+    check_precision(precision)
     if target is not None and target.shape != y.shape:
         raise ValueError(f"target must have the shape of y {tuple(y.shape)}, got {tuple(target.shape)}")
-    with attack_mode(model):
+    with eval_mode(model):
         forward = forward_fn(model, compile)
         x = prepare(x, channels_last)
-        check_model_output(forward, x, y, autocast)
+        check_model_output(forward, x, y, precision)
         gen = make_generator(x.device, seed, generator)
         loss_fn = attack_loss(loss, y) if target is None else (lambda z: dlr_targeted(z, y, target))
         best = Strongest(x)
-        _apgd_run(forward, x, y, eps, steps, norm, loss_fn, rho, momentum, gen, autocast, best)
+        _apgd_run(forward, x, y, eps, steps, norm, loss_fn, rho, momentum, gen, precision, best)
         for _ in range(restarts - 1):  # further restarts only for the points not yet misclassified
             idx = (~best.fooled).nonzero().squeeze(1)  # one sync per restart, none per step
             if len(idx) == 0:
@@ -70,18 +70,18 @@ def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 25
             sub_loss = attack_loss(loss, y[idx]) if target is None else \
                 (lambda z, i=idx: dlr_targeted(z, y[i], target[i]))
             sub = Strongest(x[idx])
-            _apgd_run(forward, x[idx], y[idx], eps, steps, norm, sub_loss, rho, momentum, gen, autocast, sub)
+            _apgd_run(forward, x[idx], y[idx], eps, steps, norm, sub_loss, rho, momentum, gen, precision, sub)
             best.update_at(idx, sub)
         return best.x
 
 
-def _apgd_run(forward, x, y, eps, steps, norm, loss_fn, rho, momentum, gen, amp, best: Strongest) -> None:
+def _apgd_run(forward, x, y, eps, steps, norm, loss_fn, rho, momentum, gen, precision, best: Strongest) -> None:
     def view(v):
         return v.view(-1, *([1] * (x.dim() - 1)))
 
     eta = torch.full((len(x),), 2.0 * eps, device=x.device, dtype=x.dtype)
     x_cur = random_point(x, eps, norm, gen)
-    grad, loss_cur, logits = loss_and_grad(forward, x_cur, loss_fn, amp)
+    grad, loss_cur, logits = loss_and_grad(forward, x_cur, loss_fn, precision)
     best.update(x_cur, loss_cur, is_fooled(logits, y))
     x_max, f_max, grad_max = x_cur, loss_cur, grad
     f_max_last_check = f_max
@@ -95,9 +95,9 @@ def _apgd_run(forward, x, y, eps, steps, norm, loss_fn, rho, momentum, gen, amp,
         x_next = project(x_cur + a * (z - x_cur) + (1 - a) * (x_cur - x_prev), x, eps, norm)
         x_prev, x_cur = x_cur, x_next
         if k < steps:
-            grad, loss_new, logits = loss_and_grad(forward, x_cur, loss_fn, amp)
+            grad, loss_new, logits = loss_and_grad(forward, x_cur, loss_fn, precision)
         else:  # the last iterate only needs its loss
-            logits = logits_at(forward, x_cur, amp)
+            logits = logits_at(forward, x_cur, precision)
             loss_new = loss_fn(logits)
         best.update(x_cur, loss_new, is_fooled(logits, y))
         increases += (loss_new > loss_cur).float()
@@ -132,20 +132,21 @@ def apgd_dlr(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 
 
 
 def apgd_t(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255, steps: int = 100, *,
-           n_target_classes: int = 9, seed: int | None = 0, autocast: bool | None = None,
+           n_target_classes: int = 9, seed: int | None = 0, precision: str = "auto",
            channels_last: bool | None = None, compile: bool = False, **kw) -> torch.Tensor:
     """APGD-T: APGD with the targeted DLR loss (Eq. 7), once for each of the `n_target_classes`
     classes ranked 2nd, 3rd, ... by the clean logits; each example keeps the strongest result
     (misclassified first, then highest targeted-DLR loss of its run)."""
     check_images(x, y)
     check_eps(eps, kw.get("norm", "linf"), x)
-    check_int(steps, "steps")
-    check_int(n_target_classes, "n_target_classes")
-    shared = dict(autocast=autocast, channels_last=channels_last, compile=compile)
-    with attack_mode(model):
+    check_int("steps", steps)
+    check_int("n_target_classes", n_target_classes)
+    check_precision(precision)
+    shared = dict(precision=precision, channels_last=channels_last, compile=compile)
+    with eval_mode(model):
         forward = forward_fn(model, compile)
-        check_model_output(forward, prepare(x, channels_last), y, autocast)
-        logits = logits_at(forward, prepare(x, channels_last), autocast)
+        check_model_output(forward, prepare(x, channels_last), y, precision)
+        logits = logits_at(forward, prepare(x, channels_last), precision)
         if not 1 <= n_target_classes <= logits.shape[1] - 1 or logits.shape[1] < 4:
             raise ValueError(f"n_target_classes must be in [1, {logits.shape[1] - 1}] and the model needs "
                              f">= 4 classes for targeted DLR, got {n_target_classes} with {logits.shape[1]}")
@@ -160,7 +161,7 @@ def apgd_t(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 
                 break
             target = ranked[idx, rank]
             xa = apgd(model, x[idx], y[idx], eps, steps, loss="dlr", target=target, generator=gen, **shared, **kw)
-            z = logits_at(forward, xa, autocast)
+            z = logits_at(forward, xa, precision)
             sub = Strongest(x[idx])
             sub.update(xa, dlr_targeted(z, y[idx], target), is_fooled(z, y[idx]))
             best.update_at(idx, sub)

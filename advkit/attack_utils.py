@@ -1,9 +1,11 @@
-"""Shared pieces of the attacks: input checks, the model's attack mode, losses, input gradients.
+"""Shared pieces of the attacks: input checks, losses, input gradients, the one PGD step and loop.
 
-Every attack in `advkit.attacks`, `advkit.apgd` and `advkit.stadv` is built from these, so
-they all treat the model the same way: eval mode during the attack (restored after), gradients
-taken with `torch.autograd.grad` w.r.t. the input only (nothing accumulates in `param.grad`),
-bf16 autocast and channels_last on CUDA, and no host-device synchronisation in step loops.
+Every attack in `advkit.attacks`, `advkit.apgd` and `advkit.stadv` (and the inner maximization
+of the training objectives) is built from these, so they all treat the model the same way:
+gradients taken with `torch.autograd.grad` w.r.t. the input only (nothing accumulates in
+`param.grad`), one precision vocabulary (`advkit._torch.PRECISIONS`), channels_last on CUDA, and
+no host-device synchronisation in step loops. The attacks run the model in eval mode
+(`advkit._torch.eval_mode`); argument checks are `advkit._torch`'s.
 """
 
 from __future__ import annotations
@@ -11,43 +13,27 @@ from __future__ import annotations
 import contextlib
 import math
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from advkit._torch import Forward, autocast, check_choice, check_number
+
 NORMS = ("linf", "l2")
-LossFn = Callable[[torch.Tensor], torch.Tensor]  # logits -> per-example loss to MAXIMIZE
+AttackObjective = Callable[[torch.Tensor], torch.Tensor]
+"""logits -> per-example loss (N,) that the attacker MAXIMIZES (labels are bound in already;
+not to be confused with `advkit._torch.PerExampleLoss`, loss(logits, y) to average)."""
 
 
 # --- input checks (all before any long computation) ------------------------------------------
 
 
-def check_choice(value: object, name: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not available; choose one of {list(allowed)}")
-
-
-def check_int(value: int, name: str, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def check_positive(value: float, name: str, maximum: float | None = None, allow_zero: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value >= 0 if allow_zero else value > 0) and (maximum is None or value <= maximum)
-    if not ok:
-        low = ">= 0" if allow_zero else "> 0"
-        high = f" and <= {maximum:g}" if maximum is not None else ""
-        raise ValueError(f"{name} must be a finite number {low}{high}, got {value!r}")
-
-
-def check_eps(eps: float, norm: str, x: torch.Tensor, name: str = "eps") -> None:
+def check_eps(eps: float, norm: str, x: torch.Tensor) -> None:
     """eps in [0, 1] for L-inf; for L2 in [0, sqrt(C*H*W)] (the diameter of the [0, 1] box)."""
-    check_choice(norm, "norm", NORMS)
-    limit = 1.0 if norm == "linf" else math.sqrt(x[0].numel())
-    check_positive(eps, name, maximum=limit, allow_zero=True)
+    check_choice("norm", norm, NORMS)
+    check_number("eps", eps, 0.0, 1.0 if norm == "linf" else math.sqrt(x[0].numel()))
 
 
 def check_images(x: torch.Tensor, y: torch.Tensor | None = None) -> None:
@@ -69,13 +55,13 @@ def check_images(x: torch.Tensor, y: torch.Tensor | None = None) -> None:
                              f"{getattr(y, 'dtype', type(y))} {tuple(getattr(y, 'shape', ()))}")
 
 
-def check_model_output(forward: Callable, x: torch.Tensor, y: torch.Tensor, amp: bool | None = None) -> None:
+def check_model_output(forward: Forward, x: torch.Tensor, y: torch.Tensor, precision: str | None = "auto") -> None:
     """One forward pass on the first image, in attack mode: the model must give finite logits
     (NaN weights would otherwise reach the attack's arithmetic, e.g. grid_sample, which crashes on
     NaN coordinates) and y must be class indices in [0, K) for its K outputs. One host sync."""
     if not len(x):
         return
-    logits = logits_at(forward, x[:1], amp)
+    logits = logits_at(forward, x[:1], precision)
     if logits.dim() != 2:
         raise ValueError(f"the model must return logits of shape (N, K), got {tuple(logits.shape)}")
     k = logits.shape[1]
@@ -91,27 +77,10 @@ def check_model_output(forward: Callable, x: torch.Tensor, y: torch.Tensor, amp:
 # --- the model during an attack ----------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def attack_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode (BatchNorm uses running statistics, dropout off) for the attack; each
-    submodule's own training flag is restored afterwards. Gradients are w.r.t. inputs only."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.enable_grad():
-            yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
-def autocast(device: torch.device, enabled: bool | None = None) -> contextlib.AbstractContextManager:
-    """bf16 autocast; `None` means on for CUDA, off elsewhere (bf16 is slow on most CPUs)."""
-    if enabled is None:
-        enabled = device.type == "cuda"
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+def _autocast(device: torch.device, precision: str | None) -> contextlib.AbstractContextManager:
+    """`advkit._torch.autocast` for a precision; None opens no context of its own, so the caller's
+    applies (the objectives' inner attacks run inside `fit`'s autocast)."""
+    return contextlib.nullcontext() if precision is None else autocast(device, precision)
 
 
 def prepare(x: torch.Tensor, channels_last: bool | None = None) -> torch.Tensor:
@@ -134,16 +103,6 @@ def forward_fn(model: nn.Module, compile: bool = False) -> Callable[[torch.Tenso
     if model not in _compiled:
         _compiled[model] = torch.compile(model)
     return _compiled[model]
-
-
-def make_generator(device: torch.device, seed: int | None = 0,
-                   generator: torch.Generator | None = None) -> torch.Generator:
-    """The caller's generator, or a fresh one seeded with `seed` on `device`."""
-    if generator is not None:
-        return generator
-    if seed is None:
-        raise ValueError("seed must be an integer when no generator is given (explicit randomness)")
-    return torch.Generator(device=device).manual_seed(int(seed))
 
 
 # --- losses (per example, to be maximized by the attacker) -------------------------------------
@@ -173,7 +132,7 @@ def dlr_targeted(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) ->
     return -(z_y - z_t) / (z[:, 0] - 0.5 * (z[:, 2] + z[:, 3]) + 1e-12)
 
 
-def attack_loss(name: str, y: torch.Tensor, targeted: bool = False) -> LossFn:
+def attack_loss(name: str, y: torch.Tensor, targeted: bool = False) -> AttackObjective:
     """Per-example objective to maximize. Untargeted: y are the true labels; targeted: y are
     the target classes ("ce" then maximizes -CE(target), "margin" maximizes z_t - max_{j!=t} z_j)."""
     sign = -1.0 if targeted else 1.0
@@ -197,22 +156,23 @@ def is_fooled(logits: torch.Tensor, y: torch.Tensor, targeted: bool = False) -> 
 # --- gradients and bookkeeping ------------------------------------------------------------------
 
 
-def loss_and_grad(forward: Callable, x: torch.Tensor, loss_fn: LossFn,
-                  amp: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def loss_and_grad(forward: Forward, x: torch.Tensor, objective: AttackObjective,
+                  precision: str | None = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d loss / d x, per-example loss, logits) at x; the gradient is w.r.t. x only, so model
     parameters get no .grad. The summed loss gives per-example gradients (eval mode: no coupling)."""
     x = x.detach().requires_grad_(True)
-    with autocast(x.device, amp):
-        logits = forward(x)
-    logits = logits.float()
-    loss = loss_fn(logits)
-    (grad,) = torch.autograd.grad(loss.sum(), x)
+    with torch.enable_grad():
+        with _autocast(x.device, precision):
+            logits = forward(x)
+        logits = logits.float()
+        loss = objective(logits)
+        (grad,) = torch.autograd.grad(loss.sum(), x)
     return grad, loss.detach(), logits.detach()
 
 
 @torch.no_grad()
-def logits_at(forward: Callable, x: torch.Tensor, amp: bool | None = None) -> torch.Tensor:
-    with autocast(x.device, amp):
+def logits_at(forward: Forward, x: torch.Tensor, precision: str | None = "auto") -> torch.Tensor:
+    with _autocast(x.device, precision):
         return forward(x).float()
 
 
@@ -273,8 +233,16 @@ def ascent_direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
     return grad / _norm2(grad).clamp_min(1e-12)
 
 
-def random_point(x: torch.Tensor, eps: float, norm: str, generator: torch.Generator) -> torch.Tensor:
-    """x plus uniform noise in the eps-ball (L-inf: U[-eps, eps]^d; L2: uniform in the ball), in the box."""
+def pgd_step(x_adv: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, eps: float, alpha: float,
+             norm: str) -> torch.Tensor:
+    """The one PGD step (Madry et al. 2018, Eq. 2): x_adv + alpha * ascent direction of `grad`,
+    projected onto the eps-ball around x and the [0, 1] box."""
+    return project(x_adv + alpha * ascent_direction(grad, norm), x, eps, norm)
+
+
+def random_point(x: torch.Tensor, eps: float, norm: str, generator: torch.Generator | None) -> torch.Tensor:
+    """x plus uniform noise in the eps-ball (L-inf: U[-eps, eps]^d, Madry et al.'s and Wong et
+    al.'s random start; L2: uniform in the ball), in the box. generator None: torch's global RNG."""
     if norm == "linf":
         noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         delta = (2 * noise - 1) * eps
@@ -283,3 +251,23 @@ def random_point(x: torch.Tensor, eps: float, norm: str, generator: torch.Genera
         u = torch.rand((len(x),) + (1,) * (x.dim() - 1), generator=generator, device=x.device, dtype=x.dtype)
         delta = direction / _norm2(direction).clamp_min(1e-12) * eps * u ** (1.0 / x[0].numel())
     return (x + delta).clamp(0.0, 1.0)
+
+
+def pgd_ascent(forward: Forward, x: torch.Tensor, start: torch.Tensor, objective: AttackObjective, *,
+               eps: float, alpha: float, steps: int, norm: str = "linf", precision: str | None = "auto",
+               on_step: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+               ) -> torch.Tensor:
+    """The one PGD loop (Madry et al. 2018, Eq. 2-3): `steps` times x_adv <- pgd_step(x_adv,
+    grad objective(forward(x_adv))), from `start`, in the eps-ball around x and the [0, 1] box.
+
+    on_step(x_adv, loss, logits) sees every iterate before its step (loss per example; the
+    last iterate is returned unevaluated). The caller sets the model's mode and the random
+    start; precision None runs under the caller's autocast. No host sync in the loop.
+    """
+    x, x_adv = x.detach(), start.detach()
+    for _ in range(steps):
+        grad, loss, logits = loss_and_grad(forward, x_adv, objective, precision)
+        if on_step is not None:
+            on_step(x_adv, loss, logits)
+        x_adv = pgd_step(x_adv, grad, x, eps, alpha, norm)
+    return x_adv

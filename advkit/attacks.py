@@ -3,9 +3,10 @@
 x are float images in [0, 1] (N, C, H, W), y int64 labels; budgets are in that pixel space
 (eps=8/255 is 8 grey levels). Every attack puts the model in eval mode and restores each
 module's flag afterwards, takes gradients w.r.t. the input only (parameters' .grad stay
-untouched), returns x_adv clipped to [0, 1], works batch-wise on x's device, and on CUDA uses
-bf16 autocast (`autocast=None` -> on for CUDA) and channels_last inputs. Step loops contain
-no host-device synchronisation. `compile=True` runs a cached `torch.compile` of the model.
+untouched), returns x_adv clipped to [0, 1], works batch-wise on x's device, and takes
+`precision` ("auto": bf16 autocast on CUDA, fp32 elsewhere; "bf16"; "fp32") and channels_last
+inputs on CUDA. Step loops contain no host-device synchronisation. `compile=True` runs a cached
+`torch.compile` of the model.
 
 Attacks: `fgsm`, `pgd` (here), `stadv` (advkit.stadv), `apgd_ce`, `apgd_dlr`, `apgd_t`
 (advkit.apgd) and `autoattack`. Pick them by name with `get_attack` / `ATTACKS`.
@@ -13,16 +14,15 @@ Attacks: `fgsm`, `pgd` (here), `stadv` (advkit.stadv), `apgd_ce`, `apgd_dlr`, `a
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
+from advkit._torch import (Attack, check_choice, check_int, check_number, check_precision, eval_mode,
+                           make_generator)
 from advkit.apgd import apgd, apgd_ce, apgd_dlr, apgd_t
-from advkit.attack_utils import (NORMS, Strongest, ascent_direction, attack_loss, attack_mode,
-                                 check_choice, check_eps, check_images, check_int, check_model_output,
-                                 check_positive, forward_fn, is_fooled, logits_at, loss_and_grad, make_generator,
-                                 prepare, project, random_point)
+from advkit.attack_utils import (NORMS, Strongest, attack_loss, check_eps, check_images, check_model_output,
+                                 forward_fn, is_fooled, logits_at, loss_and_grad, pgd_ascent, prepare,
+                                 random_point)
 from advkit.stadv import stadv
 
 PGD_LOSSES = ("ce", "margin")
@@ -30,24 +30,25 @@ AUTOATTACK_VERSIONS = ("standard", "apgd", "torchattacks")
 
 
 def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255, *,
-         targeted: bool = False, autocast: bool | None = None, channels_last: bool | None = None,
+         targeted: bool = False, precision: str = "auto", channels_last: bool | None = None,
          compile: bool = False) -> torch.Tensor:
     """Fast gradient sign method, x + eps * sign(grad_x CE(f(x), y)), clipped to [0, 1]
     (Goodfellow et al. 2015, Eq. 3). Targeted: y are target classes and the step descends CE."""
     check_images(x, y)
     check_eps(eps, "linf", x)
-    with attack_mode(model):
+    check_precision(precision)
+    with eval_mode(model):
         forward = forward_fn(model, compile)
         x = prepare(x, channels_last)
-        check_model_output(forward, x, y, autocast)
-        grad, _, _ = loss_and_grad(forward, x, attack_loss("ce", y, targeted), autocast)
+        check_model_output(forward, x, y, precision)
+        grad, _, _ = loss_and_grad(forward, x, attack_loss("ce", y, targeted), precision)
         return (x + eps * grad.sign()).clamp(0.0, 1.0)
 
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255,
         alpha: float | None = None, steps: int = 10, *, norm: str = "linf", random_start: bool = True,
         restarts: int = 1, loss: str = "ce", targeted: bool = False, keep_best: bool = True,
-        seed: int | None = 0, generator: torch.Generator | None = None, autocast: bool | None = None,
+        seed: int | None = 0, generator: torch.Generator | None = None, precision: str = "auto",
         channels_last: bool | None = None, compile: bool = False) -> torch.Tensor:
     """Projected gradient ascent on the loss in the eps-ball (Madry et al. 2018, Eq. 2-3).
 
@@ -58,39 +59,42 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255
     its strongest result (a misclassified point beats a correct one, then higher loss wins).
     keep_best: also compare every iterate of a run, not only the last, so more steps or
     restarts (same seed) never make the attack weaker; keep_best=False with one run returns
-    the plain last iterate (Madry et al.'s PGD, as in torchattacks).
+    the plain last iterate (Madry et al.'s PGD, as in torchattacks). The loop is
+    `advkit.attack_utils.pgd_ascent`, the training objectives' inner maximization too.
     """
     check_images(x, y)
     check_eps(eps, norm, x)
-    check_int(steps, "steps")
-    check_int(restarts, "restarts")
-    check_choice(loss, "loss", PGD_LOSSES)
+    check_int("steps", steps)
+    check_int("restarts", restarts)
+    check_choice("loss", loss, PGD_LOSSES)
+    check_precision(precision)
     alpha = 2.5 * eps / steps if alpha is None else alpha
-    check_positive(alpha, "alpha", allow_zero=True)
-    with attack_mode(model):
+    check_number("alpha", alpha)
+    with eval_mode(model):
         forward = forward_fn(model, compile)
         x = prepare(x, channels_last)
-        check_model_output(forward, x, y, autocast)
+        check_model_output(forward, x, y, precision)
         gen = make_generator(x.device, seed, generator) if random_start else None
-        loss_fn = attack_loss(loss, y, targeted)
+        objective = attack_loss(loss, y, targeted)
         best = Strongest(x)
+
+        def keep(x_adv: torch.Tensor, loss_value: torch.Tensor, logits: torch.Tensor) -> None:
+            best.update(x_adv, loss_value, is_fooled(logits, y, targeted))
+
         for _ in range(restarts if random_start else 1):  # without random start all runs coincide
-            x_adv = random_point(x, eps, norm, gen) if random_start else x.clone()
-            for _ in range(steps):
-                grad, loss_val, logits = loss_and_grad(forward, x_adv, loss_fn, autocast)
-                if keep_best:
-                    best.update(x_adv, loss_val, is_fooled(logits, y, targeted))
-                x_adv = project(x_adv + alpha * ascent_direction(grad, norm), x, eps, norm)
+            start = random_point(x, eps, norm, gen) if random_start else x
+            x_adv = pgd_ascent(forward, x, start, objective, eps=eps, alpha=alpha, steps=steps, norm=norm,
+                               precision=precision, on_step=keep if keep_best else None)
             if (restarts == 1 or not random_start) and not keep_best:
                 return x_adv
-            logits = logits_at(forward, x_adv, autocast)
-            best.update(x_adv, loss_fn(logits), is_fooled(logits, y, targeted))
+            logits = logits_at(forward, x_adv, precision)
+            keep(x_adv, objective(logits), logits)
         return best.x
 
 
 def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255, *,
                version: str = "standard", norm: str = "linf", steps: int = 100,
-               n_target_classes: int = 9, seed: int | None = 0, autocast: bool | None = None,
+               n_target_classes: int = 9, seed: int | None = 0, precision: str = "auto",
                channels_last: bool | None = None, compile: bool = False) -> torch.Tensor:
     """AutoAttack-style robust evaluation (Croce & Hein 2020): attacks run in sequence, each on the
     points still classified correctly; a point counts as broken once any attack breaks it.
@@ -105,25 +109,26 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 
     """
     check_images(x, y)
     check_eps(eps, norm, x)
-    check_choice(version, "version", AUTOATTACK_VERSIONS)
-    check_int(steps, "steps")
-    check_int(n_target_classes, "n_target_classes")
+    check_choice("version", version, AUTOATTACK_VERSIONS)
+    check_int("steps", steps)
+    check_int("n_target_classes", n_target_classes)
+    check_precision(precision)
     if version == "torchattacks":
         return _torchattacks_autoattack(model, x, y, eps, norm, seed)
-    kw = dict(eps=eps, norm=norm, steps=steps, autocast=autocast, channels_last=channels_last, compile=compile)
+    kw = dict(eps=eps, norm=norm, steps=steps, precision=precision, channels_last=channels_last, compile=compile)
     runs = [(apgd_ce, {}), (apgd_t, {"n_target_classes": n_target_classes}) if version == "standard"
             else (apgd_dlr, {})]
-    with attack_mode(model):
+    with eval_mode(model):
         forward = forward_fn(model, compile)
-        check_model_output(forward, prepare(x, channels_last), y, autocast)
-        robust = logits_at(forward, prepare(x, channels_last), autocast).argmax(1) == y
+        check_model_output(forward, prepare(x, channels_last), y, precision)
+        robust = logits_at(forward, prepare(x, channels_last), precision).argmax(1) == y
         x_adv = x.detach().clone()
         for i, (attack, extra) in enumerate(runs):
             idx = robust.nonzero().squeeze(1)  # one sync per attack, none per step
             if len(idx) == 0:
                 break
             xa = attack(model, x[idx], y[idx], seed=None if seed is None else seed + i, **kw, **extra)
-            broken = logits_at(forward, xa, autocast).argmax(1) != y[idx]
+            broken = logits_at(forward, xa, precision).argmax(1) != y[idx]
             keep = broken if i > 0 else torch.ones_like(broken)  # unbroken points keep APGD-CE's result
             x_adv[idx[keep]] = xa[keep].to(x_adv.dtype)
             robust[idx[broken]] = False
@@ -136,14 +141,12 @@ def _torchattacks_autoattack(model, x, y, eps, norm, seed):
     except ImportError as err:
         raise ValueError("version='torchattacks' needs the torchattacks package "
                          "(pip install --no-deps torchattacks==3.5.1)") from err
-    with attack_mode(model):
+    with eval_mode(model), torch.enable_grad():
         n_classes = logits_at(model, x[:1]).shape[1]
         atk = torchattacks.AutoAttack(model, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps,
                                       version="standard", n_classes=n_classes, seed=seed or 0)
         return atk(x.detach(), y).clamp(0.0, 1.0)
 
-
-Attack = Callable[..., torch.Tensor]
 
 ATTACKS: dict[str, Attack] = {
     "fgsm": fgsm,
@@ -158,10 +161,9 @@ ATTACKS: dict[str, Attack] = {
 
 def get_attack(name: str) -> Attack:
     """The attack registered under `name` (see ATTACKS); all share attack(model, x, y, **budget)."""
-    if name not in ATTACKS:
-        raise ValueError(f"attack={name!r} is not available; choose one of {sorted(ATTACKS)}")
+    check_choice("attack", name, sorted(ATTACKS))
     return ATTACKS[name]
 
 
-__all__ = ["ATTACKS", "NORMS", "PGD_LOSSES", "apgd", "apgd_ce", "apgd_dlr", "apgd_t", "autoattack", "fgsm",
+__all__ = ["ATTACKS", "Attack", "NORMS", "PGD_LOSSES", "apgd", "apgd_ce", "apgd_dlr", "apgd_t", "autoattack", "fgsm",
            "get_attack", "pgd", "stadv"]

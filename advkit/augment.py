@@ -16,9 +16,7 @@ anew for every batch against the current model (Xu et al.'s ambiguities as switc
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -28,12 +26,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from advkit.attack_utils import make_generator
+from advkit import params
+from advkit._torch import (check_choice, check_int, chunks, eval_mode, loss_and_accuracy, make_generator,
+                           model_device, state_hash, tensors_hash, to_float)
 from advkit.attacks import get_attack
-from advkit.data import to_float
+from advkit.data import Batcher
 from advkit.evaluate import XU2019
 from advkit.objectives import Adversarial
-from advkit.runs import atomic_path, load_torch, write_json
+from advkit.runs import Run, as_stored, atomic_path, cache_is_current, load_torch, read_json, write_json
 
 XU_ATTACKS = tuple(XU2019.attacks)  # ("fgsm", "pgd", "stadv")
 DTYPES = ("uint8", "float32")
@@ -41,22 +41,8 @@ DTYPES = ("uint8", "float32")
 
 def xu_budget(attack: str) -> dict[str, Any]:
     """The attack settings of Xu et al. (2019): FGSM eps 8/255; PGD eps 1/255, 10 steps; stAdv."""
-    if attack not in XU_ATTACKS:
-        raise ValueError(f"attack={attack!r} is not available for augmentation; choose one of {list(XU_ATTACKS)}")
+    check_choice("attack", attack, XU_ATTACKS)
     return dict(XU2019.attacks[attack].params)
-
-
-def _fingerprint(*tensors: torch.Tensor) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(str((tuple(t.shape), str(t.dtype))).encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """A short hash of the model's weights and buffers: which base model made a cached set."""
-    return _fingerprint(*model.state_dict().values())
 
 
 def _quantize(x: torch.Tensor) -> torch.Tensor:
@@ -73,10 +59,8 @@ def adversarial_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, att
     success rate before and after storing (rounding to uint8).
     """
     params = {**xu_budget(attack), **budget}
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not available; choose one of {list(DTYPES)}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    check_choice("dtype", dtype, DTYPES)
+    check_int("batch_size", batch_size)
     if x.dim() != 4 or len(x) != len(y):
         raise ValueError(f"x must be (N, C, H, W) images with N = len(y), got {tuple(x.shape)} and {tuple(y.shape)}")
     fn = get_attack(attack)
@@ -84,47 +68,42 @@ def adversarial_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, att
         inspect.signature(fn).bind(model, x[:1], y[:1], **params)
     except TypeError as err:
         raise ValueError(f"invalid settings for attack {attack!r}: {err}") from err
-    device = next(model.parameters()).device
+    device = model_device(model)
     if "generator" in inspect.signature(fn).parameters:
         params["generator"] = make_generator(device, seed)
     out = torch.empty(x.shape, dtype=torch.uint8 if dtype == "uint8" else torch.float32, device=device)
-    counts = torch.zeros(3, dtype=torch.int64, device=device)  # clean correct, fooled float, fooled stored
-    bar = tqdm(range(0, len(y), batch_size), desc=f"augment {attack}", disable=not progress)
-    for i in bar:
-        xb = to_float(x[i:i + batch_size].to(device))
-        yb = y[i:i + batch_size].to(device)
+    correct_float = torch.zeros((), dtype=torch.int64, device=device)  # before rounding to uint8
+    for s in tqdm(list(chunks(len(y), batch_size)), desc=f"augment {attack}", disable=not progress):
+        xb, yb = to_float(x[s].to(device)), y[s].to(device)
         x_adv = fn(model, xb, yb, **params).detach()
-        stored = _quantize(x_adv) if dtype == "uint8" else x_adv.float()
-        out[i:i + batch_size] = stored
-        with torch.no_grad():
-            was_training = model.training
-            model.eval()
-            counts[0] += (model(xb).argmax(1) == yb).sum()
-            counts[1] += (model(x_adv).argmax(1) != yb).sum()
-            counts[2] += (model(to_float(stored)).argmax(1) != yb).sum()
-            model.train(was_training)
-    clean_correct, fooled_float, fooled_stored = (c / max(len(y), 1) for c in counts.tolist())
-    stats = {"clean_accuracy": clean_correct, "fooled_float": fooled_float, "fooled_stored": fooled_stored}
+        out[s] = _quantize(x_adv) if dtype == "uint8" else x_adv.float()
+        with torch.no_grad(), eval_mode(model):
+            correct_float += (model(x_adv).argmax(1) == yb).sum()
+    stats = {"clean_accuracy": loss_and_accuracy(model, x, y, batch_size=batch_size, precision="fp32").accuracy,
+             "fooled_float": 1 - correct_float.item() / len(y),
+             "fooled_stored": 1 - loss_and_accuracy(model, out, y, batch_size=batch_size, precision="fp32").accuracy}
     return out.to(x.device), stats
 
 
 def augmented_dataset(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: str = "fgsm", *,
-                      run: str | Path | None = None, batch_size: int = 1024, seed: int = 0,
+                      run: str | Path | Run | None = None, batch_size: int = 1024, seed: int = 0,
                       dtype: str = "uint8", progress: bool = True, **budget) -> tuple[torch.Tensor, torch.Tensor]:
     """The Xu et al. augmented training set: concat(clean, adversarial) images, labels (y, y).
 
-    `run` (a run directory) caches the adversarial half in `attacks/augment_<attack>.pt` with its
-    settings (attack, budget, seed, dtype, fingerprints of the base model and the data); a cache
-    whose settings differ is regenerated. Settings and statistics also go to the `.json` beside it.
+    `run` caches the adversarial half in `attacks/augment_<attack>.pt` (`Run.augmentation`) with
+    its settings (attack, budget, seed, dtype, content hashes of the base model and the data); a
+    cache made with other settings is regenerated with a StaleCacheWarning naming the setting
+    (`advkit.runs.cache_is_current`). Settings and statistics also go to the `.json` beside it.
     """
     settings = {"attack": attack, "budget": {**xu_budget(attack), **budget}, "seed": seed, "dtype": dtype,
-                "batch_size": batch_size, "n": len(y), "model": model_fingerprint(model),
-                "data": _fingerprint(x, y)}
-    cache = Path(run) / "attacks" / f"augment_{attack}.pt" if run is not None else None
+                "batch_size": batch_size, "n": len(y), "model": state_hash(model),
+                "data": tensors_hash([("x", x), ("y", y)])}
+    cache = Run.of(run).augmentation(attack) if run is not None else None
     x_adv = None
     if cache is not None and cache.exists():
         payload = load_torch(cache)
-        if isinstance(payload, dict) and "x_adv" in payload and _jsonable(payload.get("settings")) == _jsonable(settings):
+        stored = payload.get("settings") if isinstance(payload, dict) and "x_adv" in payload else None
+        if cache_is_current(cache, stored, settings):
             x_adv = payload["x_adv"].to(x.device)
     if x_adv is None:
         t0 = time.perf_counter()
@@ -133,27 +112,28 @@ def augmented_dataset(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack
         if cache is not None:
             with atomic_path(cache) as tmp:
                 torch.save({"x_adv": x_adv.cpu(), "settings": settings}, tmp)
-            device = str(next(model.parameters()).device)
-            write_json(cache.with_suffix(".json"), {"settings": settings, "stats": stats, "device": device,
-                                                    "time_s": time.perf_counter() - t0})
+            write_json(Run.of(run).augmentation(attack, ".json"), {
+                "settings": settings, "stats": stats, "device": str(model_device(model)),
+                "time_s": time.perf_counter() - t0})
     clean = x if dtype == "uint8" and x.dtype == torch.uint8 else (
         _quantize(to_float(x)) if dtype == "uint8" else to_float(x).float())
     return torch.cat([clean, x_adv.to(clean.dtype)]), torch.cat([y, y])
 
 
-def _jsonable(obj: Any) -> Any:
-    """Settings as JSON would store them (tuples become lists), for cache comparison."""
-    return json.loads(json.dumps(obj, sort_keys=True, default=str))
-
-
-def finetune_config(epochs: int, *, lr: float = 1e-3, batch_size: int = 128, **overrides):
-    """Fine-tuning settings of the seed's code: Adam, lr 1e-3, batch 128, random crop + flip,
-    constant lr, no weight decay (overrides replace any TrainConfig field)."""
+def finetune_config(epochs: int, *, lr: float = 1e-3, **overrides: Any):
+    """Fine-tuning settings of the seed's code: Adam, lr 1e-3, constant lr, no weight decay
+    (overrides replace any TrainConfig field); its batches are `finetune_batcher`'s."""
     from advkit.train import TrainConfig
 
-    settings = dict(epochs=epochs, batch_size=batch_size, optimizer="adam", lr=lr, weight_decay=0.0,
-                    schedule="constant", augment=True, padding=4)
+    settings = dict(epochs=epochs, optimizer="adam", lr=lr, weight_decay=0.0, schedule="constant")
     return TrainConfig(**{**settings, **overrides})
+
+
+def finetune_batcher(x: torch.Tensor, y: torch.Tensor, batch_size: int = 128, *, padding: int = 4,
+                     **kwargs: Any) -> Batcher:
+    """The seed code's fine-tuning batches: `batch_size` 128, random crop (`padding` px) + flip;
+    `kwargs` (seed, device, ...) go to the Batcher."""
+    return Batcher(x, y, batch_size, augment=True, padding=padding, **kwargs)
 
 
 # --- Xu et al.'s ambiguities as switches --------------------------------------------------------
@@ -165,8 +145,7 @@ CODE_EPS = 8 / 255  # the L-inf bound of the released code (joycex99/adversarial
 def xu_training_budget(attack: str, budget: dict[str, Any], eps: float | None = None) -> dict[str, Any]:
     """The augmentation budget: `budget` (Table 1's evaluation settings) or, with `eps`, the L-inf attacks
     at `eps` instead (the released code trains at 8/255 for FGSM and PGD; PGD step eps/4); stAdv unchanged."""
-    if eps is not None and not (isinstance(eps, (int, float)) and 0 < eps <= 1):
-        raise ValueError(f"eps must be None or a number in (0, 1], got {eps!r}")
+    params.check("eps", eps, params.PARAMS["xu_augment_eps"])  # notebook 03's rule: None or in (0, 1]
     budget = {k: v for k, v in budget.items() if v is not None}
     if eps is None or attack == "stadv":
         return budget
@@ -183,8 +162,7 @@ class RegeneratedAugmentation(Adversarial):
     """
 
     def __init__(self, attack: str = "fgsm", **budget: Any):
-        if attack not in XU_ATTACKS:
-            raise ValueError(f"attack={attack!r} is not available for augmentation; choose one of {list(XU_ATTACKS)}")
+        check_choice("attack", attack, XU_ATTACKS)
         self.attack = attack
         self.budget = {**xu_budget(attack), **{k: v for k, v in budget.items() if v is not None}}
         fn = get_attack(attack)
@@ -209,14 +187,14 @@ class RegeneratedAugmentation(Adversarial):
 LEGACY_FINETUNE = {"augment_mode": "static", "storage": "uint8", "augment_eps": None}
 
 
-def check_finetune_settings(run: str | Path, name: str, settings: dict[str, Any]) -> None:
+def check_finetune_settings(run: str | Path | Run, name: str, settings: dict[str, Any]) -> None:
     """Fail, naming the switch, when fine-tune `name` of `run` has a checkpoint made with other Xu switches
     (`fit` would otherwise resume it silently); else record `settings` beside the checkpoint."""
-    checkpoint = Path(run) / "checkpoints" / f"{name}.state.pt"
-    record = checkpoint.with_name(f"{name}.xu.json")
+    run = Run.of(run)
+    checkpoint, record = run.training_state(name), run.finetune_settings(name)
     if checkpoint.exists():
-        saved = json.loads(record.read_text()) if record.exists() else LEGACY_FINETUNE
-        differ = [k for k in settings if _jsonable(saved.get(k)) != _jsonable(settings[k])]
+        saved = read_json(record) if record.exists() else LEGACY_FINETUNE
+        differ = [k for k in settings if as_stored(saved.get(k)) != as_stored(settings[k])]
         if differ:
             was = ", ".join(f"{k}={saved.get(k)!r}" for k in differ)
             now = ", ".join(f"{k}={settings[k]!r}" for k in differ)

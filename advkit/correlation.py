@@ -14,18 +14,29 @@ hence as stable), from `BOOTSTRAP_MIN_N` models on. Below each method's minimum 
 `correlation_table` makes one tidy DataFrame for a per-model table;
 `summarize` turns it into a few plain sentences: which expected relations (`Claim`) the
 numbers support, contradict or leave open, and how confidently.
+
+The second half is notebook 05's report on the per-model table that `advkit.zoo.flatness_table`
+measures (measuring stays in `advkit.zoo`; this module only reads tables): the headline columns
+(`overview`), Stutz et al.'s Table 1 (`early_stopping_table`), the correlations over distinct
+weights (`correlations`, `correlation_view`), Walter et al.'s confidence summary and the
+plain-language `summary` of every seed claim.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import scipy.stats
+
+from advkit.params import XU_ATTACKS  # Xu et al.'s fine-tunes, named after their attack
+from advkit.runs import EARLY_SUFFIX
 
 METHODS = ("pearson", "spearman", "kendall")
 CI_METHODS = ("fisher", "bootstrap")
@@ -304,3 +315,186 @@ def summarize(table: pd.DataFrame, claims: Sequence[Claim] = SEED_CLAIMS, *, met
                    "a verdict. Read these as indications, not evidence.")
     return "\n".join(out)
 
+
+# --- notebook 05's report: what the per-model table says ----------------------------------------
+
+# What notebook 05 correlates: robustness-side and flatness-side columns of `advkit.zoo.flatness_table`.
+ROBUSTNESS = ("robust_loss_test", "robust_gap", "robust_err", "robust_acc", "one_minus_ssim", "surface_sharpness")
+FLATNESS = ("avg_case_flatness", "avg_case_flatness_train", "worst_case_flatness", "hessian_top_eig", "hessian_trace",
+            "relative_flatness", "surface_sharpness")
+
+
+def distinct_models(table: pd.DataFrame) -> pd.DataFrame:
+    """`table` without the `<name>_early` rows whose early-stopping epoch is `<name>`'s final epoch:
+    those are the same weights, and counting them twice would inflate n in a correlation."""
+    same = [f"{name}{EARLY_SUFFIX}" for name in table.index
+            if f"{name}{EARLY_SUFFIX}" in table.index and "epoch" in table.columns
+            and table.at[f"{name}{EARLY_SUFFIX}", "epoch"] == table.at[name, "epoch"]]
+    return table.drop(index=same)
+
+
+def correlations(table: pd.DataFrame, robustness: Sequence[str] = ROBUSTNESS, flatness: Sequence[str] = FLATNESS,
+                 **kwargs: Any) -> pd.DataFrame:
+    """`correlation_table` over the columns of `table` that exist, each distinct set
+    of weights once (`distinct_models`); kwargs: methods, ci, n_resamples, confidence_level, seed."""
+    table = distinct_models(table)
+    rob = [c for c in robustness if c in table.columns]
+    flat = [c for c in flatness if c in table.columns]
+    if not rob or not flat:
+        raise ValueError(f"the table has none of the robustness columns {list(robustness)} or none of the "
+                         f"flatness columns {list(flatness)}")
+    return correlation_table(table, rob, flat, **kwargs)
+
+
+def correlation_view(corr: pd.DataFrame, min_n: int = 3, decimals: int = 3) -> pd.DataFrame:
+    """Wide view of `correlations`: one row per (robustness, flatness, n) pair with at least `min_n`
+    models, columns (method, statistic / ci_low / ci_high), rounded."""
+    sub = corr[corr["n"] >= min_n]
+    methods = [m for m in ("pearson", "spearman", "kendall") if m in set(sub["method"])]
+    stats = ["statistic", "ci_low", "ci_high"]
+    wide = sub.set_index(["robustness", "flatness", "method"])[stats].unstack("method")
+    wide = wide.swaplevel(0, 1, axis=1).reindex(columns=pd.MultiIndex.from_product([methods, stats]))
+    pairs = pd.MultiIndex.from_frame(sub[["robustness", "flatness"]].drop_duplicates())
+    wide = wide.reindex(pairs)
+    wide.insert(0, ("", "n"), sub.groupby(["robustness", "flatness"])["n"].first().reindex(pairs).to_numpy())
+    return wide.round(decimals)
+
+
+def available_pairs(table: pd.DataFrame, pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The (x, y) column pairs of `pairs` that at least one model has both values of (what can be plotted)."""
+    return [(a, b) for a, b in pairs
+            if a in table.columns and b in table.columns and table[[a, b]].notna().all(axis=1).any()]
+
+
+def trajectories(table: pd.DataFrame) -> list[str]:
+    """Families with checkpoints at two or more epochs (for Stutz et al.'s Fig. 5)."""
+    rows = table.dropna(subset=["epoch"])
+    return [f for f, g in rows.groupby("family") if g["epoch"].nunique() >= 2]
+
+
+def overview(table: pd.DataFrame, decimals: int = 3) -> pd.DataFrame:
+    """The headline columns of `flatness_table` (those present), rounded: what notebook 05 shows."""
+    cols = ["epoch", "early_stopped", "clean_acc", "robust_acc", "robust_err", "robust_err_train",
+            "robust_loss_train", "robust_loss_test", "robust_gap", "avg_case_flatness", "avg_case_flatness_train",
+            "worst_case_flatness", "hessian_top_eig", "hessian_trace", "relative_flatness", "relative_flatness_adv",
+            "one_minus_ssim", "surface_sharpness"]
+    return table[[c for c in cols if c in table.columns]].round(decimals)
+
+
+def early_stopping_table(table: pd.DataFrame, decimals: int = 3) -> pd.DataFrame:
+    """Stutz et al. Table 1 for every model with early-stopped weights (`<name>` and `<name>_early`):
+    test and train RErr and flatness in RLoss of the final weights, then RErr, RLoss and flatness
+    after early stopping, and whether early stopping found a flatter minimum (their Sec. 4; NaN
+    when the early-stopped epoch is the final one)."""
+    rows = {}
+    for name in table.index:
+        early = f"{name}{EARLY_SUFFIX}"
+        if early not in table.index:
+            continue
+        final, stopped = table.loc[name], table.loc[early]
+        rows[name] = {"robust_err": final.get("robust_err"), "robust_err_train": final.get("robust_err_train"),
+                      "avg_case_flatness": final.get("avg_case_flatness"),
+                      "robust_loss_test": final.get("robust_loss_test"),
+                      "early_epoch": stopped.get("epoch"), "early_robust_err": stopped.get("robust_err"),
+                      "early_robust_loss_test": stopped.get("robust_loss_test"),
+                      "early_avg_case_flatness": stopped.get("avg_case_flatness"),
+                      # NaN when early stopping kept the final epoch (the same weights)
+                      "early_flatter": (np.nan if stopped.get("epoch") == final.get("epoch") else
+                                        bool(stopped.get("avg_case_flatness") < final.get("avg_case_flatness")))}
+    out = pd.DataFrame.from_dict(rows, orient="index")
+    out.index.name = "model"
+    return out.round(decimals)
+
+
+def _copies(table: pd.DataFrame) -> list[str]:
+    """Models that are checkpoints of another model's training run: epoch checkpoints (their
+    `family` is another model) and early-stopped weights."""
+    family = table["family"] if "family" in table.columns else pd.Series(table.index, index=table.index)
+    return [m for m in table.index if family[m] != m or m.endswith(EARLY_SUFFIX)]
+
+
+def settings_of(table: pd.DataFrame) -> pd.Series:
+    """The settings every row was computed with (one set; ValueError if rows disagree)."""
+    keys = table["settings"].unique()
+    if len(keys) != 1:
+        raise ValueError(f"rows were computed with {len(keys)} different settings")
+    return pd.Series(json.loads(keys[0]))
+
+
+def confidently_wrong(table: pd.DataFrame, confident: float = 0.9) -> float:
+    """Share of the inputs of a `confidence_flatness` table that are wrong with max softmax >= `confident`."""
+    return float(((table["confidence"] >= confident) & ~table["correct"].astype(bool)).mean())
+
+
+def confidence_summary(clean: pd.DataFrame, adversarial: pd.DataFrame,
+                       confident: float = 0.9) -> pd.DataFrame:
+    """Walter et al. 2025 in numbers: per input kind, accuracy, mean confidence, median relative
+    flatness and the share of inputs that are confidently (max softmax >= `confident`) wrong.
+    Inputs: `advkit.flatness.confidence_flatness` tables for clean and adversarial inputs."""
+    rows = {}
+    for kind, df in (("clean", clean), ("adversarial", adversarial)):
+        rows[kind] = {"n": len(df), "accuracy": df["correct"].mean(), "mean_confidence": df["confidence"].mean(),
+                      "median_relative_flatness": df["relative_flatness"].median(),
+                      "confidently_wrong": confidently_wrong(df, confident)}
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def summary(table: pd.DataFrame, correlations: pd.DataFrame,
+            confidence: tuple[pd.DataFrame, pd.DataFrame] | None = None, *,
+            claims: Sequence[Claim] = SEED_CLAIMS, method: str = "spearman", base: str = "base") -> str:
+    """Plain-language summary of notebook 05 generated from the numbers.
+
+    The cross-model claims (`summarize`), Xu et al.'s "adversarial
+    fine-tuning sharpens the surface" as a count of fine-tunes sharper than `base`, and
+    Walter et al.'s "adversarial examples sit in flat regions" from (clean, adversarial)
+    `confidence_flatness` tables of one model (Mann-Whitney U test).
+    """
+    n = len(table)
+    lines = [f"{n} model{'s' if n != 1 else ''} measured ({', '.join(map(str, table.index))})."]
+    if n < 3:
+        lines.append("Correlations across models need at least 3 models (4 for a confidence interval); "
+                     "this run has too few, so no cross-model claim can be tested. Add fine-tuned or "
+                     "adversarially trained models (notebook 03).")
+    else:
+        lines.append(summarize(correlations, claims, method=method))
+    lines += _xu_line(table, base)
+    if confidence is not None:
+        lines.append(_walter_line(*confidence))
+    if n >= 3:
+        epochs = len(_copies(table))
+        lines.append(f"How far to trust this: {n} models from one seed, evaluated on one subset"
+                     + (f"; {epochs} of them are checkpoints of another model's training run, so the models are "
+                        "not independent" if epochs else "")
+                     + "; several claims are tested at once without correction, so one SUPPORTED verdict among "
+                       "them can be chance. Treat verdicts as hypotheses for the paper profile.")
+    return "\n".join(lines)
+
+
+def _xu_line(table: pd.DataFrame, base: str) -> list[str]:
+    """How many of Xu et al.'s fine-tunes have a sharper surface than the base model (none if unknown)."""
+    sharp = table["surface_sharpness"] if "surface_sharpness" in table.columns else pd.Series(dtype=float)
+    if base not in sharp.index or not np.isfinite(sharp[base]):
+        return []
+    tuned = [f for f in XU_ATTACKS if f in sharp.index and np.isfinite(sharp[f])]
+    if not tuned:
+        return []
+    sharper = [f for f in tuned if sharp[f] > sharp[base]]
+    return [f"- Xu et al. 2019 (fine-tuning sharpens the landscape): {len(sharper)} of {len(tuned)} adversarially "
+            f"fine-tuned models have a sharper clean-loss surface than {base} ({', '.join(sharper) or 'none'}); "
+            "one run, one direction pair: an indication only."]
+
+
+def _walter_line(clean: pd.DataFrame, adv: pd.DataFrame) -> str:
+    """Walter et al.'s claim for one model: is kappa smaller on adversarial than on clean inputs?"""
+    flatter = scipy.stats.mannwhitneyu(adv["relative_flatness"], clean["relative_flatness"], alternative="less")
+    sharper = scipy.stats.mannwhitneyu(adv["relative_flatness"], clean["relative_flatness"], alternative="greater")
+    verdict = ("SUPPORTED" if flatter.pvalue < 0.05 else
+               "CONTRADICTED (adversarial inputs sit in SHARPER regions)" if sharper.pvalue < 0.05 else
+               "INCONCLUSIVE")
+    wrong = confidently_wrong(adv)
+    return (f"- Walter et al. 2025 (adversarial examples sit in flatter regions): {verdict} for one model - "
+            f"median relative flatness {adv['relative_flatness'].median():.3g} on adversarial vs "
+            f"{clean['relative_flatness'].median():.3g} on clean inputs (one-sided Mann-Whitney "
+            f"p = {min(flatter.pvalue, sharper.pvalue):.2g}, n = {len(adv)} images); {100 * wrong:.0f}% of the "
+            "adversarial inputs are confidently (>= 0.9) wrong, and kappa is small exactly where the model is "
+            "confident, so this tracks how confident the attack leaves it.")

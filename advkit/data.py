@@ -12,10 +12,14 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from advkit._torch import check_int, to_float  # to_float: re-exported (README)
+from advkit.artifacts import atomic_path, checksum_path, verified
 
 DATASETS = ("digits", "cifar10")
 
@@ -50,11 +54,6 @@ def default_data_dir() -> Path:
 
     resolve_environment_paths()
     return Path(os.environ.get("ADVKIT_DATA_DIR") or repo_root() / "data")
-
-
-def to_float(x: torch.Tensor) -> torch.Tensor:
-    """uint8 images -> float32 in [0, 1] (float input is returned unchanged)."""
-    return x.float().div_(255) if x.dtype == torch.uint8 else x
 
 
 def get_dataset(name: str, data_dir: str | Path | None = None, download: bool = True) -> Dataset:
@@ -133,8 +132,6 @@ def source_key(folders: list[Path]) -> str:
 def _read_cache(cache: Path, key: str) -> tuple[dict[str, torch.Tensor] | None, str | None]:
     """The cached arrays if the cache is intact and was built from the same source files; else
     (None, why it must be rebuilt), or (None, None) when there is no cache."""
-    from advkit.runs import checksum_path, verified
-
     if not cache.exists():
         return None, None
     if not checksum_path(cache).exists():
@@ -205,8 +202,6 @@ def _image_folder(root: Path, split: str) -> dict[str, torch.Tensor]:
 
 
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    from advkit.runs import atomic_path
-
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
@@ -250,14 +245,16 @@ class Batcher:
 
     Shuffling and augmentation draw from a CPU generator seeded with (seed, epoch), so an
     epoch's batches depend only on the seed and the epoch number: exact resumption needs
-    no saved state. `augment` is random crop with `padding` plus horizontal flip.
+    no saved state. `augment` is random crop with `padding` plus horizontal flip. `fit` uses a
+    Batcher as given: its batch size, augmentation and seed are the training's (`settings`).
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool = True,
                  augment: bool = False, padding: int = 4, flip: bool = True, seed: int = 0,
                  device: str | torch.device = "cpu", drop_last: bool = False):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        check_int("batch_size", batch_size)
+        check_int("padding", padding, minimum=0)
+        check_int("seed", seed, minimum=0)
         if len(x) != len(y):
             raise ValueError(f"x and y differ in length: {len(x)} vs {len(y)}")
         self.x = x.to(device)
@@ -268,6 +265,12 @@ class Batcher:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def settings(self) -> dict[str, Any]:
+        """What determines this Batcher's batches (recorded with a training state, checked on resume)."""
+        return {"batcher": type(self).__name__, "n": len(self.y), "batch_size": self.batch_size,
+                "shuffle": self.shuffle, "augment": self.augment, "padding": self.padding, "flip": self.flip,
+                "seed": self.seed, "drop_last": self.drop_last}
 
     def __len__(self) -> int:
         n = len(self.y)

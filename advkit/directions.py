@@ -9,7 +9,6 @@ it does not mention are not perturbed.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -18,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from advkit._torch import check_choice, check_int, model_device, tensors_hash
 
 NORMS = ("filter", "layer", "weight", "none")
 BN_POLICIES = ("ignore", "include")
@@ -56,7 +57,7 @@ class Directions:
 
     @cached_property
     def sha256(self) -> str:
-        """Hash of the direction tensors' bytes (float32, CPU, names sorted): device independent."""
+        """Content hash of the directions (`directions_hash`): device and dtype independent."""
         return directions_hash(self.vectors)
 
     @cached_property
@@ -116,8 +117,7 @@ def normalize_direction(d: torch.Tensor, theta: torch.Tensor, norm: str) -> torc
     (Li et al. 2018; Xu et al. Eq. 6). layer: the whole tensor gets norm ||theta||.
     weight: d * |theta| elementwise. none: unchanged.
     """
-    if norm not in NORMS:
-        raise ValueError(f"norm={norm!r} is not available; choose one of {list(NORMS)}")
+    check_choice("norm", norm, NORMS)
     d, theta = d.float(), theta.detach().float()
     if norm == "none":
         return d.clone()
@@ -132,11 +132,6 @@ def normalize_direction(d: torch.Tensor, theta: torch.Tensor, norm: str) -> torc
     return d * (t_norm / (d_norm + 1e-10)).view(-1, *([1] * (d.dim() - 1)))
 
 
-def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not available; choose one of {list(allowed)}")
-
-
 def random_directions(model: nn.Module, n: int = 2, *, seed: int, norm: str = "filter",
                       bn: str = "ignore", orthogonalize: bool = False) -> Directions:
     """Seeded Gaussian directions over the model's parameters, normalized per `norm`.
@@ -149,14 +144,13 @@ def random_directions(model: nn.Module, n: int = 2, *, seed: int, norm: str = "f
     """
     if n not in (1, 2):
         raise ValueError(f"n must be 1 or 2, got {n}")
-    _check_choice("norm", norm, NORMS)
-    _check_choice("bn", bn, BN_POLICIES)
-    if not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    check_choice("norm", norm, NORMS)
+    check_choice("bn", bn, BN_POLICIES)
+    check_int("seed", seed, minimum=0)
     params = dict(model.named_parameters())
     ignored = ignored_parameters(model) if bn == "ignore" else set()
-    device = next(iter(params.values())).device
-    gen = torch.Generator().manual_seed(seed)
+    device = model_device(model)
+    gen = torch.Generator().manual_seed(int(seed))
     vectors = []
     for _ in range(n):
         d = {}
@@ -402,31 +396,6 @@ def orthogonalized(d1: Mapping[str, torch.Tensor], d2: Mapping[str, torch.Tensor
 
 
 def directions_hash(vectors: Sequence[Mapping[str, torch.Tensor]]) -> str:
-    """sha256 over names, shapes and float32 bytes of every direction (names sorted)."""
-    h = hashlib.sha256()
-    for i, d in enumerate(vectors):
-        h.update(f"direction{i}".encode())
-        for k in sorted(d):
-            t = d[k].detach().to("cpu", torch.float32).contiguous()
-            h.update(f"{k}:{tuple(t.shape)}".encode())
-            h.update(t.numpy().tobytes())
-    return h.hexdigest()
-
-
-def tensors_hash(*tensors: torch.Tensor) -> str:
-    """sha256 of tensors' shapes, dtypes and bytes (to identify a data subset or a model)."""
-    h = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().cpu().contiguous()
-        h.update(f"{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def state_hash(model: nn.Module) -> str:
-    """sha256 of a model's state dict (names sorted): identifies the centre of a surface."""
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(tensors_hash(v).encode())
-    return h.hexdigest()
+    """`_torch.tensors_hash` over every direction's entries (names sorted, float32): the same
+    directions give the same hash on any device and in any storage dtype."""
+    return tensors_hash((f"direction{i}.{k}", d[k].detach().float()) for i, d in enumerate(vectors) for k in sorted(d))

@@ -1,7 +1,8 @@
 """Clean and robust accuracy, robust loss and 1 - SSIM over a dataset, plus the seed papers' presets.
 
 Inputs are whole tensors (x uint8 or float in [0, 1], y int64) on any device; batches move to
-the model's device, counts accumulate there and one host sync per call returns Python floats.
+the model's device. Accuracies and losses come from `advkit._torch.loss_and_accuracy` (the one
+evaluation loop; with `attack=` for the robust numbers), one host sync per call.
 """
 
 from __future__ import annotations
@@ -15,63 +16,54 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from advkit.attack_utils import attack_mode, check_int, logits_at, make_generator
+from advkit._torch import check_int, check_number, check_precision, loss_and_accuracy, make_generator, to_float
 from advkit.attacks import get_attack
-from advkit.data import to_float
 
 AttackLike = str | Callable[..., torch.Tensor]
 
 
-def _device(model: nn.Module, x: torch.Tensor) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else x.device
-
-
 def _check(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> None:
-    check_int(batch_size, "batch_size")
+    check_int("batch_size", batch_size)
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"x must be images (N, C, H, W), got {getattr(x, 'shape', type(x))}")
     if not isinstance(y, torch.Tensor) or y.shape != x.shape[:1]:
         raise ValueError(f"y must be labels of shape ({len(x)},), got {tuple(getattr(y, 'shape', ()))}")
 
 
-def _batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device):
-    for i in range(0, len(y), batch_size):
-        yield to_float(x[i:i + batch_size].to(device)), y[i:i + batch_size].to(device)
-
-
-def _resolve(attack: AttackLike, seed: int | None) -> tuple[Callable[..., torch.Tensor], dict[str, Any]]:
-    """The attack callable, plus a generator shared across batches when it takes one."""
-    fn = get_attack(attack) if isinstance(attack, str) else attack
+def _takes(fn: Callable[..., Any], name: str) -> bool:
     target = get_attack(fn.attack) if isinstance(fn, AttackSpec) else fn
     try:
-        takes_generator = "generator" in inspect.signature(target).parameters
+        return name in inspect.signature(target).parameters
     except (TypeError, ValueError):
-        takes_generator = False
-    return fn, {"generator": seed} if takes_generator and seed is not None else {}
+        return False
 
 
-def _run_attack(fn, extra, model, xb, yb, kw):
-    if "generator" in extra and "generator" not in kw:
-        if not isinstance(extra["generator"], torch.Generator):
-            extra["generator"] = make_generator(xb.device, extra["generator"])
-        kw = {**kw, "generator": extra["generator"]}
-    return fn(model, xb, yb, **kw)
+def _batch_attack(attack: AttackLike, seed: int | None, precision: str,
+                  kw: Mapping[str, Any]) -> Callable[..., torch.Tensor]:
+    """attack(model, xb, yb) for `loss_and_accuracy`: the attack with its settings `kw`, the
+    evaluation's precision when it takes one, and one generator seeded with `seed` shared by all
+    batches when it takes a generator (created lazily on the batches' device)."""
+    fn = get_attack(attack) if isinstance(attack, str) else attack
+    kw = dict(kw)
+    if _takes(fn, "precision"):
+        kw.setdefault("precision", precision)
+    seeded = seed is not None and "generator" not in kw and _takes(fn, "generator")
+
+    def run(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        if seeded and "generator" not in kw:
+            kw["generator"] = make_generator(xb.device, seed)
+        return fn(model, xb, yb, **kw)
+
+    return run
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024,
-             amp: bool | None = None) -> float:
+             precision: str = "auto") -> float:
     """Top-1 accuracy of model on (x, y), eval mode (restored after), in large batches."""
     _check(x, y, batch_size)
-    device = _device(model, x)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    with attack_mode(model):
-        for xb, yb in _batches(x, y, batch_size, device):
-            correct += (logits_at(model, xb, amp).argmax(1) == yb).sum()
-    return correct.item() / max(len(y), 1)
+    return loss_and_accuracy(model, x, y, batch_size=batch_size, precision=precision).accuracy
 
 
 def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: AttackLike = "pgd",
@@ -89,26 +81,25 @@ def robust_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Atta
 
 def robust_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: AttackLike = "pgd",
                    batch_size: int = 512, *, ssim: bool = False, seed: int | None = 0,
-                   amp: bool | None = None, **kw) -> dict[str, float]:
-    """One attack pass giving {"accuracy", "loss" (mean CE), and with ssim=True "ssim_distance"}."""
+                   precision: str = "auto", **kw) -> dict[str, float]:
+    """One attack pass giving {"accuracy", "loss" (mean CE), and with ssim=True "ssim_distance"}.
+    `precision` is the evaluation's and the attack's (when it takes one); **kw are the attack's."""
     _check(x, y, batch_size)
-    fn, extra = _resolve(attack, seed)
-    device = _device(model, x)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    check_precision(precision)
+    run = _batch_attack(attack, seed, precision, kw)
     ssim_sum = 0.0
-    for xb, yb in _batches(x, y, batch_size, device):
-        x_adv = _run_attack(fn, extra, model, xb, yb, kw)
-        with attack_mode(model):
-            logits = logits_at(model, x_adv, amp)
-        correct += (logits.argmax(1) == yb).sum()
-        total_loss += F.cross_entropy(logits, yb, reduction="sum")
+
+    def attack_and_measure(m: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        nonlocal ssim_sum
+        x_adv = run(m, xb, yb)
         if ssim:
             ssim_sum += ssim_distance(xb, x_adv) * len(yb)
-    n = max(len(y), 1)
-    out = {"accuracy": correct.item() / n, "loss": total_loss.item() / n}
+        return x_adv
+
+    result = loss_and_accuracy(model, x, y, batch_size=batch_size, precision=precision, attack=attack_and_measure)
+    out = {"accuracy": result.accuracy, "loss": result.loss}
     if ssim:
-        out["ssim_distance"] = ssim_sum / n
+        out["ssim_distance"] = ssim_sum / len(y)
     return out
 
 
@@ -129,11 +120,9 @@ def stadv_flow_sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     max_flows = list(max_flows)
     if not max_flows:
         raise ValueError("max_flows must list at least one flow bound (pixels, or None for unbounded)")
-    for value in max_flows:
-        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
-                                      and 0 < value <= max(x.shape[2:])):
-            raise ValueError(f"max_flows must hold flow bounds in (0, {max(x.shape[2:])}] pixels or None, "
-                             f"got {value!r}")
+    for value in max_flows:  # flow bounds in pixels, or None (unbounded)
+        if value is not None:
+            check_number("max_flows", value, 0.0, max(x.shape[2:]), low_open=True)
     rows = []
     for value in max_flows:
         metrics = robust_metrics(model, x, y, "stadv", batch_size, ssim=True, seed=None, max_flow=value, **kw)
@@ -252,8 +241,8 @@ def evaluate_attacks(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     result: dict[str, dict[str, float]] = {"accuracy": {}, "loss": {}}
     if ssim:
         result["ssim_distance"] = {"clean": 0.0}
-    clean = robust_metrics(model, x, y, lambda m, xb, yb: xb, batch_size, seed=None)
-    result["accuracy"]["clean"], result["loss"]["clean"] = clean["accuracy"], clean["loss"]
+    clean = loss_and_accuracy(model, x, y, batch_size=batch_size)
+    result["accuracy"]["clean"], result["loss"]["clean"] = clean.accuracy, clean.loss
     for label, attack in attacks.items():
         metrics = robust_metrics(model, x, y, attack, batch_size, ssim=ssim, seed=seed)
         for key, value in metrics.items():

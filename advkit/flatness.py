@@ -20,7 +20,6 @@ perturbed weights. Every random choice is seeded.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,8 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from advkit.hessian import (Attack, LossFn, WithParams, adversarial_inputs, check_data, check_positive_int, chunks,
-                            eval_mode, model_device, per_example_cross_entropy, select_params)
+from advkit._torch import (Attack, PerExampleLoss, WithParams, check_int, check_number, chunks, eval_mode,
+                           loss_and_accuracy, make_generator, model_device, to_float)
+from advkit.attack_utils import pgd_step, random_point
+from advkit.hessian import adversarial_inputs, check_data, per_example_cross_entropy, select_params
 from advkit.runs import describe_callable
 
 
@@ -56,9 +57,12 @@ class FlatnessResult:
         return row
 
 
-def _check_radius(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+def _settings(attack: Attack | None, loss_fn: PerExampleLoss | None, include_bn: bool, x: torch.Tensor,
+              **metric: Any) -> dict[str, Any]:
+    """The settings every flatness row records: the metric's own, then the loss it measured."""
+    return {**metric, "attack": describe_callable(attack),
+            "loss_fn": describe_callable(loss_fn or per_example_cross_entropy), "include_bn": include_bn,
+            "n_data": len(x)}
 
 
 # --- loss over the subset ---------------------------------------------------------------------
@@ -66,23 +70,14 @@ def _check_radius(name: str, value: float) -> None:
 
 def dataset_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
                  params: dict[str, torch.Tensor] | None = None, attack: Attack | None = None,
-                 loss_fn: LossFn | None = None, batch_size: int = 500) -> float:
-    """Mean loss over (x, y) at substituted `params` (by name; the rest as in `model`), eval mode.
+                 loss_fn: PerExampleLoss | None = None, batch_size: int = 500) -> float:
+    """Mean loss over (x, y) at substituted `params` (by name; the rest as in `model`), eval mode, fp32.
 
     With `attack`, each chunk is first replaced by attack(model_at_params, x, y): the robust loss.
     """
-    loss_fn = loss_fn or per_example_cross_entropy
     net = model if params is None else WithParams(model, params)
-    device = model_device(model)
-    total = torch.zeros((), device=device, dtype=torch.float64)
-    with eval_mode(model):
-        for s in chunks(len(x), batch_size):
-            xb, yb = x[s].to(device), y[s].to(device)
-            if attack is not None:
-                xb = attack(net, xb, yb).detach()
-            with torch.no_grad():
-                total = total + loss_fn(net(xb), yb).sum().double()
-    return float(total) / len(x)
+    return loss_and_accuracy(net, x, y, batch_size=batch_size, precision="fp32",
+                             loss_fn=loss_fn or per_example_cross_entropy, attack=attack, mode_of=model).loss
 
 
 # --- average-case flatness (Stutz et al. 2021, Eq. 1) -----------------------------------------
@@ -99,7 +94,7 @@ def relative_sphere(params: dict[str, torch.Tensor], xi: float, generator: torch
 
 
 def avg_case_flatness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, xi: float = 0.5,
-                      n_samples: int = 10, attack: Attack | None = None, loss_fn: LossFn | None = None,
+                      n_samples: int = 10, attack: Attack | None = None, loss_fn: PerExampleLoss | None = None,
                       include_bn: bool = False, layers: Sequence[str] | None = None, seed: int = 0,
                       batch_size: int = 500) -> FlatnessResult:
     """Average-case flatness (Stutz et al. 2021, Eq. 1): E_v[L(w + v)] - L(w).
@@ -113,19 +108,18 @@ def avg_case_flatness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, xi:
     measure while keeping every draw at the stated relative size xi.
     """
     check_data(x, y)
-    _check_radius("xi", xi)
-    check_positive_int("n_samples", n_samples)
-    check_positive_int("batch_size", batch_size)
+    check_number("xi", xi)
+    check_int("n_samples", n_samples)
+    check_int("batch_size", batch_size)
     params = select_params(model, include_bn=include_bn, layers=layers)
     kw = dict(attack=attack, loss_fn=loss_fn, batch_size=batch_size)
     ref = dataset_loss(model, x, y, **kw)
-    gen = torch.Generator(device=model_device(model)).manual_seed(seed)
+    gen = make_generator(model_device(model), seed)
     losses = []
     for _ in range(n_samples):
         v = relative_sphere(params, xi, gen)
         losses.append(dataset_loss(model, x, y, params={n: w + v[n] for n, w in params.items()}, **kw))
-    settings = {"xi": xi, "n_samples": n_samples, "seed": seed, "attack": describe_callable(attack),
-                "loss_fn": describe_callable(loss_fn or per_example_cross_entropy), "include_bn": include_bn, "n_data": len(x)}
+    settings = _settings(attack, loss_fn, include_bn, x, xi=xi, n_samples=n_samples, seed=seed)
     return FlatnessResult("avg_case_flatness", float(np.mean(losses)) - ref, ref, float(np.mean(losses)),
                           [lo - ref for lo in losses], settings)
 
@@ -135,53 +129,44 @@ def avg_case_flatness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, xi:
 
 def _ascent(model: nn.Module, x: torch.Tensor, y: torch.Tensor, params: dict[str, torch.Tensor],
             u: dict[str, torch.Tensor], to_delta: Callable[[dict], dict], step: Callable[[dict, dict], dict],
-            steps: int, *, loss_fn: LossFn, attack: Attack | None, eps: float, input_step: float,
+            steps: int, *, loss_fn: PerExampleLoss, attack: Attack | None, eps: float, input_step: float,
             generator: torch.Generator, batch_size: int) -> float:
-    """Maximize L(w + to_delta(u), x + delta) by `steps` ascent steps on u (and on delta).
+    """Maximize L(w + to_delta(u), x_adv) by `steps` ascent steps on u (and on x_adv).
 
     The weight step sees the gradient of the mean loss over the whole subset (accumulated
     over chunks). Inputs: with `attack`, each step re-runs it at the current weights
-    (Danskin); else with eps > 0, one L-inf PGD step per weight step on a persistent delta
-    (Stutz et al.'s joint ascent); else clean. Returns the loss at the final weights.
+    (Danskin); else with eps > 0, Stutz et al.'s joint ascent: x_adv starts uniform in the
+    L-inf eps-ball around x (in the [0, 1] box) and takes one PGD step (`pgd_step`, size
+    `input_step`) per weight step, both from the gradient at the same point (w + v, x_adv);
+    else clean. Returns the loss at the final weights and inputs (`dataset_loss`).
     """
     device = model_device(model)
-    n = len(x)
-    delta = None
-    total = torch.zeros((), device=device, dtype=torch.float64)
-    if attack is None and eps > 0:
-        delta = (torch.rand(x.shape, generator=generator, device=device) * 2 - 1) * eps
+    x, y = to_float(x.to(device)), y.to(device)
+    joint = attack is None and eps > 0
+    x_adv = random_point(x, eps, "linf", generator) if joint else x
     with eval_mode(model):
-        for i in range(steps + 1):
+        for _ in range(steps):
             u = {k: t.detach().requires_grad_(True) for k, t in u.items()}
             d = to_delta(u)
             p = {k: w + d[k] for k, w in params.items()}
-            last = i == steps
             g_sum = {k: torch.zeros_like(t) for k, t in u.items()}
-            for s in chunks(n, batch_size):
-                xb, yb = x[s].to(device), y[s].to(device)
+            for s in chunks(len(x), batch_size):
+                xb, yb = x_adv[s], y[s]
                 if attack is not None:
-                    with torch.no_grad():
-                        p_const = {k: t.detach() for k, t in p.items()}
-                    xb = attack(WithParams(model, p_const), xb, yb).detach()
-                elif delta is not None:
-                    db = delta[s].clone().requires_grad_(not last)
-                    xb = (xb + db).clamp(0, 1)
-                if last:
-                    with torch.no_grad():
-                        total = total + loss_fn(functional_call(model, p, (xb,)), yb).sum().double()
-                    continue
-                loss = loss_fn(functional_call(model, p, (xb,)), yb).sum() / n
-                inputs = list(u.values()) + ([db] if delta is not None else [])
-                grads = torch.autograd.grad(loss, inputs)
+                    xb = attack(WithParams(model, {k: t.detach() for k, t in p.items()}), xb, yb).detach()
+                elif joint:
+                    xb = xb.clone().requires_grad_(True)
+                loss = loss_fn(functional_call(model, p, (xb,)), yb).sum() / len(x)
+                grads = torch.autograd.grad(loss, list(u.values()) + ([xb] if joint else []))
                 for k, g in zip(u, grads):
                     g_sum[k] += g
-                if delta is not None:
-                    delta[s] = (db + input_step * grads[-1].sign()).clamp(-eps, eps).detach()
-            if last:
-                return float(total) / n
+                if joint:
+                    x_adv[s] = pgd_step(xb.detach(), grads[-1], x[s], eps, input_step, "linf")
             with torch.no_grad():
                 u = step({k: t.detach() for k, t in u.items()}, g_sum)
-    raise AssertionError("unreachable")
+    d = to_delta(u)
+    final = {k: w + d[k].detach() for k, w in params.items()}
+    return dataset_loss(model, x_adv, y, params=final, attack=attack, loss_fn=loss_fn, batch_size=batch_size)
 
 
 def _relative_ball_step(params: dict[str, torch.Tensor], xi: float, frac: float):
@@ -199,33 +184,33 @@ def _relative_ball_step(params: dict[str, torch.Tensor], xi: float, frac: float)
 def worst_case_flatness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, xi: float = 0.003,
                         steps: int = 20, restarts: int = 1, eps: float = 0.0, input_step: float | None = None,
                         weight_step: float | None = None, attack: Attack | None = None,
-                        loss_fn: LossFn | None = None, include_bn: bool = False,
+                        loss_fn: PerExampleLoss | None = None, include_bn: bool = False,
                         layers: Sequence[str] | None = None, seed: int = 0,
                         batch_size: int = 500) -> FlatnessResult:
     """Worst-case flatness (Stutz et al. 2021, Eq. 2): max_{v in B_xi} L(w + v) - L(w).
 
     Joint gradient ascent: per step a layer-wise normalized weight step of
     weight_step * xi ||w_l|| (default 2.5/steps), projected onto the relative ball, and -
-    for the robust loss - one L-inf PGD step of size input_step (default 2.5 eps/steps) on
-    the inputs (eps > 0), or the `attack` re-run at the current weights. Start: v uniform
-    in the ball (seeded); the maximum over `restarts`. L(w) uses the same input procedure
-    with the weights fixed.
+    for the robust loss - one L-inf PGD step (`pgd_step`) of size input_step (default
+    2.5 eps/steps) on inputs that start uniform in the eps-ball (eps > 0), or the `attack`
+    re-run at the current weights. Start: v uniform in the ball (seeded); the maximum over
+    `restarts`. L(w) uses the same input procedure with the weights fixed.
     """
     check_data(x, y)
-    _check_radius("xi", xi)
-    _check_radius("eps", eps)
-    check_positive_int("steps", steps)
-    check_positive_int("restarts", restarts)
-    check_positive_int("batch_size", batch_size)
+    check_number("xi", xi)
+    check_number("eps", eps, high=1.0)
+    check_int("steps", steps)
+    check_int("restarts", restarts)
+    check_int("batch_size", batch_size)
     if attack is not None and eps > 0:
         raise ValueError("give either attack (re-run per step) or eps (joint PGD steps), not both")
     input_step = 2.5 * eps / steps if input_step is None else input_step
     weight_step = 2.5 / steps if weight_step is None else weight_step
-    _check_radius("input_step", input_step)
-    _check_radius("weight_step", weight_step)
+    check_number("input_step", input_step)
+    check_number("weight_step", weight_step)
     loss_fn = loss_fn or per_example_cross_entropy
     params = select_params(model, include_bn=include_bn, layers=layers)
-    gen = torch.Generator(device=model_device(model)).manual_seed(seed)
+    gen = make_generator(model_device(model), seed)
     kw = dict(loss_fn=loss_fn, attack=attack, eps=eps, input_step=input_step, generator=gen,
               batch_size=batch_size)
     zero = {k: torch.zeros_like(w) for k, w in params.items()}
@@ -236,15 +221,14 @@ def worst_case_flatness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, x
         v0 = {k: t * torch.rand((), generator=gen, device=t.device) for k, t in v0.items()}
         losses.append(_ascent(model, x, y, params, v0, lambda u: u, _relative_ball_step(params, xi, weight_step),
                               steps, **kw))
-    settings = {"xi": xi, "steps": steps, "restarts": restarts, "eps": eps, "input_step": input_step,
-                "weight_step": weight_step, "seed": seed, "attack": describe_callable(attack),
-                "loss_fn": describe_callable(loss_fn or per_example_cross_entropy), "include_bn": include_bn, "n_data": len(x)}
+    settings = _settings(attack, loss_fn, include_bn, x, xi=xi, steps=steps, restarts=restarts, eps=eps,
+                         input_step=input_step, weight_step=weight_step, seed=seed)
     return FlatnessResult("worst_case_flatness", max(losses) - ref, ref, max(losses),
                           [lo - ref for lo in losses], settings)
 
 
 def epsilon_sharpness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epsilon: float = 1e-3,
-                      steps: int = 10, attack: Attack | None = None, loss_fn: LossFn | None = None,
+                      steps: int = 10, attack: Attack | None = None, loss_fn: PerExampleLoss | None = None,
                       include_bn: bool = False, layers: Sequence[str] | None = None, seed: int = 0,
                       batch_size: int = 500) -> FlatnessResult:
     """Keskar et al. 2017 (Metric 2.1): 100 (max_{z in C} L(w + z) - L(w)) / (1 + L(w)).
@@ -254,11 +238,11 @@ def epsilon_sharpness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps
     used L-BFGS-B), from a seeded uniform start in the box.
     """
     check_data(x, y)
-    _check_radius("epsilon", epsilon)
-    check_positive_int("steps", steps)
+    check_number("epsilon", epsilon)
+    check_int("steps", steps)
     loss_fn = loss_fn or per_example_cross_entropy
     params = select_params(model, include_bn=include_bn, layers=layers)
-    gen = torch.Generator(device=model_device(model)).manual_seed(seed)
+    gen = make_generator(model_device(model), seed)
     box = {k: epsilon * (w.abs() + 1) for k, w in params.items()}
 
     def step(z, g):
@@ -268,14 +252,13 @@ def epsilon_sharpness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps
     ref = dataset_loss(model, x, y, attack=attack, loss_fn=loss_fn, batch_size=batch_size)
     top = _ascent(model, x, y, params, z0, lambda u: u, step, steps, loss_fn=loss_fn, attack=attack, eps=0.0,
                   input_step=0.0, generator=gen, batch_size=batch_size)
-    settings = {"epsilon": epsilon, "steps": steps, "seed": seed, "attack": describe_callable(attack),
-                "loss_fn": describe_callable(loss_fn or per_example_cross_entropy), "include_bn": include_bn, "n_data": len(x)}
+    settings = _settings(attack, loss_fn, include_bn, x, epsilon=epsilon, steps=steps, seed=seed)
     return FlatnessResult("epsilon_sharpness", 100 * (top - ref) / (1 + ref), ref, top, [top - ref], settings)
 
 
 def adaptive_sharpness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, rho: float = 0.5,
                        eta: float = 0.01, steps: int = 5, attack: Attack | None = None,
-                       loss_fn: LossFn | None = None, include_bn: bool = False,
+                       loss_fn: PerExampleLoss | None = None, include_bn: bool = False,
                        layers: Sequence[str] | None = None, seed: int = 0, batch_size: int = 500) -> FlatnessResult:
     """Adaptive sharpness (Kwon et al. 2021, ASAM): max_{||T_w^-1 e||_2 <= rho} L(w + e) - L(w).
 
@@ -284,12 +267,12 @@ def adaptive_sharpness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, rh
     rho ball, from a seeded random start in the ball.
     """
     check_data(x, y)
-    _check_radius("rho", rho)
-    _check_radius("eta", eta)
-    check_positive_int("steps", steps)
+    check_number("rho", rho)
+    check_number("eta", eta)
+    check_int("steps", steps)
     loss_fn = loss_fn or per_example_cross_entropy
     params = select_params(model, include_bn=include_bn, layers=layers)
-    gen = torch.Generator(device=model_device(model)).manual_seed(seed)
+    gen = make_generator(model_device(model), seed)
     scale = {k: w.abs() + eta for k, w in params.items()}
 
     def norm(u):
@@ -307,8 +290,7 @@ def adaptive_sharpness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, rh
     ref = dataset_loss(model, x, y, attack=attack, loss_fn=loss_fn, batch_size=batch_size)
     top = _ascent(model, x, y, params, u0, lambda u: {k: scale[k] * t for k, t in u.items()}, step, steps,
                   loss_fn=loss_fn, attack=attack, eps=0.0, input_step=0.0, generator=gen, batch_size=batch_size)
-    settings = {"rho": rho, "eta": eta, "steps": steps, "seed": seed, "attack": describe_callable(attack),
-                "loss_fn": describe_callable(loss_fn or per_example_cross_entropy), "include_bn": include_bn, "n_data": len(x)}
+    settings = _settings(attack, loss_fn, include_bn, x, rho=rho, eta=eta, steps=steps, seed=seed)
     return FlatnessResult("adaptive_sharpness", top - ref, ref, top, [top - ref], settings)
 
 
@@ -341,7 +323,7 @@ def features(model: nn.Module, x: torch.Tensor, *, layer: nn.Linear | None = Non
     try:
         with eval_mode(model), torch.no_grad():
             for s in chunks(len(x), batch_size):
-                model(x[s].to(device))
+                model(to_float(x[s].to(device)))
     finally:
         handle.remove()
     return torch.cat(phis), torch.cat(zs)
@@ -390,7 +372,7 @@ def relative_flatness(model: nn.Module, x: torch.Tensor, *, layer: nn.Linear | N
     """
     if not isinstance(x, torch.Tensor) or len(x) == 0:
         raise ValueError("x must be a non-empty tensor of inputs in [0, 1]")
-    check_positive_int("batch_size", batch_size)
+    check_int("batch_size", batch_size)
     name, lin = (None, layer) if layer is not None else feature_layer(model)
     phi, z = features(model, x, layer=lin, batch_size=batch_size)
     kappa = relative_flatness_closed_form(lin.weight.detach(), phi, z).cpu().numpy()

@@ -37,20 +37,21 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-Attack = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+from advkit._torch import (Attack, PerExampleLoss, WithParams, check_choice, check_int, check_number, chunks,
+                           eval_mode, make_generator, model_device, to_float)
 
 
 def per_example_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Default loss: softmax cross-entropy per example (reduction='none').
 
-    Written as -log_softmax(z)[y]: same values as F.cross_entropy, but its forward-mode
-    derivative (jvp of grad) is several times cheaper than cross_entropy's decomposition.
+    Written as -log_softmax(z)[y]: same values as `_torch.cross_entropy` (F.cross_entropy), but
+    its forward-mode derivative (jvp of grad) is several times cheaper than cross_entropy's
+    decomposition, so the HVPs and the flatness metrics built on them keep this one.
     """
     return -torch.log_softmax(logits, dim=1).gather(1, y[:, None]).squeeze(1)
 
 
-# --- parameter selection and model mode ------------------------------------------------------
+# --- parameter selection and data ------------------------------------------------------
 
 
 def is_batchnorm(module: nn.Module) -> bool:
@@ -100,58 +101,11 @@ def layer_names(model: nn.Module, *, include_bn: bool = False) -> list[str]:
     return names
 
 
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every submodule in eval mode; restore each one's own flag afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
-def model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
-def chunks(n: int, batch_size: int) -> Iterator[slice]:
-    """Consecutive slices of at most `batch_size` over range(n)."""
-    for start in range(0, n, batch_size):
-        yield slice(start, min(start + batch_size, n))
-
-
-def check_positive_int(name: str, value: int, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
 def check_data(x: torch.Tensor, y: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
         raise ValueError("x and y must be tensors (x: inputs in [0, 1], y: labels)")
     if len(x) == 0 or len(x) != len(y):
         raise ValueError(f"x and y must be non-empty with equal length, got {len(x)} and {len(y)}")
-
-
-class WithParams(nn.Module):
-    """`model` seen through substituted parameters (`functional_call`), for attack callables.
-
-    Attacks written for an nn.Module (attack(model, x, y)) can then run on perturbed
-    weights without the caller's model ever being modified.
-    """
-
-    def __init__(self, model: nn.Module, params: dict[str, torch.Tensor]):
-        super().__init__()
-        self.model = model
-        self.params = params
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.model, self.params, (x,))
 
 
 def adversarial_inputs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack,
@@ -187,12 +141,11 @@ class HessianOperator:
     BACKENDS = ("forward", "reverse")
 
     def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
-                 loss_fn: LossFn | None = None, attack: Attack | None = None, include_bn: bool = False,
+                 loss_fn: PerExampleLoss | None = None, attack: Attack | None = None, include_bn: bool = False,
                  layers: Sequence[str] | None = None, batch_size: int = 500, backend: str = "forward"):
         check_data(x, y)
-        check_positive_int("batch_size", batch_size)
-        if backend not in self.BACKENDS:
-            raise ValueError(f"backend={backend!r}: choose one of {self.BACKENDS}")
+        check_int("batch_size", batch_size)
+        check_choice("backend", backend, self.BACKENDS)
         self.model = model
         self.loss_fn = loss_fn or per_example_cross_entropy
         self.batch_size = batch_size
@@ -204,7 +157,7 @@ class HessianOperator:
         self.device = model_device(model)
         self.p0 = torch.cat([p.reshape(-1) for p in params.values()]).to(torch.float32).clone()
         self.dim = self.p0.numel()
-        self.x = x.to(self.device, torch.float32)
+        self.x = to_float(x.to(self.device)).to(torch.float32)
         self.y = y.to(self.device)
         if attack is not None:
             self.x = adversarial_inputs(model, self.x, self.y, attack, batch_size)
@@ -491,10 +444,6 @@ def gaussian_density(nodes: np.ndarray, weights: np.ndarray, grid: np.ndarray, s
 # --- public metrics ---------------------------------------------------------------------------
 
 
-def _generator(seed: int, device: torch.device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed)
-
-
 def _op(model, x, y, operator_kwargs) -> HessianOperator:
     if isinstance(model, HessianOperator):
         if operator_kwargs or x is not None or y is not None:
@@ -516,15 +465,14 @@ def hessian_eigenvalues(model: nn.Module | HessianOperator, x: torch.Tensor | No
     |lambda| (as PyHessian). `operator_kwargs` go to `HessianOperator` (loss_fn, attack,
     include_bn, layers, batch_size); a ready `HessianOperator` may replace the model.
     """
-    check_positive_int("k", k)
-    check_positive_int("iters", iters)
-    if method not in ("lanczos", "power"):
-        raise ValueError(f"method={method!r}: choose 'lanczos' or 'power'")
+    check_int("k", k)
+    check_int("iters", iters)
+    check_choice("method", method, ("lanczos", "power"))
     if method == "lanczos" and iters < k:
         raise ValueError(f"iters must be >= k for Lanczos, got iters={iters}, k={k}")
     op = _op(model, x, y, operator_kwargs)
     start_hvp = op.n_hvp
-    gen = _generator(seed, op.device)
+    gen = make_generator(op.device, seed)
     if method == "lanczos":
         v0 = torch.randn(op.dim, generator=gen, device=op.device)
         a, b, last = lanczos(op.matvec, v0, iters)
@@ -551,13 +499,12 @@ def hessian_trace(model: nn.Module | HessianOperator, x: torch.Tensor | None = N
     variance when a few eigenvalues dominate). Converged when std error <= rtol |estimate|.
     `block_size` > 1 applies H to that many probes at once with vmap (GPU).
     """
-    check_positive_int("n_samples", n_samples, 3 if method == "hutchpp" else 1)
-    check_positive_int("block_size", block_size)
-    if method not in ("hutchinson", "hutchpp"):
-        raise ValueError(f"method={method!r}: choose 'hutchinson' or 'hutchpp'")
+    check_choice("method", method, ("hutchinson", "hutchpp"))
+    check_int("n_samples", n_samples, 3 if method == "hutchpp" else 1)
+    check_int("block_size", block_size)
     op = _op(model, x, y, operator_kwargs)
     start_hvp = op.n_hvp
-    gen = _generator(seed, op.device)
+    gen = make_generator(op.device, seed)
     apply = lambda V: _block_apply(op, V, block_size)  # noqa: E731
     if method == "hutchinson":
         value, se, _ = hutchinson(apply, op.dim, n_samples, gen, op.device, block_size)
@@ -579,14 +526,13 @@ def hessian_spectrum(model: nn.Module | HessianOperator, x: torch.Tensor | None 
     renormalized on a grid padded by 5 widths. Converged: every run ended in an invariant
     subspace, or its extreme Ritz values settled (|beta_m s_mi| <= 1e-2 |theta_i|).
     """
-    check_positive_int("steps", steps)
-    check_positive_int("runs", runs)
-    check_positive_int("n_grid", n_grid, 2)
-    if not kernel_width > 0:
-        raise ValueError(f"kernel_width must be > 0 (fraction of the spectral range), got {kernel_width}")
+    check_int("steps", steps)
+    check_int("runs", runs)
+    check_int("n_grid", n_grid, 2)
+    check_number("kernel_width", kernel_width, low_open=True)    # a fraction of the spectral range
     op = _op(model, x, y, operator_kwargs)
     start_hvp = op.n_hvp
-    gen = _generator(seed, op.device)
+    gen = make_generator(op.device, seed)
     nodes, weights, ok = [], [], True
     for _ in range(runs):
         a, b, last = lanczos(op.matvec, rademacher((op.dim,), gen, op.device), steps)

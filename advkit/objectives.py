@@ -11,18 +11,18 @@ optimizer step (adversarial weight perturbation needs them):
 Adversarial objectives split into `perturb(model, x, y) -> x_adv` (the inner maximization)
 and `training_loss(forward, x, x_adv, y)` (the outer loss; `forward` is the model or any
 callable with its signature), so wrappers such as AWP can reuse both halves. Their inner
-attacks take gradients w.r.t. the input only (`torch.autograd.grad`), so nothing leaks into
-`param.grad`. Random starts draw from `generator`, by default torch's global RNG, which `fit`
-reseeds from (TrainConfig.seed, epoch) at every epoch: interrupted runs resume exactly.
+attacks are `advkit.attack_utils.pgd_ascent`, the loop of `advkit.attacks.pgd`, in the model mode
+each paper's code uses (`attack_mode`) and under `fit`'s precision; gradients are taken w.r.t.
+the input only, so nothing leaks into `param.grad`. Random starts draw from `generator`, by
+default torch's global RNG, which `fit` reseeds from (TrainConfig.seed, epoch) at every epoch:
+interrupted runs resume exactly.
 Budgets are in [0, 1] pixel space; defaults are each paper's CIFAR-10 settings.
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -31,8 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from advkit._torch import Forward, check_choice, check_int, check_number, train_mode
+from advkit.attack_utils import AttackObjective, attack_loss, pgd_ascent, random_point
+
 ATTACK_MODES = ("train", "eval")
-Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
 class Objective(Protocol):
@@ -43,8 +45,7 @@ class Clean:
     """Standard cross-entropy training, optionally with label smoothing (Szegedy et al. 2016)."""
 
     def __init__(self, label_smoothing: float = 0.0):
-        if not 0 <= label_smoothing < 1:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        check_number("label_smoothing", label_smoothing, 0.0, 1.0, high_open=True)
         self.label_smoothing = label_smoothing
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -57,60 +58,20 @@ class Clean:
 # --- shared pieces of the inner maximization -------------------------------------------------
 
 
-def _check_number(value: Any, name: str, low: float = 0.0, high: float = math.inf,
-                  low_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low) and value <= high
-    if not ok:
-        bound = f"> {low:g}" if low_open else f">= {low:g}"
-        bound += f" and <= {high:g}" if math.isfinite(high) else ""
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+def _check_budget(eps: Any, alpha: Any, steps: Any, attack_mode: Any) -> None:
+    check_number("eps", eps, high=1.0)
+    check_number("alpha", alpha, high=1.0)
+    check_int("steps", steps)
+    check_choice("attack_mode", attack_mode, ATTACK_MODES)
 
 
-def _check_steps(steps: Any) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-
-
-def _check_mode(mode: Any) -> None:
-    if mode not in ATTACK_MODES:
-        raise ValueError(f"attack_mode={mode!r} is not available; choose one of {list(ATTACK_MODES)}")
-
-
-@contextlib.contextmanager
-def _mode(model: nn.Module, mode: str) -> Iterator[None]:
-    """Train or eval mode for the inner attack; every module's own flag is restored after."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.train(mode == "train")
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
-def _linf_ascent(forward: Forward, x: torch.Tensor, start: torch.Tensor,
-                 loss_fn: Callable[[torch.Tensor], torch.Tensor], eps: float, alpha: float,
-                 steps: int) -> torch.Tensor:
-    """Signed-gradient ascent of loss_fn(logits) from `start`, projected onto the L-inf eps-ball
-    around x and the [0, 1] box after every step (Madry et al. 2018, Eq. 2-3). Gradients are
-    taken w.r.t. the input only; no host-device synchronisation in the loop."""
-    x = x.detach()
-    lower, upper = (x - eps).clamp_(min=0.0), (x + eps).clamp_(max=1.0)
-    x_adv = start.detach()
-    with torch.enable_grad():
-        for _ in range(steps):
-            x_adv.requires_grad_(True)
-            loss = loss_fn(forward(x_adv).float())
-            (grad,) = torch.autograd.grad(loss, x_adv)
-            x_adv = torch.minimum(torch.maximum(x_adv.detach() + alpha * grad.sign(), lower), upper)
-    return x_adv.detach()
-
-
-def _uniform_start(x: torch.Tensor, eps: float, generator: torch.Generator | None) -> torch.Tensor:
-    """x + U[-eps, eps]^d, clipped to [0, 1] (the random start of Madry et al. and Wong et al.)."""
-    noise = torch.rand(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-    return (x + (2 * noise - 1) * eps).clamp_(0.0, 1.0)
+def _linf_pgd(model: nn.Module, x: torch.Tensor, start: torch.Tensor, objective: AttackObjective,
+              eps: float, alpha: float, steps: int, attack_mode: str) -> torch.Tensor:
+    """The inner maximization: `steps` signed-gradient steps of `pgd_ascent` from `start` with the
+    model in `attack_mode` (every module's flag restored), under the caller's (fit's) autocast."""
+    with train_mode(model, attack_mode == "train"):
+        return pgd_ascent(model, x, start, objective, eps=eps, alpha=alpha, steps=steps, norm="linf",
+                          precision=None)
 
 
 def _gaussian_start(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -156,19 +117,12 @@ class PGDAT(Adversarial):
     generator: torch.Generator | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
-        _check_number(self.eps, "eps", high=1.0)
-        _check_number(self.alpha, "alpha", high=1.0)
-        _check_steps(self.steps)
-        _check_number(self.label_smoothing, "label_smoothing", high=1.0)
-        if self.label_smoothing >= 1:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        _check_mode(self.attack_mode)
+        _check_budget(self.eps, self.alpha, self.steps, self.attack_mode)
+        check_number("label_smoothing", self.label_smoothing, 0.0, 1.0, high_open=True)
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        start = _uniform_start(x, self.eps, self.generator) if self.random_start else x
-        with _mode(model, self.attack_mode):
-            return _linf_ascent(model, x, start, lambda z: F.cross_entropy(z, y, reduction="sum"),
-                                self.eps, self.alpha, self.steps)
+        start = random_point(x, self.eps, "linf", self.generator) if self.random_start else x
+        return _linf_pgd(model, x, start, attack_loss("ce", y), self.eps, self.alpha, self.steps, self.attack_mode)
 
     def training_loss(self, forward: Forward, x: torch.Tensor, x_adv: torch.Tensor,
                       y: torch.Tensor) -> torch.Tensor:
@@ -193,7 +147,7 @@ class FGSMRS(PGDAT):
             raise ValueError(f"steps={self.steps!r}: FGSM-RS takes exactly one step (Wong et al. 2020); "
                              "use pgd_at for several")
         if self.alpha is None:
-            _check_number(self.eps, "eps", high=1.0)
+            check_number("eps", self.eps, high=1.0)
             self.alpha = 1.25 * self.eps
         super().__post_init__()
 
@@ -211,11 +165,8 @@ class _Regularized(Adversarial):
     generator: torch.Generator | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
-        _check_number(self.eps, "eps", high=1.0)
-        _check_number(self.alpha, "alpha", high=1.0)
-        _check_steps(self.steps)
-        _check_number(self.beta, "beta")
-        _check_mode(self.attack_mode)
+        _check_budget(self.eps, self.alpha, self.steps, self.attack_mode)
+        check_number("beta", self.beta)
 
 
 @dataclass
@@ -230,11 +181,10 @@ class TRADES(_Regularized):
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         start = _gaussian_start(x, self.generator)
-        with _mode(model, self.attack_mode):
-            with torch.no_grad():
-                p_natural = F.softmax(model(x).float(), dim=1)
-            kl = lambda z: F.kl_div(F.log_softmax(z, dim=1), p_natural, reduction="sum")  # noqa: E731
-            return _linf_ascent(model, x, start, kl, self.eps, self.alpha, self.steps)
+        with train_mode(model, self.attack_mode == "train"), torch.no_grad():
+            p_natural = F.softmax(model(x).float(), dim=1)
+        kl = lambda z: F.kl_div(F.log_softmax(z, dim=1), p_natural, reduction="none").sum(1)  # noqa: E731
+        return _linf_pgd(model, x, start, kl, self.eps, self.alpha, self.steps, self.attack_mode)
 
     def training_loss(self, forward: Forward, x: torch.Tensor, x_adv: torch.Tensor,
                       y: torch.Tensor) -> torch.Tensor:
@@ -260,9 +210,7 @@ class MART(_Regularized):
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         start = _gaussian_start(x, self.generator)
-        with _mode(model, self.attack_mode):
-            return _linf_ascent(model, x, start, lambda z: F.cross_entropy(z, y, reduction="sum"),
-                                self.eps, self.alpha, self.steps)
+        return _linf_pgd(model, x, start, attack_loss("ce", y), self.eps, self.alpha, self.steps, self.attack_mode)
 
     def training_loss(self, forward: Forward, x: torch.Tensor, x_adv: torch.Tensor,
                       y: torch.Tensor) -> torch.Tensor:
@@ -307,7 +255,7 @@ class AWP:
                                                                     compare=False)
 
     def __post_init__(self):
-        _check_number(self.gamma, "gamma")
+        check_number("gamma", self.gamma)
         if isinstance(self.inner, str):
             if self.inner not in AWP_INNER:
                 raise ValueError(f"inner={self.inner!r} is not available for AWP; choose one of {list(AWP_INNER)} "
@@ -324,7 +272,7 @@ class AWP:
         params = dict(model.named_parameters())
         perturbed = [p for p in params.values() if p.requires_grad and p.dim() > 1]
         proxy_buffers = {n: b.clone() for n, b in model.named_buffers()}
-        with _mode(model, "train"), torch.enable_grad():
+        with train_mode(model, True), torch.enable_grad():
             loss = self.inner.training_loss(
                 lambda inp: functional_call(model, {**params, **proxy_buffers}, (inp,)), x, x_adv, y)
             grads = torch.autograd.grad(loss, perturbed)
@@ -371,8 +319,7 @@ OBJECTIVES: dict[str, Callable[..., Objective]] = {
 
 def get_objective(name: str, **kwargs) -> Objective:
     """Build a registered objective by name with its keyword settings (e.g. beta=6)."""
-    if name not in OBJECTIVES:
-        raise ValueError(f"objective={name!r} is not available; choose one of {sorted(OBJECTIVES)}")
+    check_choice("objective", name, sorted(OBJECTIVES))
     cls = OBJECTIVES[name]
     allowed = [p for p in inspect.signature(cls).parameters if not p.startswith("_")]
     unknown = sorted(set(kwargs) - set(allowed))

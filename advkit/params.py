@@ -1,10 +1,16 @@
 """One declaration per notebook parameter: its type, range, list-element rule and the
 cross-parameter rules it takes part in, so every value is checked before a notebook starts.
 
-`validate` needs neither torch nor papermill (a bad value fails in well under a second);
-only the checks of the environment (`run` name, `device`, models of an existing run) import
-advkit.runs, and they come last. `notebook_parameters` reads the notebooks' `parameters`
-cells with `ast`; tests/test_params.py keeps this table and those cells in step.
+A declaration checks with the library's own validators (`advkit._checks`, which `advkit._torch`
+re-exports), and the library's settings dataclasses check their fields with these declarations:
+a field made with `declared("n_subset", default)` is checked by `check_fields` against the
+parameter it names, so a notebook parameter and the setting it feeds share one rule.
+
+Torch-free and importing no other advkit module, so every module may use it and `validate`
+fails on a bad value in well under a second. The checks that need the library (variant specs)
+or the machine (run name, device, files) are `advkit.pipeline`'s. `notebook_parameters` reads
+the notebooks' `parameters` cells with `ast`; tests/test_params.py keeps this table, those
+cells and the profiles in step.
 """
 
 from __future__ import annotations
@@ -13,19 +19,22 @@ import ast
 import io
 import json
 import math
-import os
 import tokenize
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-# Registries of the package, copied so that validation does not import torch;
-# tests/test_params.py asserts that they equal advkit's own.
+import numpy as np
+
+from advkit._checks import check_choice, check_int, check_number
+
+# Registries of the package, copied so that validation does not import torch; tests/test_params.py
+# asserts that they equal advkit's own. OPTIMIZERS and SCHEDULES are the originals (advkit.train imports them).
 MODELS = ("small_cnn", "resnet20", "resnet32", "resnet44", "resnet56", "preact_resnet18", "resnet18")
 DATASETS = ("digits", "cifar10")
-OPTIMIZERS = ("sgd", "adam")                        # advkit.train.OPTIMIZERS
-SCHEDULES = ("constant", "multistep", "cosine", "onecycle")  # advkit.train.SCHEDULES
+OPTIMIZERS = ("sgd", "adam")                        # TrainConfig.optimizer
+SCHEDULES = ("constant", "multistep", "cosine", "onecycle")  # TrainConfig.schedule
 NORMS = ("filter", "layer", "weight", "none")       # advkit.directions.NORMS
 XU_ATTACKS = ("fgsm", "pgd", "stadv")               # advkit.augment.XU_ATTACKS
 AUGMENT_MODES = ("static", "regenerate")            # advkit.augment.AUGMENT_MODES
@@ -44,46 +53,61 @@ MAX_GRID_POINTS = 10**6
 
 @dataclass(frozen=True)
 class Param:
-    """How one parameter is checked: `kind` (int, float, str, bool, list), `ok(value)` in words
-    `allowed`, None accepted when `optional`, and `item` checking each element of a list."""
+    """How one parameter is checked: its `kind` (int, float, str, bool, list), `check(name, value)`
+    raising ValueError (`allowed` says the rule in words), None accepted when `optional`, and
+    `item` checking each element of a list of at least `min_len`."""
 
     kind: type
     allowed: str = ""
-    ok: Callable[[Any], bool] | None = None
+    check: Callable[[str, Any], None] | None = None
     optional: bool = False
     item: Param | None = None
     min_len: int = 0
 
 
-def integer(lo: int | None = None, hi: int | None = None, optional: bool = False) -> Param:
-    """An int (not a bool) in [lo, hi]."""
+def _or_none(words: str, optional: bool) -> str:
+    return words + (" or None" if optional else "")
+
+
+def integer(lo: int = 0, hi: int | None = None, optional: bool = False) -> Param:
+    """An int (not a bool) in [lo, hi] (`advkit._checks.check_int`)."""
     words = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
-    return Param(int, words + (" or None" if optional else ""),
-                 lambda v: (lo is None or v >= lo) and (hi is None or v <= hi), optional)
+    return Param(int, _or_none(words, optional), lambda name, v: check_int(name, v, lo, hi), optional)
 
 
 def number(lo: float = -math.inf, hi: float = math.inf, lo_open: bool = False, optional: bool = False) -> Param:
-    """A finite float in [lo, hi] ((lo, hi] when `lo_open`)."""
+    """A finite float in [lo, hi] ((lo, hi] when `lo_open`; `advkit._checks.check_number`)."""
     if hi == math.inf:
         words = f"a finite number {'>' if lo_open else '>='} {lo:g}"
     else:
         words = f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
-    return Param(float, words + (" or None" if optional else ""),
-                 lambda v: (v > lo if lo_open else v >= lo) and v <= hi, optional)
+    return Param(float, _or_none(words, optional),
+                 lambda name, v: check_number(name, v, lo, hi, low_open=lo_open), optional)
 
 
-def choice(values: Sequence[str]) -> Param:
-    """One of the names `values`."""
-    return Param(str, f"one of {list(values)}", lambda v: v in values)
+def choice(values: Sequence[str], optional: bool = False) -> Param:
+    """One of the names `values` (`advkit._checks.check_choice`)."""
+    return Param(str, _or_none(f"one of {list(values)}", optional),
+                 lambda name, v: check_choice(name, v, values), optional)
 
 
-def text(optional: bool = False) -> Param:
-    """A non-empty string (a name, a path)."""
-    return Param(str, "a non-empty string" + (" or None" if optional else ""), lambda v: v.strip() != "", optional)
+def _check_text(name: str, value: Any) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{name}={value!r} must be a non-empty string")
+
+
+def text(optional: bool = False, allowed: str = "a non-empty string") -> Param:
+    """A non-empty string (a name, a path; `allowed` says which)."""
+    return Param(str, _or_none(allowed, optional), _check_text, optional)
+
+
+def _check_flag(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
 
 
 def flag() -> Param:
-    return Param(bool, "true or false")
+    return Param(bool, "true or false", _check_flag)
 
 
 def listof(item: Param, min_len: int = 1) -> Param:
@@ -94,21 +118,18 @@ def listof(item: Param, min_len: int = 1) -> Param:
 
 def _grid(max_points: float, dims: int, lo: int = 3) -> Param:
     """Points per axis of a `dims`-D landscape grid, bounded so the grid fits (MAX_GRID_POINTS)."""
-    hi = int(round(max_points ** (1 / dims)))
-    return integer(lo, hi)
+    return integer(lo, int(round(max_points ** (1 / dims))))
 
 
-def _variant(spec: str) -> bool:
-    """An adversarial training variant `objective[+modifier...]` (advkit.variants.parse_variant;
-    imports torch, so only when at_variants is given)."""
-    from advkit.variants import parse_variant
-
-    parse_variant(spec)
-    return True
+def _check_device(name: str, value: Any) -> None:
+    if not (isinstance(value, str) and (value in ("auto", "cpu", "cuda")
+                                        or (value.startswith("cuda:") and value[5:].isdigit()))):
+        raise ValueError(f"{name}={value!r} is not a device: use auto, cpu, cuda or cuda:N")
 
 
-def _cuda_device(v: str) -> bool:
-    return v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit())
+def _check_robust_resolution(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value != 0:  # 0: off
+        _grid(MAX_GRID_POINTS, 2).check(name, value)
 
 
 EPS = number(0, 1)  # a budget in [0, 1] pixel space
@@ -118,7 +139,7 @@ PARAMS: dict[str, Param] = {
     "run": text(),
     "dataset": choice(DATASETS),
     "data_dir": text(optional=True),
-    "device": Param(str, "auto, cpu, cuda or cuda:N", _cuda_device),
+    "device": Param(str, "auto, cpu, cuda or cuda:N", _check_device),
     "seed": integer(0),
     "threads": integer(1, optional=True),
     # 01 base model
@@ -153,8 +174,9 @@ PARAMS: dict[str, Param] = {
     "xu_augment_eps": number(0, 1, lo_open=True, optional=True),
     "xu_augment_mode": choice(AUGMENT_MODES),
     "xu_storage": choice(AUGMENT_DTYPES),
-    "at_variants": listof(Param(str, "a variant objective[+modifier...] (advkit.variants)", _variant)),
-    "at_model": Param(str, f"one of {list(MODELS)} or None", lambda v: v in MODELS, optional=True),
+    # each spec is parsed by advkit.variants.parse_variant (imports torch): advkit.pipeline.check_variants
+    "at_variants": listof(text(allowed="a variant objective[+modifier...] (advkit.variants)")),
+    "at_model": choice(MODELS, optional=True),
     "at_epochs": integer(1),
     "at_eps": EPS,
     "at_alpha": number(0, 1, lo_open=True, optional=True),
@@ -180,8 +202,7 @@ PARAMS: dict[str, Param] = {
     "pgd_eps": EPS,
     "pgd_steps": STEPS,
     "robust_n_images": integer(1, optional=True),
-    "robust_resolution": Param(int, f"0 (off) or {_grid(MAX_GRID_POINTS, 2).allowed}",
-                               lambda v: v == 0 or _grid(MAX_GRID_POINTS, 2).ok(v)),
+    "robust_resolution": Param(int, f"0 (off) or {_grid(MAX_GRID_POINTS, 2).allowed}", _check_robust_resolution),
     "radius": number(0, lo_open=True),
     "sensitivity_norms": listof(choice(NORMS)),
     "sensitivity_radii": listof(number(0, lo_open=True)),
@@ -243,27 +264,31 @@ def _keep_epochs(keep, epochs):
     return f"keep_epochs {late} lie beyond at_epochs: they would never be saved" if late else None
 
 
+QUADRATIC_FIT_POINTS = {1: 4, 2: 7}
+"""Grid points within the radius that the sharpness's quadratic fit needs, 1D and 2D
+(advkit.landscape.check_radius applies the same numbers)."""
+
+
+def points_within(radius: float, coords: Sequence[float], dims: int) -> int:
+    """Points of the grid `coords`^dims within `radius` of the centre (advkit.landscape.check_radius
+    counts with this function too)."""
+    c = np.asarray(coords, dtype=float)
+    if dims == 1:
+        return int(np.sum(np.abs(c) <= radius + 1e-12))
+    a, b = np.meshgrid(c, c)
+    return int(np.sum(np.hypot(a, b) <= radius + 1e-12))
+
+
 def _radius_rule(res_name: str, dims: int) -> Rule:
-    """landscape.check_radius: the quadratic fit needs 4 (1D) or 7 (2D) points within `radius`."""
+    """landscape.check_radius: the quadratic fit needs QUADRATIC_FIT_POINTS[dims] points within `radius`."""
     def check(radius, span, resolution):
-        n = points_within(radius, span, resolution, dims)
-        need = 4 if dims == 1 else 7
+        n = points_within(radius, np.linspace(-float(span), float(span), int(resolution)), dims)
+        need = QUADRATIC_FIT_POINTS[dims]
         if n < need:
             return (f"radius holds only {n} point(s) of the {dims}D grid of {resolution} points over "
                     f"[-span, span]; the quadratic fit needs {need}: increase radius or {res_name}, or decrease span")
         return None
     return Rule(("radius", "span", res_name), check)
-
-
-def points_within(radius: float, span: float, resolution: int, dims: int) -> int:
-    """Grid points within `radius` of the centre, as advkit.landscape.check_radius counts them."""
-    import numpy as np
-
-    c = np.linspace(-float(span), float(span), int(resolution))
-    if dims == 1:
-        return int(np.sum(np.abs(c) <= radius + 1e-12))
-    a, b = np.meshgrid(c, c)
-    return int(np.sum(np.hypot(a, b) <= radius + 1e-12))
 
 
 def _sensitivity(norms):
@@ -341,43 +366,53 @@ def coerce(name: str, value: Any, raw: str | None = None) -> Any:
     return value
 
 
-def _type_ok(value: Any, kind: type) -> bool:
-    if kind is bool:
-        return isinstance(value, bool)
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is list:
-        return isinstance(value, (list, tuple))
-    return isinstance(value, kind)
+def check(name: str, value: Any, decl: Param) -> None:
+    """Raise ValueError naming `name` when `value` breaks `decl` (None, type, range, elements)."""
+    if value is None:
+        if not decl.optional:
+            raise ValueError(f"{name}=None is not allowed: must be {decl.allowed}")
+        return
+    if decl.item is None:
+        decl.check(name, value)
+        return
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{name}={value!r} must be {decl.allowed}")
+    if len(value) < decl.min_len:
+        raise ValueError(f"{name}={list(value)!r} is empty: must be {decl.allowed}")
+    for i, v in enumerate(value):
+        check(f"{name}[{i}]", v, decl.item)
+    if decl.item.kind is str and len(set(value)) < len(value):
+        raise ValueError(f"{name}={list(value)!r} repeats an element")
 
 
 def check_value(name: str, value: Any, decl: Param) -> str | None:
-    """The problem with one value (its type, finiteness, range, elements), or None."""
-    if value is None:
-        return None if decl.optional else f"{name}=None is not allowed: must be {decl.allowed}"
-    if not _type_ok(value, decl.kind):
-        return f"{name}={value!r} has the wrong type: expected {decl.kind.__name__} ({decl.allowed})"
-    if decl.kind is float and not math.isfinite(value):
-        return f"{name}={value!r} is not finite: must be {decl.allowed}"
-    if decl.item is not None:
-        if len(value) < decl.min_len:
-            return f"{name}={list(value)!r} is empty: must be {decl.allowed}"
-        for i, v in enumerate(value):
-            problem = check_value(f"element {i}", v, decl.item)
-            if problem:
-                return f"{name}={list(value)!r}: {problem}"
-        if decl.item.kind is str and len(set(value)) < len(value):
-            return f"{name}={list(value)!r} repeats an element"
-    elif decl.ok is not None:
-        try:
-            ok = decl.ok(value)
-        except ValueError as err:  # a library parser's own reason (e.g. advkit.variants)
-            return f"{name}={value!r} is invalid: {err}"
-        if not ok:
-            return f"{name}={value!r} is out of range: must be {decl.allowed}"
+    """The problem with one value in words (as `check` raises it), or None."""
+    try:
+        check(name, value, decl)
+    except ValueError as err:
+        return str(err)
     return None
+
+
+def declared(param: str, default: Any) -> Any:
+    """A dataclass field checked by the declaration of notebook parameter `param`
+    (`check_fields`): the setting and the parameter that feeds it share one rule."""
+    if param not in PARAMS:
+        raise KeyError(f"{param!r} is not a declared parameter (advkit.params.PARAMS)")
+    return field(default=default, metadata={"param": param})
+
+
+def check_fields(settings: Any) -> None:
+    """Check every field of the dataclass instance `settings` made with `declared(...)` against its
+    parameter's declaration; the error names the field."""
+    for f in fields(settings):
+        if "param" in f.metadata:
+            check(f.name, getattr(settings, f.name), PARAMS[f.metadata["param"]])
+
+
+def declared_fields(settings_class: type) -> dict[str, str]:
+    """{field: the parameter whose declaration checks it} of a settings dataclass."""
+    return {f.name: f.metadata["param"] for f in fields(settings_class) if "param" in f.metadata}
 
 
 def effective_values(values: Mapping[str, Any], declared: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
@@ -389,10 +424,11 @@ def effective_values(values: Mapping[str, Any], declared: Mapping[str, Mapping[s
     return {**out, **values}
 
 
-def validate(values: Mapping[str, Any], declared: Mapping[str, Mapping[str, Any]], environment: bool = True) -> None:
+def validate(values: Mapping[str, Any], declared: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """Raise ValueError naming the first unknown, mistyped or out-of-range parameter, then the
-    first violated cross-parameter rule (naming every parameter in it); `environment` also
-    checks the run name, the device and `confidence_model` against the run's models."""
+    first violated cross-parameter rule (naming every parameter in it); return the effective
+    values (the notebooks' defaults overridden by `values`). Torch-free: the checks of variant
+    specs and of the machine are `advkit.pipeline.validate`'s."""
     known = {name for params in declared.values() for name in params}
     for name, value in values.items():
         if name not in known:
@@ -405,13 +441,11 @@ def validate(values: Mapping[str, Any], declared: Mapping[str, Mapping[str, Any]
     full = effective_values(values, declared)
     for rule in RULES:
         if all(n in full for n in rule.names):
-            args = [full[n] for n in rule.names]
-            problem = rule.check(*args)
+            problem = rule.check(*[full[n] for n in rule.names])
             if problem:
                 given = ", ".join(f"{n}={full[n]!r}" for n in rule.names)
                 raise ValueError(f"parameters {given}: {problem}")
-    if environment:
-        check_environment(full)
+    return full
 
 
 def expected_models(values: Mapping[str, Any], name: Callable[[str], str] = str) -> list[str]:
@@ -421,37 +455,3 @@ def expected_models(values: Mapping[str, Any], name: Callable[[str], str] = str)
     variants = [name(v) for v in values.get("at_variants") or []]
     return (["base"] + list(values.get("xu_attacks") or []) + variants + [f"{v}_early" for v in variants]
             + [f"{v}_e{e:03d}" for v in variants for e in values.get("keep_epochs") or []])
-
-
-def check_environment(values: Mapping[str, Any]) -> None:
-    """Checks that need the machine, the torch-free ones first: an existing data_dir and
-    pretrained_checkpoint, a confidence_model the run will have (or has), a present GPU for
-    device=cuda, a valid run name (advkit.runs.check_run_name)."""
-    data_dir = values.get("data_dir")
-    if data_dir is not None and not Path(os.path.expanduser(data_dir)).is_dir():
-        raise ValueError(f"parameter data_dir={data_dir!r} is not a folder")
-    checkpoint = values.get("pretrained_checkpoint")
-    if checkpoint is not None and not Path(os.path.expanduser(checkpoint)).is_file():
-        raise ValueError(f"parameter pretrained_checkpoint={checkpoint!r} is not a file")
-    device = values.get("device", "auto")
-    if device.startswith("cuda"):
-        import torch
-
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        index = int(device[5:]) if device.startswith("cuda:") else 0
-        if index >= count:
-            raise ValueError(f"parameter device={device!r}: this machine has {count} CUDA device(s); "
-                             f"use device='auto' or 'cpu'" + (f" or 'cuda:0'..'cuda:{count - 1}'" if count else ""))
-    from advkit import runs  # imports torch
-
-    folder = runs.run_dir(runs.check_run_name(values.get("run", "quick")), create=False)  # names run= itself
-    model = values.get("confidence_model")
-    if model is not None and model not in expected_models(values):
-        from advkit.variants import parse_variant
-
-        expected = expected_models(values, name=lambda spec: parse_variant(spec).name)
-        present = sorted(p.stem for p in (folder / "models").glob("*.pt")) if (folder / "models").is_dir() else []
-        if model not in expected + present:
-            raise ValueError(f"parameters confidence_model={model!r}, xu_attacks={values.get('xu_attacks')!r}, "
-                             f"at_variants={values.get('at_variants')!r}, keep_epochs={values.get('keep_epochs')!r}: "
-                             f"confidence_model must be one of the run's models {sorted(set(expected + present))}")

@@ -1,10 +1,11 @@
 """Profiles and the papermill driver: `python -m advkit run --profile quick|paper`.
 
-A profile (advkit/profiles/<name>.yaml) assigns values to the notebooks' parameters;
-each notebook receives the ones its `parameters` cell declares. Every value is
-checked against its declaration in advkit.params (type, range, list elements,
-cross-parameter rules) before the first notebook starts; kernels are quiet and
-stop with the driver.
+A profile (advkit/profiles/<name>.yaml) assigns a value to every parameter of every notebook
+(the notebooks' defaults are the quick profile's); each notebook receives the ones its
+`parameters` cell declares. Every value is checked before the first notebook starts: against
+its declaration in advkit.params (type, range, list elements, cross-parameter rules; torch-free),
+then the variant specs (advkit.variants) and the machine (run name, device, files). Kernels are
+quiet and stop with the driver.
 """
 
 from __future__ import annotations
@@ -63,15 +64,63 @@ def load_profile(name: str) -> dict[str, Any]:
     return {k: params.coerce(k, v) for k, v in values.items()}
 
 
-def notebook_parameters(paths: Sequence[Path]) -> dict[str, dict[str, dict[str, Any]]]:
-    """{notebook name: {parameter: type, default and help}} from the `parameters` cells (no papermill)."""
-    return params.notebook_parameters(paths)
+notebook_parameters = params.notebook_parameters  # {notebook: {parameter: type, default, help}}, no papermill
 
 
 def validate(values: dict[str, Any], declared: dict[str, dict[str, dict[str, Any]]],
              environment: bool = True) -> None:
-    """Raise ValueError naming the parameter(s) of the first bad value or broken rule (advkit.params)."""
-    params.validate(values, declared, environment=environment)
+    """Raise ValueError naming the parameter(s) of the first bad value or broken rule: first the
+    torch-free declarations (advkit.params), then the variant specs (advkit.variants), then, with
+    `environment`, the machine (`check_environment`)."""
+    full = params.validate(values, declared)
+    check_variants(full.get("at_variants") or [])
+    if environment:
+        check_environment(full)
+
+
+def check_variants(specs: Sequence[str]) -> None:
+    """Each adversarial training variant parses (`advkit.variants.parse_variant`, which imports torch)."""
+    from advkit.variants import parse_variant
+
+    for i, spec in enumerate(specs):
+        try:
+            parse_variant(spec)
+        except ValueError as err:
+            raise ValueError(f"parameter at_variants={list(specs)!r}: at_variants[{i}]={spec!r} is invalid: {err}") from None
+
+
+def check_environment(values: dict[str, Any]) -> None:
+    """Checks that need the machine, the torch-free ones first: an existing data_dir and
+    pretrained_checkpoint, a confidence_model the run will have (or has), a present GPU for
+    device=cuda, a valid run name (advkit.runs.check_run_name)."""
+    data_dir = values.get("data_dir")
+    if data_dir is not None and not Path(os.path.expanduser(data_dir)).is_dir():
+        raise ValueError(f"parameter data_dir={data_dir!r} is not a folder")
+    checkpoint = values.get("pretrained_checkpoint")
+    if checkpoint is not None and not Path(os.path.expanduser(checkpoint)).is_file():
+        raise ValueError(f"parameter pretrained_checkpoint={checkpoint!r} is not a file")
+    device = values.get("device", "auto")
+    if device.startswith("cuda"):
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(device[5:]) if device.startswith("cuda:") else 0
+        if index >= count:
+            raise ValueError(f"parameter device={device!r}: this machine has {count} CUDA device(s); "
+                             f"use device='auto' or 'cpu'" + (f" or 'cuda:0'..'cuda:{count - 1}'" if count else ""))
+    from advkit import runs  # imports torch
+
+    folder = runs.run_dir(runs.check_run_name(values.get("run", "quick")), create=False)  # names run= itself
+    model = values.get("confidence_model")
+    if model is not None and model not in params.expected_models(values):
+        from advkit.variants import parse_variant
+
+        expected = params.expected_models(values, name=lambda spec: parse_variant(spec).name)
+        present = sorted(p.stem for p in (folder / "models").glob("*.pt")) if (folder / "models").is_dir() else []
+        if model not in expected + present:
+            raise ValueError(f"parameters confidence_model={model!r}, xu_attacks={values.get('xu_attacks')!r}, "
+                             f"at_variants={values.get('at_variants')!r}, keep_epochs={values.get('keep_epochs')!r}: "
+                             f"confidence_model must be one of the run's models {sorted(set(expected + present))}")
 
 
 def _yaml(text: str, where: str) -> Any:

@@ -332,7 +332,8 @@ def compare_curves(surfaces, panels=("loss", "accuracy"), *, robust: bool = True
         ax.grid(alpha=0.3)
     handles = [Line2D([], [], color=c, lw=2, label=n) for c, n in zip(colors, surfaces)]
     if any_robust:
-        attack = next((ds.attrs.get("attack") for ds in surfaces.values() if "attack" in ds.attrs), "attack")
+        attack = next((ds.attrs["attack"] for ds in surfaces.values() if ds.attrs.get("attack", "none") != "none"),
+                      "attack")
         handles += [Line2D([], [], color="k", ls="-", label="clean"),
                     Line2D([], [], color="k", ls="--", label=f"robust: {attack}\n(re-run at each point)")]
     fig.legend(handles=handles, loc="outside right upper", fontsize=8)

@@ -2,15 +2,16 @@
 
 Every number below is copied from the plain-text seeds in `../shared/seeds/` (Xu et al. 2019,
 `002_*.txt`; Stutz et al. 2021, `004_*.txt`) and carries its paper, table, row and column.
-`reported_vs_reproduced(run, claims)` reads a run's files and writes one table per claim to
-`runs/<run>/reported_vs_reproduced/<claim>.csv`: published value, this run's value, difference.
-Missing models or attacks give NaN with a note, never an error.
+`reported_vs_reproduced(run, claims)` reads a run's files through `advkit.runs.Run` (checksums
+verified) and writes one table per claim to `run.reported(claim)`
+(`runs/<run>/reported_vs_reproduced/<claim>.csv`): published value, this run's value, difference.
+Notebooks 02, 03 and 05 each call it before the later notebooks' files exist, so a missing file,
+model or attack gives NaN with a note naming it, never an error.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -20,7 +21,7 @@ import pandas as pd
 import scipy.stats
 
 from advkit.data import DATASETS
-from advkit.runs import atomic_path
+from advkit.runs import Run
 
 XU = "Xu, Yap & Prabhu 2019"
 STUTZ = "Stutz, Hein & Schiele 2021"
@@ -165,8 +166,13 @@ def ordering_agreement(order: Sequence[str], values: Mapping[str, float]) -> dic
 # --- this run's values ------------------------------------------------------------------------------
 
 
-def _read_csv(path: Path) -> pd.DataFrame | None:
-    return pd.read_csv(path, index_col=0) if path.exists() else None
+def _read_csv(run: Run, path: Path) -> pd.DataFrame | None:
+    """A table of the run (verified), None when the run has not made it yet."""
+    return run.read_table(path, index_col=0) if path.exists() else None
+
+
+def _name(run: Run, path: Path) -> str:
+    return path.relative_to(run.root).as_posix()
 
 
 def _lookup(table: pd.DataFrame | None, model: str, metric: str, source: str) -> tuple[float, str]:
@@ -180,37 +186,38 @@ def _lookup(table: pd.DataFrame | None, model: str, metric: str, source: str) ->
     return float(value), "" if np.isfinite(value) else f"{metric!r} of {model!r} is empty in {source}"
 
 
-def _xu_table1_values(run: Path) -> tuple[pd.DataFrame | None, str]:
+def _xu_table1_values(run: Run) -> tuple[pd.DataFrame | None, str]:
     """Accuracy in %: notebook 03's zoo table, its missing rows from notebook 02's table."""
-    zoo, base = (_read_csv(run / "attacks" / name) for name in ("zoo_table1_accuracy.csv", "table1_accuracy.csv"))
+    paths = {name: run.attack_table(name) for name in ("zoo_table1_accuracy", "table1_accuracy")}
+    zoo, base = (_read_csv(run, path) for path in paths.values())
     if zoo is None and base is None:
-        return None, "attacks/table1_accuracy.csv"
+        return None, _name(run, paths["table1_accuracy"])
     table = base if zoo is None else zoo if base is None else zoo.combine_first(base)
-    return table * 100, "attacks/" + ("table1_accuracy.csv" if zoo is None else "zoo_table1_accuracy.csv")
+    return table * 100, _name(run, paths["table1_accuracy" if zoo is None else "zoo_table1_accuracy"])
 
 
-def _budget_notes(run: Path) -> dict[str, str]:
+def _budget_notes(run: Run) -> dict[str, str]:
     """This run's attack budgets (notebook 02's budgets.json), to print beside Xu et al.'s."""
-    path = run / "attacks" / "budgets.json"
-    budgets = json.loads(path.read_text()) if path.exists() else {}
+    path = run.attack_table("budgets", ".json")
+    budgets = run.read_json(path) if path.exists() else {}
     keys = {"fgsm": ("eps",), "pgd": ("eps", "steps"), "stadv": ("tau", "max_flow")}
     return {name: "run " + ", ".join(f"{k}={budgets[name][k]:.4g}" if isinstance(budgets[name][k], float)
                                      else f"{k}={budgets[name][k]}" for k in ks if k in budgets[name])
             for name, ks in keys.items() if isinstance(budgets.get(name), dict)}
 
 
-def _stutz_run_models(run: Path) -> list[str]:
+def _stutz_run_models(run: Run) -> list[str]:
     """The four objectives' names, then the run's other models (training histories) that have a Stutz row."""
-    found = sorted(p.stem for p in (run / "history").glob("*.csv")) if (run / "history").exists() else []
+    found = sorted(p.stem for p in (run / "history").glob("*.csv"))
     return list(STUTZ_MODELS.values()) + [m for m in found if m not in STUTZ_MODELS.values() and stutz_row(m)]
 
 
-def _stutz_values(run: Path) -> pd.DataFrame:
+def _stutz_values(run: Run) -> pd.DataFrame:
     """Per trained model: RErr (%) at the last and at the selected epoch (history/<name>.csv) and
     the average-case flatness of notebook 05 (flatness.csv)."""
     rows: dict[str, dict[str, float]] = {}
     for model in _stutz_run_models(run):
-        history = _read_csv(run / "history" / f"{model}.csv")
+        history = _read_csv(run, run.history(model))
         row: dict[str, float] = {}
         if history is not None and "test_robust_err" in history.columns and len(history):
             history = history.reset_index()
@@ -222,24 +229,23 @@ def _stutz_values(run: Path) -> pd.DataFrame:
                 row["test_robust_err_best"] = 100 * float(history["test_robust_err"].loc[best])
         if row:
             rows[model] = row
-    flatness = _read_csv(run / "flatness.csv")
+    flatness = _read_csv(run, run.flatness)
     table = pd.DataFrame.from_dict(rows, orient="index").reindex(columns=[c for c, _ in STUTZ_COLUMNS.values()])
     if flatness is not None and "avg_case_flatness" in flatness.columns:
         table["avg_case_flatness"] = pd.to_numeric(flatness["avg_case_flatness"], errors="coerce").reindex(table.index)
     return table
 
 
-def _sources(run: Path, claim: str) -> tuple[pd.DataFrame | None, str]:
+def _sources(run: Run, claim: str) -> tuple[pd.DataFrame | None, str]:
     if claim == "xu_table1":
         return _xu_table1_values(run)
-    if claim == "xu_table2":
-        return _read_csv(run / "attacks" / "table2_ssim_distance.csv"), "attacks/table2_ssim_distance.csv"
-    if claim == "xu_sharpness_order":
-        return _read_csv(run / "landscapes" / "sharpness.csv"), "landscapes/sharpness.csv"
+    if claim in ("xu_table2", "xu_sharpness_order"):
+        path = run.attack_table("table2_ssim_distance") if claim == "xu_table2" else run.landscape_table("sharpness")
+        return _read_csv(run, path), _name(run, path)
     return _stutz_values(run), "history/"
 
 
-def compare(run: str | Path, claim: str, *, dataset: str = "cifar10",
+def compare(run: Run | str | Path, claim: str, *, dataset: str = "cifar10",
             models: Sequence[str] | None = None) -> pd.DataFrame:
     """One claim's table: published value, this run's value, difference (run - published) and notes.
 
@@ -251,7 +257,7 @@ def compare(run: str | Path, claim: str, *, dataset: str = "cifar10",
     _check_claim(claim)
     if dataset not in DATASETS:
         raise ValueError(f"dataset={dataset!r} is not available; choose one of {list(DATASETS)}")
-    run = Path(run)
+    run = Run.of(run)
     comparable = dataset == "cifar10"
     table, source = _sources(run, claim)
     budgets = _budget_notes(run) if claim in ("xu_table1", "xu_table2") else {}
@@ -298,10 +304,11 @@ def compare(run: str | Path, claim: str, *, dataset: str = "cifar10",
     return pd.DataFrame(rows)
 
 
-def reported_vs_reproduced(run: str | Path, claims: Sequence[str] | str, *, dataset: str = "cifar10",
+def reported_vs_reproduced(run: Run | str | Path, claims: Sequence[str] | str, *, dataset: str = "cifar10",
                            models: Sequence[str] | None = None, write: bool = True) -> pd.DataFrame:
     """The tables of `claims` for one run (rows of `models` only, if given), concatenated; each is also
-    written atomically to `run/reported_vs_reproduced/<claim>.csv` (the notebooks' one call)."""
+    written atomically to `run.reported(claim)` (the notebooks' one call)."""
+    run = Run.of(run)
     claims = [claims] if isinstance(claims, str) else list(claims)
     for claim in claims:
         _check_claim(claim)
@@ -309,17 +316,15 @@ def reported_vs_reproduced(run: str | Path, claims: Sequence[str] | str, *, data
     for claim in claims:
         table = compare(run, claim, dataset=dataset, models=models)
         if write:
-            path = Path(run) / "reported_vs_reproduced" / f"{claim}.csv"
-            with atomic_path(path) as tmp:
-                table.to_csv(tmp, index=False)
+            run.write_table(run.reported(claim), table, index=False)
         tables.append(table)
     return pd.concat(tables, ignore_index=True)
 
 
-def load_tables(run: str | Path) -> dict[str, pd.DataFrame]:
-    """Every reported-vs-reproduced table a run has written, by claim."""
-    folder = Path(run) / "reported_vs_reproduced"
-    return {p.stem: pd.read_csv(p) for p in sorted(folder.glob("*.csv"))} if folder.exists() else {}
+def load_tables(run: Run | str | Path) -> dict[str, pd.DataFrame]:
+    """Every reported-vs-reproduced table a run has written, by claim (verified)."""
+    run = Run.of(run)
+    return {c: run.read_table(run.reported(c)) for c in CLAIMS if run.reported(c).exists()}
 
 
 __all__ = ["CLAIMS", "PUBLISHED", "Published", "STUTZ_MODELS", "XU_SHARPNESS_ORDER", "compare", "load_tables",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torchvision.transforms import v2
 
+from advkit._torch import check_choice, check_int, check_number
 from advkit.data import Batcher
 
 
@@ -21,11 +22,9 @@ def noisy_labels(y: torch.Tensor, fraction: float, num_classes: int | None = Non
                  seed: int = 0) -> torch.Tensor:
     """A copy of y in which round(fraction * N) examples, chosen at random, get a uniformly drawn
     *different* class (symmetric label noise, fixed once for the whole training run)."""
-    if not 0 <= fraction <= 1:
-        raise ValueError(f"fraction must be in [0, 1], got {fraction!r}")
+    check_number("fraction", fraction, 0.0, 1.0)
     num_classes = int(y.max()) + 1 if num_classes is None else num_classes
-    if num_classes < 2:
-        raise ValueError(f"num_classes must be >= 2 for label noise, got {num_classes}")
+    check_int("num_classes", num_classes, 2)
     gen = torch.Generator().manual_seed(seed)
     n_noisy = round(fraction * len(y))
     idx = torch.randperm(len(y), generator=gen)[:n_noisy]
@@ -49,8 +48,7 @@ class AutoAugmentBatcher(Batcher):
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *,
                  policy: str = "cifar10", **kwargs):
         policies = {p.value: p for p in v2.AutoAugmentPolicy}
-        if policy not in policies:
-            raise ValueError(f"policy={policy!r} is not available; choose one of {sorted(policies)}")
+        check_choice("policy", policy, sorted(policies))
         if x.dtype != torch.uint8:
             raise ValueError(f"AutoAugmentBatcher needs uint8 images, got {x.dtype}")
         super().__init__(x, y, batch_size, **kwargs)

@@ -19,16 +19,16 @@ import pandas as pd
 import torch
 from threadpoolctl import threadpool_limits
 
+from advkit.params import PARAMS, check
+
 
 def set_reproducible(seed: int, threads: int | None = 1) -> dict:
     """Seed python, numpy and torch with `seed`, run torch and BLAS on `threads` threads (None: leave the
     libraries' defaults), ask torch for deterministic algorithms (warnings only where none exists) and
     print pandas tables unwrapped and text cells uncut (`display.width`, `display.max_colwidth`); every
     notebook's first code cell calls it."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads must be None or an integer >= 1, got {threads!r}")
+    check("seed", seed, PARAMS["seed"])  # the notebooks' parameters' own rules
+    check("threads", threads, PARAMS["threads"])
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # deterministic cuBLAS; read at its first use
     if threads is not None:
         torch.set_num_threads(threads)

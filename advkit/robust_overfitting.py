@@ -7,7 +7,7 @@ robust loss (RLoss, mean CE on PGD examples) and robust error (RErr) into `fit`'
     subsets = stutz_subsets(data)
     evaluate = epoch_robust_metrics(subsets["train_sub"], subsets["test_sub"], subsets["val"],
                                     val_attack=EARLY_STOP_ATTACK)
-    fit(model, Batcher(*subsets["train"], 128), config, objective="pgd_at", evaluate=evaluate,
+    fit(model, Batcher(*subsets["train"], 128, augment=True), config, objective="pgd_at", evaluate=evaluate,
         select="val_robust_loss", keep_epochs=(10, 50, 100), run=run, name="pgd_at")
 
 Stutz et al. do not early-stop by default: `fit` returns and saves the final weights as
@@ -25,10 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from advkit._torch import check_int, check_precision, loss_and_accuracy
 from advkit.data import Dataset, subset
 from advkit.evaluate import STUTZ2021, AttackSpec
 from advkit.evaluate import robust_metrics as _attack_metrics
-from advkit.train import loss_and_accuracy
 
 Split = tuple[torch.Tensor, torch.Tensor]
 
@@ -43,9 +43,9 @@ EARLY_STOP_ATTACK = AttackSpec("pgd", {"eps": 8 / 255, "alpha": 2 / 255, "steps"
 def early_stopping_indices(n_test_total: int, n_val: int, n_test: int = 0) -> range:
     """Indices of the early-stopping images: the LAST n_val of the n_test_total test images
     (Stutz et al. Sec. 3), disjoint from the first n_test used for evaluation."""
-    for name, value in (("n_test_total", n_test_total), ("n_val", n_val), ("n_test", n_test)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name != "n_test" else 0):
-            raise ValueError(f"{name} must be an integer >= {1 if name != 'n_test' else 0}, got {value!r}")
+    check_int("n_test_total", n_test_total)
+    check_int("n_val", n_val)
+    check_int("n_test", n_test, minimum=0)
     if n_val > n_test_total:
         raise ValueError(f"n_val={n_val} exceeds the {n_test_total} test images")
     if min(n_test, n_test_total) + n_val > n_test_total:
@@ -67,13 +67,15 @@ def stutz_subsets(data: Dataset, n_train: int = 1000, n_test: int = 1000, n_val:
 def epoch_robust_metrics(train_subset: Split | None, test_subset: Split | None, val_subset: Split | None = None,
                    attack: str | AttackSpec | Callable[..., torch.Tensor] = EPOCH_ATTACK, *,
                    val_attack: str | AttackSpec | Callable[..., torch.Tensor] | None = None,
-                   batch_size: int = 500, seed: int = 0, amp: bool = True,
+                   batch_size: int = 500, seed: int = 0, precision: str = "auto",
                    **attack_kwargs: Any) -> Callable[[nn.Module], dict[str, float]]:
     """An `evaluate(model)` for `fit(..., evaluate=)`: per split s in (train, test, val) given,
     s_loss_sub / s_acc_sub (clean, on the subset), s_robust_loss (RLoss) and s_robust_err
     (RErr = 1 - robust accuracy) under `attack` (a name, AttackSpec or callable; `attack_kwargs`
     override its settings; the val split uses `val_attack` when given, e.g. EARLY_STOP_ATTACK),
-    plus eval_time_s. The same `seed` every epoch: comparable curves."""
+    plus eval_time_s. The same `seed` every epoch: comparable curves; `precision` of the clean
+    evaluation (advkit._torch.PRECISIONS)."""
+    check_precision(precision)
     splits = {"train": train_subset, "test": test_subset, "val": val_subset}
     for name, split in splits.items():
         if split is not None and (len(split) != 2 or split[0].dim() != 4 or len(split[0]) != len(split[1])
@@ -98,7 +100,8 @@ def epoch_robust_metrics(train_subset: Split | None, test_subset: Split | None, 
             if split is None:
                 continue
             x, y = split
-            row[f"{name}_loss_sub"], row[f"{name}_acc_sub"] = loss_and_accuracy(model, x, y, batch_size, amp=amp)
+            row[f"{name}_loss_sub"], row[f"{name}_acc_sub"] = loss_and_accuracy(model, x, y, batch_size=batch_size,
+                                                                                 precision=precision)
             robust = _attack_metrics(model, x, y, attacks[name], batch_size, seed=seed, **attack_kwargs)
             row[f"{name}_robust_loss"], row[f"{name}_robust_err"] = robust["loss"], 1.0 - robust["accuracy"]
         row["eval_time_s"] = time.perf_counter() - t0

@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advkit.attack_utils import autocast as _autocast
-from advkit.attack_utils import (attack_mode, check_choice, check_images, check_int, check_model_output,
-                                 check_positive, forward_fn, is_fooled, margin, prepare)
+from advkit._torch import autocast, check_choice, check_int, check_number, check_precision, eval_mode
+from advkit.attack_utils import check_images, check_model_output, forward_fn, is_fooled, margin, prepare
 
 OPTIMIZERS = ("lbfgs", "adam")
 
@@ -82,7 +81,7 @@ def flow_loss(flow: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 def stadv(model: nn.Module, x: torch.Tensor, y: torch.Tensor, tau: float = 0.05, steps: int = 50, *,
           optimizer: str = "lbfgs", max_flow: float | None = None, kappa: float = 0.0,
           lr: float | None = None, targeted: bool = False, return_flow: bool = False,
-          autocast: bool | None = None, channels_last: bool | None = None, compile: bool = False,
+          precision: str = "auto", channels_last: bool | None = None, compile: bool = False,
           ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """stAdv (Xiao et al. 2018): minimize over the flow f, per example,
     L_adv(x_f) + tau * L_flow(f), with L_adv = max(z_y - max_{j!=y} z_j, -kappa) (Eq. 6, CW margin;
@@ -110,18 +109,19 @@ def stadv(model: nn.Module, x: torch.Tensor, y: torch.Tensor, tau: float = 0.05,
     final flow.
     """
     check_images(x, y)
-    check_positive(tau, "tau", allow_zero=True)
-    check_int(steps, "steps")
-    check_choice(optimizer, "optimizer", OPTIMIZERS)
-    check_positive(kappa, "kappa", allow_zero=True)
+    check_number("tau", tau)
+    check_int("steps", steps)
+    check_choice("optimizer", optimizer, OPTIMIZERS)
+    check_number("kappa", kappa)
     if max_flow is not None:
-        check_positive(max_flow, "max_flow", maximum=float(max(x.shape[2:])))
+        check_number("max_flow", max_flow, 0.0, float(max(x.shape[2:])), low_open=True)
     lr = (1.0 if optimizer == "lbfgs" else 0.01) if lr is None else lr
-    check_positive(lr, "lr")
-    with attack_mode(model):
+    check_number("lr", lr, low_open=True)
+    check_precision(precision)
+    with eval_mode(model), torch.enable_grad():
         forward = forward_fn(model, compile)
         x = prepare(x, channels_last)
-        check_model_output(forward, x, y, autocast)  # NaN weights: a clear error, not a crash
+        check_model_output(forward, x, y, precision)  # NaN weights: a clear error, not a crash
         w = torch.zeros((len(x), 2, *x.shape[2:]), device=x.device, dtype=x.dtype, requires_grad=True)
         sign = -1.0 if targeted else 1.0
         best_flow = torch.zeros_like(w)
@@ -134,7 +134,7 @@ def stadv(model: nn.Module, x: torch.Tensor, y: torch.Tensor, tau: float = 0.05,
             nonlocal best_flow, best_smooth
             flow = to_flow(w)
             x_adv = apply_flow(x, flow)
-            with _autocast(x.device, autocast):
+            with autocast(x.device, precision):
                 logits = forward(x_adv)
             logits = logits.float()
             adv = (sign * margin(logits, y)).clamp_min(-kappa)

@@ -160,7 +160,7 @@ def variant_objective(variant: Variant | str, eps: float, steps: int, alpha: flo
 
 def variant_config(variant: Variant | str, epochs: int, **overrides: Any) -> TrainConfig:
     """The variant's TrainConfig: its objective's paper schedule (`paper_config`) rescaled to
-    `epochs`, then `overrides` (batch size, padding, seed, ...), then the spec's own settings."""
+    `epochs`, then `overrides` (seed, precision, ...), then the spec's own settings."""
     v = parse_variant(variant) if isinstance(variant, str) else variant
     return paper_config(v.schedule, epochs=epochs, **{**overrides, **v.config_overrides})
 
@@ -170,22 +170,23 @@ def train_variant(spec: str, arch: str, train: tuple[torch.Tensor, torch.Tensor]
                   batch_size: int = 128, padding: int = 4, seed: int = 0, device: str | torch.device = "cpu",
                   test: tuple[torch.Tensor, torch.Tensor] | None = None,
                   evaluate: Callable[[nn.Module], dict[str, float]] | None = None, select: str | None = None,
-                  keep_epochs: Sequence[int] = (), run: str | Path | None = None, progress: bool = True,
-                  **fit_kwargs: Any) -> FitResult:
+                  keep_epochs: Sequence[int] = (), run: str | Path | None = None, precision: str = "auto",
+                  progress: bool = True, **fit_kwargs: Any) -> FitResult:
     """Adversarially train a fresh `arch` from scratch on `train` (uint8 images) with the variant
-    `spec`: one call per notebook-03 variant. Weights are initialized from `seed`; label noise is
-    drawn once from `seed`; the model is saved as `models/<spec>.pt` (final) and, with `select`,
-    `models/<spec>_early.pt` (early stopped)."""
+    `spec`: one call per notebook-03 variant, in batches of `batch_size` with random crop (`padding`)
+    + flip (the papers' 128 and 4 px). Weights, batch order and augmentation are seeded by `seed`;
+    label noise is drawn once from `seed`; `precision` is TrainConfig's. The model is saved as
+    `models/<spec>.pt` (final) and, with `select`, `models/<spec>_early.pt` (early stopped)."""
     v = parse_variant(spec)
     if arch not in _arch_names():
         raise ValueError(f"arch={arch!r} is not available; choose one of {_arch_names()}")
-    config = variant_config(v, epochs, batch_size=batch_size, padding=padding, seed=seed)
+    config = variant_config(v, epochs, seed=seed, precision=precision)
     objective = variant_objective(v, eps, steps, alpha)
     x, y = train
     if v.label_noise:
         y = noisy_labels(y, v.label_noise, num_classes, seed=seed)
     batcher_cls = AutoAugmentBatcher if v.autoaugment else Batcher
-    batcher = batcher_cls(x, y, batch_size, device=device)
+    batcher = batcher_cls(x, y, batch_size, augment=True, padding=padding, seed=seed, device=device)
     torch.manual_seed(seed)
     model = get_model(arch, num_classes, in_channels).to(device)
     return fit(model, batcher, config, objective=objective, test=test, evaluate=evaluate, select=select,

@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 
 from advkit.landscape import QUANTITIES, load_surface
 from advkit.plots import _axis_label, _colorbar, landscape_panel, quantity_label, shared_norm
+from advkit.runs import Run
 
 AXES = ("alpha", "beta")
 SYMBOLS = {"alpha": "α", "beta": "β"}
@@ -42,7 +43,9 @@ def _quantities_2d(ds: xr.Dataset) -> list[str]:
 def _load(surfaces) -> dict[str, dict[str, xr.Dataset]]:
     """name -> {quantity -> surface}. A folder (e.g. a run's `landscapes/`) contributes its 2D files
     and skips the 1D ones; 2D files of one model with different quantities (its `grid` with loss and
-    accuracy, its `robust_grid` with the robust ones) become one entry."""
+    accuracy, its `robust_grid` with the robust ones) become one entry. A `Run` means its landscapes/."""
+    if isinstance(surfaces, Run):
+        surfaces = surfaces.landscapes
     from_folder = isinstance(surfaces, (str, Path))
     if from_folder:
         folder = Path(surfaces)
@@ -90,8 +93,8 @@ def profile(ds: xr.Dataset, quantity: str, axis: str, position: float) -> tuple[
 class LandscapeSlicer:
     """Interactive slicer over saved 2D surfaces (ipywidgets + matplotlib).
 
-    `surfaces`: a folder of .nc files (a run's `landscapes/`: its 2D files), a list of files, or a
-    mapping name -> file; `self.surfaces` is name -> {quantity -> surface}. Widgets:
+    `surfaces`: a `Run` (its `landscapes/`: its 2D files), a folder of .nc files, a list of files,
+    or a mapping name -> file; `self.surfaces` is name -> {quantity -> surface}. Widgets:
     `models_widget` (SelectMultiple), `quantity_widget` (Dropdown), `axis_widget` (the axis the
     profile runs along), `position_widget` (where the other axis is cut), `log_widget` (losses
     only: disabled for accuracies). Every user action redraws once (`draws` counts redraws).

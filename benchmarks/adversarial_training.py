@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT, append_results, device_name  # noqa: E402
 
-from advkit.augment import XU_ATTACKS, augmented_dataset, finetune_config  # noqa: E402
+from advkit.augment import XU_ATTACKS, augmented_dataset, finetune_batcher, finetune_config  # noqa: E402
 from advkit.data import Batcher, Dataset, split_validation, to_float  # noqa: E402
 from advkit.evaluate import XU2019, accuracy, evaluate_attacks, robust_accuracy  # noqa: E402
 from advkit.models import get_model  # noqa: E402
@@ -80,7 +80,7 @@ def part_at(data: Dataset, args, device: torch.device, run: Path) -> tuple[str, 
     model = get_model(args.arch, 10, 3).to(device)
     config = paper_config("pgd_at", epochs=args.epochs, seed=args.seed)
     objective = PGDAT()  # eps 8/255, step 2/255, 10 steps, train-mode attack (Rice et al.)
-    result = fit(model, Batcher(x_train, y_train, config.batch_size, device=device), config, objective=objective,
+    result = fit(model, Batcher(x_train, y_train, 128, augment=True, padding=4, seed=args.seed, device=device), config, objective=objective,
                  evaluate=evaluate, select="val_robust_loss", run=run, name=f"pgd_at_{args.arch}", progress=True)
     history = result.history
     train_time = (history["time_s"] - history["eval_time_s"]).mean()
@@ -110,10 +110,10 @@ def part_xu(data: Dataset, args, device: torch.device, run: Path) -> tuple[str, 
     x_test, y_test = data.x_test[:args.n_test], data.y_test[:args.n_test]
     torch.manual_seed(args.seed)
     base = get_model(args.xu_arch, 10, 3).to(device)
-    base_config = TrainConfig(epochs=args.xu_base_epochs, batch_size=128, lr=0.1, schedule="multistep",
+    base_config = TrainConfig(epochs=args.xu_base_epochs, lr=0.1, schedule="multistep",
                               weight_decay=1e-4, seed=args.seed)
     t0 = time.perf_counter()
-    fit(base, Batcher(x_train, y_train, 128, device=device), base_config, run=run, name=f"base_{args.xu_arch}")
+    fit(base, Batcher(x_train, y_train, 128, augment=True, padding=4, seed=args.seed, device=device), base_config, run=run, name=f"base_{args.xu_arch}")
     times = {"base": time.perf_counter() - t0}
     models = {"base": base.eval()}
     for attack in XU_ATTACKS:
@@ -123,7 +123,7 @@ def part_xu(data: Dataset, args, device: torch.device, run: Path) -> tuple[str, 
         times[f"generate {attack}"] = time.perf_counter() - t0
         model = copy.deepcopy(base)
         t0 = time.perf_counter()
-        fit(model, Batcher(x2, y2, 128, device=device), finetune_config(args.xu_epochs, seed=args.seed), run=run,
+        fit(model, finetune_batcher(x2, y2, seed=args.seed, device=device), finetune_config(args.xu_epochs, seed=args.seed), run=run,
             name=f"{attack}_augmented_{args.xu_arch}")
         times[f"fine-tune {attack}"] = time.perf_counter() - t0
         models[f"{attack}-augmented"] = model.eval()

@@ -47,13 +47,13 @@ def methods(args, model, device):
         out["torchattacks.PGD fp32"] = torchattacks_pgd
     except ImportError:
         print("torchattacks is not installed: only advkit rows", file=sys.stderr)
-    out["advkit pgd fp32"] = lambda x, y, seed: pgd(model, x, y, eps, alpha, steps, seed=seed, autocast=False)
+    out["advkit pgd fp32"] = lambda x, y, seed: pgd(model, x, y, eps, alpha, steps, seed=seed, precision="fp32")
     if device.type == "cuda" or args.bf16:
         out["advkit pgd bf16 autocast"] = lambda x, y, seed: pgd(model, x, y, eps, alpha, steps, seed=seed,
-                                                                 autocast=True)
+                                                                 precision="bf16")
     if args.compile:
         out["advkit pgd bf16 + compile"] = lambda x, y, seed: pgd(model, x, y, eps, alpha, steps, seed=seed,
-                                                                  autocast=device.type == "cuda", compile=True)
+                                                                  precision="auto", compile=True)
     return out
 
 

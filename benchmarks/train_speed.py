@@ -17,14 +17,14 @@ import torch.nn.functional as F
 
 from common import RESULTS, append_results, device_name, results_entry, timed  # first: repository root on sys.path
 
+from advkit._torch import autocast
 from advkit.data import Batcher, get_dataset
 from advkit.models import get_model
 from advkit.runs import resolve_device
-from advkit.attack_utils import autocast
 from advkit.train import TrainConfig, fit
 
 
-def throughput(model_name: str, device: torch.device, batch_size: int, steps: int, amp: bool,
+def throughput(model_name: str, device: torch.device, batch_size: int, steps: int, precision: str,
                channels_last: bool) -> float:
     """Training images/s (forward, backward, SGD step) on random CIFAR-shaped batches."""
     model = get_model(model_name, 10, 3).to(device)
@@ -35,7 +35,7 @@ def throughput(model_name: str, device: torch.device, batch_size: int, steps: in
     y = torch.randint(0, 10, (batch_size,), device=device)
 
     def step():
-        with autocast(device, amp and device.type == "cuda"):
+        with autocast(device, precision):
             loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -55,9 +55,9 @@ def time_to_accuracy(args, device: torch.device) -> tuple[float | None, float, i
     data = get_dataset("cifar10", args.data_dir)
     torch.manual_seed(0)
     model = get_model(args.model, 10, 3).to(device)
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule,
+    config = TrainConfig(epochs=args.epochs, lr=args.lr, schedule=args.schedule,
                          weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, seed=0)
-    result = fit(model, Batcher(data.x_train, data.y_train, args.batch_size, device=device), config,
+    result = fit(model, Batcher(data.x_train, data.y_train, args.batch_size, augment=True, padding=4, device=device), config,
                  test=(data.x_test.to(device), data.y_test.to(device)))
     elapsed = result.history["time_s"].cumsum()
     hit = result.history.index[result.history["test_acc"] >= args.to_accuracy]
@@ -84,9 +84,9 @@ def main() -> None:
     device = resolve_device(args.device)
 
     rows = []
-    for amp in ([False, True] if device.type == "cuda" else [False]):
-        ips = throughput(args.model, device, args.batch_size, args.steps, amp, channels_last=True)
-        rows.append(f"| {args.model} training throughput | {'bf16' if amp else 'fp32'} | {args.batch_size} "
+    for precision in (["fp32", "bf16"] if device.type == "cuda" else ["fp32"]):
+        ips = throughput(args.model, device, args.batch_size, args.steps, precision, channels_last=True)
+        rows.append(f"| {args.model} training throughput | {precision} | {args.batch_size} "
                     f"| {ips:,.0f} images/s |")
     if args.data_dir:
         when, best, epoch = time_to_accuracy(args, device)

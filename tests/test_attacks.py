@@ -144,11 +144,38 @@ def test_seeded_randomness_is_reproducible(random_model, random_data):
     assert not torch.equal(a, pgd(random_model, x, y, eps=EPS, steps=2, seed=8))
 
 
+def test_pgd_keeps_each_examples_strongest_iterate(trained_cnn, digits_test):
+    """keep_best, per example: the returned point is the strongest of all iterates of a plain PGD
+    loop (written out here): fooled if any iterate fooled the model, else the highest loss."""
+    x, y = digits_test[0][:128], digits_test[1][:128]
+    eps, alpha, steps = 12 / 255, 8 / 255, 6  # large steps: the path oscillates, the last is rarely best
+    losses, fooled, x_adv = [], [], x.clone()
+    for k in range(steps + 1):
+        x_adv.requires_grad_(True)
+        logits = trained_cnn(x_adv)
+        loss = F.cross_entropy(logits, y, reduction="none")
+        losses.append(loss.detach())
+        fooled.append(logits.argmax(1).detach() != y)
+        if k < steps:
+            (grad,) = torch.autograd.grad(loss.sum(), x_adv)
+            x_adv = torch.min(torch.max(x_adv.detach() + alpha * grad.sign(), x - eps), x + eps).clamp(0, 1)
+    losses, fooled = torch.stack(losses), torch.stack(fooled)  # (iterates, examples)
+    best = pgd(trained_cnn, x, y, eps=eps, alpha=alpha, steps=steps, random_start=False, precision="fp32")
+    last = pgd(trained_cnn, x, y, eps=eps, alpha=alpha, steps=steps, random_start=False, keep_best=False)
+    ever_fooled = fooled.any(0)
+    strongest = torch.where(fooled, losses, -math.inf).amax(0).where(ever_fooled, losses.amax(0))
+    assert torch.equal(fooled_mask(trained_cnn, best, y), ever_fooled)
+    torch.testing.assert_close(ce(trained_cnn, best, y), strongest, rtol=1e-5, atol=1e-5)
+    # the test can tell: for some examples the last iterate is weaker than an earlier one
+    weaker = (fooled_mask(trained_cnn, last, y) < ever_fooled) | (ce(trained_cnn, last, y) < strongest - 1e-3)
+    assert weaker.any()
+
+
 def test_channels_last_and_cpu_autocast_agree(trained_cnn, digits_test):
     x, y = digits_test[0][:64], digits_test[1][:64]
     ref = pgd(trained_cnn, x, y, eps=EPS, steps=3)
     torch.testing.assert_close(pgd(trained_cnn, x, y, eps=EPS, steps=3, channels_last=True), ref)
-    bf16 = pgd(trained_cnn, x, y, eps=EPS, steps=3, autocast=True)
+    bf16 = pgd(trained_cnn, x, y, eps=EPS, steps=3, precision="bf16")
     assert_within_budget(x, bf16, "linf", EPS)
     assert abs(accuracy(trained_cnn, bf16, y) - accuracy(trained_cnn, ref, y)) <= 3 / 64
 
@@ -205,11 +232,26 @@ def test_apgd_checkpoints_follow_croce_hein():
     assert checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
 
 
-def test_autoattack_keeps_the_worst_case(trained_cnn, digits_test):
-    x, y = digits_test[0][:64], digits_test[1][:64]
-    ce_only = accuracy(trained_cnn, attacks.apgd_ce(trained_cnn, x, y, eps=EPS, steps=10), y)
-    both = accuracy(trained_cnn, attacks.autoattack(trained_cnn, x, y, eps=EPS, steps=10, n_target_classes=3), y)
-    assert both <= ce_only
+def test_autoattack_keeps_the_worst_case_per_example(trained_cnn, digits_test):
+    """Per example: AutoAttack's point is APGD-CE's when APGD-CE breaks it, else APGD-T's when that
+    breaks it (run on the survivors only), else APGD-CE's; so it is broken iff either attack breaks it."""
+    x, y = digits_test
+    correct = ~fooled_mask(trained_cnn, x, y)  # AutoAttack attacks these; so do the stand-alone runs
+    x, y = x[correct], y[correct]
+    kw = dict(eps=12 / 255, steps=10)  # APGD-T then breaks a few (4 of ~170) that APGD-CE left
+    x_ce = attacks.apgd_ce(trained_cnn, x, y, seed=0, **kw)
+    broken_ce = fooled_mask(trained_cnn, x_ce, y)
+    rest = (~broken_ce).nonzero().squeeze(1)
+    x_t = attacks.apgd_t(trained_cnn, x[rest], y[rest], seed=1, n_target_classes=3, **kw)
+    broken_t = fooled_mask(trained_cnn, x_t, y[rest])
+    assert broken_ce.any() and broken_t.any() and not broken_t.all()  # each stage decides some examples
+    expected = x_ce.clone()
+    expected[rest[broken_t]] = x_t[broken_t]
+    x_aa = attacks.autoattack(trained_cnn, x, y, seed=0, n_target_classes=3, **kw)
+    assert torch.equal(x_aa, expected)
+    expected_broken = broken_ce.clone()
+    expected_broken[rest] = broken_t
+    assert torch.equal(fooled_mask(trained_cnn, x_aa, y), expected_broken)
 
 
 # --- cross-checks against torchattacks ----------------------------------------------------------------
@@ -279,6 +321,9 @@ def test_model_mode_restored_and_no_parameter_grads(name, kwargs, budget, random
     (lambda m, x, y: pgd(m, x, y, loss="hinge"), "loss"),
     (lambda m, x, y: pgd(m, x, y, restarts=0), "restarts"),
     (lambda m, x, y: pgd(m, x, y, alpha=-1.0), "alpha"),
+    (lambda m, x, y: pgd(m, x, y, precision="fp16"), "precision='fp16'"),
+    (lambda m, x, y: stadv(m, x, y, precision=True), "precision=True"),
+    (lambda m, x, y: apgd(m, x, y, rho=0.0), "rho"),
     (lambda m, x, y: pgd(m, x, y, eps=math.nan), "eps"),
     (lambda m, x, y: attacks.apgd_ce(m, x, y, eps=-1.0), "eps"),
     (lambda m, x, y: attacks.apgd_t(m, x, y, steps=0), "steps"),

@@ -1,5 +1,6 @@
 """advkit.augment: static adversarial augmentation (Xu et al. 2019) and its cache."""
 
+import copy
 import json
 import math
 
@@ -8,8 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from advkit import augment
-from advkit.augment import XU_ATTACKS, augmented_dataset, finetune_config, model_fingerprint, xu_budget
+from advkit._torch import state_hash
+from advkit.augment import XU_ATTACKS, augmented_dataset, finetune_batcher, finetune_config, xu_budget
 from advkit.data import to_float
+from advkit.runs import StaleCacheWarning
 
 N = 48
 
@@ -64,22 +67,31 @@ def test_cache_is_reused_and_invalidated_by_other_settings(trained_cnn, train_im
     x, y = train_images
     first = augmented_dataset(trained_cnn, x, y, "fgsm", run=tmp_path, progress=False)
     meta = json.loads((tmp_path / "attacks" / "augment_fgsm.json").read_text())
-    assert meta["settings"]["budget"] == {"eps": 8 / 255} and meta["settings"]["model"] == model_fingerprint(trained_cnn)
+    assert meta["settings"]["budget"] == {"eps": 8 / 255} and meta["settings"]["model"] == state_hash(trained_cnn)
     assert set(meta["stats"]) == {"clean_accuracy", "fooled_float", "fooled_stored"}
     calls = []
     real = augment.adversarial_examples
     monkeypatch.setattr(augment, "adversarial_examples", lambda *a, **k: calls.append(k) or real(*a, **k))
     again = augmented_dataset(trained_cnn, x, y, "fgsm", run=tmp_path, progress=False)
     assert not calls and all(torch.equal(a, b) for a, b in zip(first, again))
-    other = augmented_dataset(trained_cnn, x, y, "fgsm", run=tmp_path, eps=16 / 255, progress=False)
+    with pytest.warns(StaleCacheWarning, match=r"augment_fgsm.pt was made with budget=.*recomputing"):
+        other = augmented_dataset(trained_cnn, x, y, "fgsm", run=tmp_path, eps=16 / 255, progress=False)
     assert len(calls) == 1 and (other[0][N:].int() - x.int()).abs().max() == 16
+    other_base = copy.deepcopy(trained_cnn)
+    with torch.no_grad():
+        next(other_base.parameters()).add_(1e-3)
+    with pytest.warns(StaleCacheWarning, match="augment_fgsm.pt was made with model="):  # another base model
+        augmented_dataset(other_base, x, y, "fgsm", run=tmp_path, eps=16 / 255, progress=False)
+    assert len(calls) == 2
 
 
-def test_finetune_config_follows_the_seed_code():
+def test_finetune_config_follows_the_seed_code(train_images):
     config = finetune_config(5)
-    assert (config.epochs, config.optimizer, config.lr, config.batch_size, config.augment, config.padding) == \
-        (5, "adam", 1e-3, 128, True, 4)
+    assert (config.epochs, config.optimizer, config.lr, config.weight_decay, config.schedule) == \
+        (5, "adam", 1e-3, 0.0, "constant")
     assert finetune_config(2, lr=1e-4, seed=3).seed == 3
+    batcher = finetune_batcher(*train_images)
+    assert (batcher.batch_size, batcher.augment, batcher.padding) == (128, True, 4)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -110,8 +122,6 @@ def cifar_shaped():
 
 
 def test_regenerated_augmentation_follows_the_current_model(cifar_shaped):
-    import copy
-
     model, x, y = cifar_shaped
     model = copy.deepcopy(model)
     objective = augment.RegeneratedAugmentation("fgsm")
@@ -170,7 +180,7 @@ def test_training_budget_switch():
     assert augment.xu_training_budget("fgsm", {"eps": 8 / 255}, 16 / 255) == {"eps": 16 / 255}
     stadv = {"tau": 0.05, "steps": 50, "max_flow": None}
     assert augment.xu_training_budget("stadv", stadv, 8 / 255) == {"tau": 0.05, "steps": 50}
-    with pytest.raises(ValueError, match="eps must be None or a number in"):
+    with pytest.raises(ValueError, match="eps must be a finite number > 0 and <= 1, got 2.0"):
         augment.xu_training_budget("pgd", table1, 2.0)
 
 
@@ -184,16 +194,13 @@ def test_regenerated_augmentation_bad_input(kwargs, match):
 
 
 def test_fit_takes_the_regenerating_objective(cifar_shaped):
-    import copy
-
-    from advkit.data import Batcher
     from advkit.train import fit
 
     model, x, y = cifar_shaped
     model = copy.deepcopy(model)
     before = [p.detach().clone() for p in model.parameters()]
-    config = augment.finetune_config(1, batch_size=8, padding=4)
-    result = fit(model, Batcher(x, y, 8), config, objective=augment.RegeneratedAugmentation("fgsm"), progress=False)
+    result = fit(model, augment.finetune_batcher(x, y, 8), augment.finetune_config(1),
+                 objective=augment.RegeneratedAugmentation("fgsm"), progress=False)
     assert len(result.history) == 1 and math.isfinite(result.history.train_loss.iloc[0])
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 

@@ -28,10 +28,10 @@ def test_resnet20_learns_cifar10_subset(two_threads):
     assert torch.bincount(data.y_test).tolist() == [1000] * 10
     torch.manual_seed(0)
     model = get_model("resnet20", 10, 3)
-    config = TrainConfig(epochs=3, batch_size=128, optimizer="sgd", lr=0.1, schedule="onecycle",
+    config = TrainConfig(epochs=3, optimizer="sgd", lr=0.1, schedule="onecycle",
                          weight_decay=5e-4, seed=0)
     # 3000 training images, 1000 test images: a couple of minutes on 2 CPU cores.
-    result = fit(model, Batcher(data.x_train[:3000], data.y_train[:3000], 128), config,
+    result = fit(model, Batcher(data.x_train[:3000], data.y_train[:3000], 128, augment=True, padding=4), config,
                  test=(data.x_test[::10], data.y_test[::10]), progress=False)
     # Chance is 10%; a ResNet-20 seeing 3000 images 3 times reaches about 35%. 25% leaves margin
     # for thread-count noise while still failing for broken data, labels, augmentation or training.

@@ -1,15 +1,24 @@
 """Correlation helpers: scipy's numbers, intervals that contain them and stay put under last-bit changes of the
-inputs, explicit small-n behaviour, a readable summary."""
+inputs, explicit small-n behaviour, a readable summary; then notebook 05's report on the per-model table
+(correlations over distinct weights, Stutz et al.'s Table 1, Walter et al.'s confidence summary, the summary)."""
 
+import json
 import math
 
+import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
 import scipy.stats
 
+from advkit import correlation as report
 from advkit.correlation import (BOOTSTRAP_MIN_N, METHODS, Claim, correlate, correlation_table, fisher_interval,
                                 min_pairs, summarize, verdict)
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+import advkit.plots  # noqa: E402
 
 SCIPY = {"pearson": scipy.stats.pearsonr, "spearman": scipy.stats.spearmanr, "kendall": scipy.stats.kendalltau}
 
@@ -210,3 +219,156 @@ def test_summary_without_an_interval_says_so():
     text = summarize(tab, [Claim("avg", "robust_gap", "avg_case_flatness", +1)])
     assert "- avg: INCONCLUSIVE" in text and "no interval, n = 3 models" in text and "3 models are too few" in text
     assert "nan" not in text
+
+
+# --- notebook 05's report ------------------------------------------------------------------------
+
+
+def model_table(n=10, seed=0):
+    rng = np.random.default_rng(seed)
+    flat = rng.uniform(0.5, 2.0, n)
+    names = ["base", "fgsm", "pgd", "stadv"] + [f"pgd_at_e{e:03d}" for e in range(1, n - 3)]
+    table = pd.DataFrame({
+        "family": [m.rsplit("_e", 1)[0] if "_e0" in m else m for m in names],
+        "epoch": [15, 2, 2, 2] + list(range(1, n - 3)),
+        "robust_loss_test": 1 + flat + 0.05 * rng.normal(size=n), "robust_loss_train": 1 + 0.5 * flat,
+        "avg_case_flatness": flat, "worst_case_flatness": rng.normal(size=n), "hessian_top_eig": rng.normal(size=n),
+        "surface_sharpness": [1.0, 2.0, 0.5, 3.0] + [np.nan] * (n - 4),
+        "one_minus_ssim": [np.nan, 0.2, 0.1, 0.3] + [np.nan] * (n - 4),
+    }, index=pd.Index(names, name="model"))
+    table["robust_gap"] = table["robust_loss_test"] - table["robust_loss_train"]
+    return table
+
+
+def test_correlations_and_view():
+    table = model_table()
+    corr = report.correlations(table, n_resamples=200)
+    assert not ((corr["robustness"] == corr["flatness"]).any())             # never with itself
+    assert set(corr["robustness"]) == {"robust_loss_test", "robust_gap", "one_minus_ssim", "surface_sharpness"}
+    ref = correlation_table(table, ["robust_loss_test"], ["avg_case_flatness"], n_resamples=200)
+    got = corr[(corr.robustness == "robust_loss_test") & (corr.flatness == "avg_case_flatness")]
+    np.testing.assert_allclose(got["statistic"], ref["statistic"])
+    view = report.correlation_view(corr)
+    assert (view[("", "n")] >= 3).all()
+    assert view.loc[("robust_loss_test", "avg_case_flatness"), ("spearman", "statistic")] == pytest.approx(
+        round(float(got[got.method == "spearman"]["statistic"].iloc[0]), 3))
+    assert ("one_minus_ssim", "surface_sharpness") in view.index                 # 3 fine-tunes: a coefficient
+    assert np.isnan(view.loc[("one_minus_ssim", "surface_sharpness"), ("spearman", "ci_low")])  # but no interval
+    assert report.correlation_view(corr, min_n=100).empty
+    with pytest.raises(ValueError, match="robustness columns"):
+        report.correlations(table[["avg_case_flatness"]])
+
+
+def test_available_pairs():
+    table = model_table()
+    table["hessian_trace"] = np.nan
+    pairs = [("one_minus_ssim", "surface_sharpness"), ("surface_sharpness", "hessian_trace"), ("nope", "epoch")]
+    assert report.available_pairs(table, pairs) == [("one_minus_ssim", "surface_sharpness")]
+    assert report.available_pairs(table.iloc[[0]], pairs) == []                   # base has no 1 - SSIM
+
+
+def test_trajectories():
+    table = model_table()
+    assert report.trajectories(table) == ["pgd_at"]
+    assert report.trajectories(table.head(5)) == []
+
+
+def confidence_tables():
+    clean = pd.DataFrame({"confidence": [0.6, 0.7, 0.95, 0.8], "correct": [True, True, True, False],
+                          "relative_flatness": [3.0, 2.0, 1.0, 4.0]})
+    adv = pd.DataFrame({"confidence": [0.99, 0.95, 0.5, 0.97], "correct": [False, False, True, False],
+                        "relative_flatness": [0.01, 0.02, 2.0, 0.03]})
+    return clean, adv
+
+
+def test_confidence_summary():
+    table = report.confidence_summary(*confidence_tables())
+    assert table.loc["clean", "accuracy"] == 0.75 and table.loc["adversarial", "accuracy"] == 0.25
+    assert table.loc["adversarial", "confidently_wrong"] == 0.75 and table.loc["clean", "confidently_wrong"] == 0
+    assert table.loc["adversarial", "median_relative_flatness"] == pytest.approx(0.025)
+
+
+def corr_none():
+    return correlation_table(model_table().head(1), ["robust_gap"], ["avg_case_flatness"], n_resamples=20)
+
+
+def test_summary_is_honest_about_few_models():
+    table = model_table()
+    text = report.summary(table, report.correlations(table, n_resamples=500), confidence_tables())
+    assert text.startswith("10 models measured")
+    assert "lower test robust loss: SUPPORTED" in text                         # built in: RLoss grows with flat
+    assert "2 of 3 adversarially fine-tuned models have a sharper clean-loss surface than base (fgsm, stadv)" in text
+    assert "Walter et al. 2025" in text and "75% of the adversarial inputs" in text
+    assert "How far to trust this: 10 models" in text and "6 of them are checkpoints" in text
+    clean, adv = (pd.concat([t] * 5, ignore_index=True) for t in confidence_tables())
+    assert "flatter regions): SUPPORTED" in report.summary(table.head(1), corr_none(), (clean, adv))
+    assert "flatter regions): CONTRADICTED" in report.summary(table.head(1), corr_none(), (adv, clean))
+    assert "flatter regions): INCONCLUSIVE" in report.summary(table.head(1), corr_none(), (clean, clean))
+    one = table.head(1)
+    text = report.summary(one, correlation_table(one, ["robust_gap"], ["avg_case_flatness"], n_resamples=20))
+    assert "1 model measured" in text and "too few" in text and "SUPPORTED" not in text
+
+
+def test_figures():
+    table = model_table()
+    fig = advkit.plots.model_scatter(table, [("avg_case_flatness", "robust_loss_test"),
+                                             ("one_minus_ssim", "surface_sharpness"), ("nope", "robust_gap")])
+    titles = [ax.get_title() for ax in fig.axes[:3]]
+    assert titles[0].startswith("Spearman ρ = ") and "(n = 10)" in titles[0]
+    assert "(n = 3)" in titles[1]
+    assert fig.axes[2].texts[0].get_text() == "no models with both values"
+    fig = advkit.plots.flatness_through_training(table, {"pgd_at": pd.DataFrame(
+        {"epoch": [1, 2, 3], "train_robust_loss": [1, 0.9, 0.8], "test_robust_loss": [1.1, 1.0, 1.05]})})
+    assert len(fig.axes) == 3 and fig.axes[1].get_xlabel() == "epoch"
+    with pytest.raises(ValueError, match="two or more epochs"):
+        advkit.plots.flatness_through_training(table.head(4))
+    fig = advkit.plots.confidence_flatness_plot(*confidence_tables())
+    assert [ax.get_title() for ax in fig.axes] == ["clean inputs", "adversarial inputs"]
+    plt.close("all")
+
+
+def test_early_weights_equal_to_the_final_ones_count_once_in_correlations():
+    """`trades_early` stopped at trades' last epoch: the same weights, so one point, not two."""
+    rng = np.random.default_rng(0)
+    names = ["base", "pgd", "pgd_at", "pgd_at_early", "trades", "trades_early"]
+    epochs = [15, 3, 10, 6, 10, 10]
+    table = pd.DataFrame({"epoch": epochs, "robust_loss_test": rng.random(6), "avg_case_flatness": rng.random(6)},
+                         index=pd.Index(names, name="model"))
+    kept = report.distinct_models(table)
+    assert list(kept.index) == ["base", "pgd", "pgd_at", "pgd_at_early", "trades"]
+    corr = report.correlations(table, robustness=["robust_loss_test"], flatness=["avg_case_flatness"],
+                            methods=("spearman",))
+    assert set(corr["n"]) == {5}
+
+
+def test_early_stopping_table_by_hand():
+    """Stutz et al. Table 1 from four made-up rows: pgd_at stopped at epoch 3 with flatness 0.8 < 1.2 (flatter),
+    trades at epoch 4 with 0.9 > 0.7 (sharper), mart's early copy is its last epoch (the same weights: NaN)."""
+    names = ["base", "pgd_at", "pgd_at_early", "trades", "trades_early", "mart", "mart_early"]
+    table = pd.DataFrame({"epoch": [15, 10, 3, 10, 4, 10, 10],
+                          "robust_err": [0.9, 0.6, 0.5, 0.55, 0.52, 0.7, 0.7],
+                          "robust_err_train": [0.9, 0.2, 0.4, 0.3, 0.35, 0.5, 0.5],
+                          "robust_loss_test": [3.0, 2.0, 1.5, 1.8, 1.7, 2.2, 2.2],
+                          "avg_case_flatness": [0.1, 1.2, 0.8, 0.7, 0.9, 0.5, 0.5]},
+                         index=pd.Index(names, name="model"))
+    paired = report.early_stopping_table(table)
+    assert list(paired.index) == ["pgd_at", "trades", "mart"]
+    assert paired.loc["pgd_at"].to_dict() == {
+        "robust_err": 0.6, "robust_err_train": 0.2, "avg_case_flatness": 1.2, "robust_loss_test": 2.0,
+        "early_epoch": 3, "early_robust_err": 0.5, "early_robust_loss_test": 1.5, "early_avg_case_flatness": 0.8,
+        "early_flatter": True}
+    assert paired.at["trades", "early_flatter"] == False  # noqa: E712 (a numpy/pandas bool, not None or NaN)
+    assert paired.at["trades", "early_epoch"] == 4 and paired.at["trades", "early_robust_err"] == 0.52
+    assert np.isnan(paired.at["mart", "early_flatter"])
+    assert list(report.distinct_models(table).index) == names[:-1]          # mart_early is mart's weights
+
+
+def test_overview_and_settings():
+    table = model_table().assign(settings=json.dumps({"n_eval": 24, "version": 2}), clean_acc=0.123456)
+    view = report.overview(table)
+    assert list(view.columns[:2]) == ["epoch", "clean_acc"] and "family" not in view.columns
+    assert view["clean_acc"].eq(0.123).all()
+    assert report.settings_of(table).to_dict() == {"n_eval": 24, "version": 2}
+    table.loc["base", "settings"] = json.dumps({"n_eval": 12, "version": 2})
+    with pytest.raises(ValueError, match="2 different settings"):
+        report.settings_of(table)

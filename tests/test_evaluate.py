@@ -124,6 +124,7 @@ def test_evaluate_with_a_preset_uses_its_subset(trained_cnn, digits_test):
     (lambda m, x, y: accuracy(m, x, y[:3]), "y"),
     (lambda m, x, y: robust_accuracy(m, x, y, "nope"), "attack"),
     (lambda m, x, y: robust_accuracy(m, x, y, "pgd", eps=-1.0), "eps"),
+    (lambda m, x, y: accuracy(m, x, y, precision="half"), "precision='half'"),
 ])
 def test_bad_input(call, match, trained_cnn, digits_test):
     with pytest.raises(ValueError, match=match):

@@ -142,6 +142,27 @@ def test_robust_loss_reruns_the_attack(data):
         worst_case_flatness(model, x, y, eps=0.1, attack=fgsm)
 
 
+def test_joint_ascent_is_pgd_from_a_random_start(data):
+    """Stutz et al.'s joint ascent on the inputs, written out by hand: x_adv uniform in the L-inf
+    eps-ball (first draw of the seeded generator), then one sign step of 2.5 eps / steps per weight
+    step, projected onto the ball and the [0, 1] box. With xi = 0 the reference loss L(w) is it."""
+    x, y = data
+    model = mlp()
+    eps, steps = 0.1, 3
+    res = worst_case_flatness(model, x, y, xi=0.0, steps=steps, eps=eps, seed=5, batch_size=40)
+    gen = torch.Generator().manual_seed(5)
+    x_adv = (x + (2 * torch.rand(x.shape, generator=gen) - 1) * eps).clamp(0, 1)
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        (g,) = torch.autograd.grad(F.cross_entropy(model(x_adv), y), x_adv)
+        x_adv = torch.min(torch.max(x_adv.detach() + 2.5 * eps / steps * g.sign(), x - eps), x + eps).clamp(0, 1)
+    assert res.loss == pytest.approx(F.cross_entropy(model(x_adv), y).item(), rel=1e-6)
+    assert res.loss > dataset_loss(model, x, y)
+    # weights and inputs ascend together: above both the robust L(w) and the clean worst case
+    joint = worst_case_flatness(model, x, y, xi=0.02, steps=10, eps=eps)
+    clean = worst_case_flatness(model, x, y, xi=0.02, steps=10)
+    assert joint.perturbed_loss > max(joint.loss, clean.perturbed_loss) and joint.value > 0
+
 def test_with_advkit_pgd_and_batchnorm(data):
     attacks = pytest.importorskip("advkit.attacks")
     x, y = data
@@ -239,6 +260,8 @@ def test_bad_input(data):
         worst_case_flatness(model, x, y, restarts=0)
     with pytest.raises(ValueError, match="eps"):
         worst_case_flatness(model, x, y, eps=float("nan"))
+    with pytest.raises(ValueError, match="eps must be a finite number >= 0 and <= 1"):
+        worst_case_flatness(model, x, y, eps=2.0)
     with pytest.raises(ValueError, match="epsilon"):
         epsilon_sharpness(model, x, y, epsilon=-1)
     with pytest.raises(ValueError, match="rho"):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from advkit import landscape as L
-from advkit import runs, zoo
+from advkit import artifacts, runs, zoo
 from advkit.augment import augmented_dataset
 from advkit.data import Batcher
 from advkit.directions import Directions, explicit_directions, load_loss_landscape_directions, random_directions
@@ -52,15 +52,15 @@ def resnet20():
 
 def test_garbled_training_state_is_an_error_and_keeps_the_good_model(tmp_path):
     x, y = _cifar()
-    config = TrainConfig(epochs=2, batch_size=8, lr=0.01, seed=0)
+    config = TrainConfig(epochs=2, lr=0.01, seed=0)
     torch.manual_seed(0)
-    fit(get_model("resnet20", 10, 3), Batcher(x, y, 8), config, run=tmp_path, name="base", progress=False)
+    fit(get_model("resnet20", 10, 3), Batcher(x, y, 8, augment=True), config, run=tmp_path, name="base", progress=False)
     good = (tmp_path / "models" / "base.pt").read_bytes()
     state = tmp_path / "checkpoints" / "base.state.pt"
     _garble(state)
     torch.load(state, weights_only=True)  # the defect: the garbled file loads without complaint
     with pytest.raises(CorruptArtifactError, match=r"base.state.pt is corrupt.*notebook 01_train"):
-        fit(get_model("resnet20", 10, 3), Batcher(x, y, 8), config, run=tmp_path, name="base", progress=False)
+        fit(get_model("resnet20", 10, 3), Batcher(x, y, 8, augment=True), config, run=tmp_path, name="base", progress=False)
     assert (tmp_path / "models" / "base.pt").read_bytes() == good
 
 
@@ -98,12 +98,12 @@ def test_garbled_augmentation_cache_is_an_error(tmp_path, resnet20):
 
 
 def test_edited_flatness_cache_is_an_error(tmp_path):
-    path = tmp_path / "flatness.csv"
-    zoo._write(path, pd.DataFrame({"robust_loss_test": [1.25]}, index=pd.Index(["base"], name="model")))
-    assert zoo.read_cache(path).at["base", "robust_loss_test"] == 1.25
-    path.write_text(path.read_text().replace("1.25", "0.25"))
+    run = runs.Run(tmp_path)
+    run.write_table(run.flatness, pd.DataFrame({"robust_loss_test": [1.25]}, index=pd.Index(["base"], name="model")))
+    assert zoo.read_cache(run).at["base", "robust_loss_test"] == 1.25
+    run.flatness.write_text(run.flatness.read_text().replace("1.25", "0.25"))
     with pytest.raises(CorruptArtifactError, match=r"flatness.csv is corrupt.*05_flatness_correlation"):
-        zoo.read_cache(path)
+        zoo.read_cache(run)
 
 
 # --- 2. run names stay names --------------------------------------------------------------------
@@ -248,7 +248,7 @@ def test_killed_atomic_write_leaves_nothing_for_the_next_run(tmp_run, monkeypatc
     for p in (alive, unrelated):
         p.write_text("x")
         os.utime(p, (time.time() - 3600,) * 2)
-    monkeypatch.setattr(runs, "_PROCESS_START", time.time() + 1)  # the next run starts later
+    monkeypatch.setattr(artifacts, "_PROCESS_START", time.time() + 1)  # the next run starts later
     run_dir("r")
     assert not leftovers[0].exists() and alive.exists() and unrelated.exists()
     assert list((run / "models").iterdir()) == []

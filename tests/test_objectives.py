@@ -7,6 +7,7 @@ import torch
 
 from advkit.data import Batcher, to_float
 from advkit.models import get_model
+from advkit.attacks import pgd
 from advkit.objectives import AWP, FGSMRS, MART, OBJECTIVES, PGDAT, TRADES, Clean, get_objective
 from advkit.train import TrainConfig, fit, paper_config
 
@@ -32,7 +33,11 @@ def batch(digits, n=64):
 
 
 def config(**kw):
-    return TrainConfig(**{**dict(epochs=3, batch_size=32, lr=0.05, schedule="cosine", padding=1, seed=1), **kw})
+    return TrainConfig(**{**dict(epochs=3, lr=0.05, schedule="cosine", seed=1), **kw})
+
+
+def batcher(x, y, batch_size=32):
+    return Batcher(x, y, batch_size, augment=True, padding=1, seed=1)
 
 
 def own_loss(objective, model, x, y):
@@ -54,7 +59,7 @@ def test_each_objective_lowers_its_own_loss(digits, name):
     model, objective = tiny_model(width=32), get_objective(name, **OBJECTIVE_SETTINGS[name])
     x, y = to_float(digits.x_train[:256]), digits.y_train[:256]
     before = own_loss(objective, model, x, y)
-    fit(model, Batcher(digits.x_train[:256], y, 32), config(epochs=4), objective=objective, progress=False)
+    fit(model, batcher(digits.x_train[:256], y), config(epochs=4), objective=objective, progress=False)
     after = own_loss(objective, model, x, y)
     assert after < before - 0.2, (before, after)  # observed drops: 0.35 (MART) to 0.6
 
@@ -71,6 +76,23 @@ def test_inner_attack_keeps_budget_and_leaks_no_gradient(digits, name):
     assert (x_adv - x).abs().max() <= inner.eps + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
     with torch.no_grad():
         assert torch.nn.functional.cross_entropy(model(x_adv), y) > torch.nn.functional.cross_entropy(model(x), y)
+
+
+@pytest.mark.parametrize("cls", [PGDAT, FGSMRS])
+@pytest.mark.parametrize("random_start", [True, False])
+def test_inner_maximization_is_attacks_pgd(digits, cls, random_start):
+    """One PGD loop: the objectives' inner attack (eval mode) and advkit.attacks.pgd's plain last
+    iterate are the same points, bit for bit, from the same start and generator."""
+    model = tiny_model()
+    model.train()
+    x, y = batch(digits)
+    objective = cls(eps=EPS, **({} if cls is FGSMRS else dict(alpha=0.04, steps=3)), random_start=random_start,
+                    attack_mode="eval", generator=torch.Generator().manual_seed(4))
+    ours = objective.perturb(model, x, y)
+    theirs = pgd(model, x, y, eps=objective.eps, alpha=objective.alpha, steps=objective.steps, keep_best=False,
+                 random_start=random_start, generator=torch.Generator().manual_seed(4), precision="fp32")
+    assert torch.equal(ours, theirs)
+    assert not torch.equal(ours, x) and model.training
 
 
 @pytest.mark.parametrize("mode, updates_bn", [("train", True), ("eval", False)])
@@ -165,7 +187,7 @@ def test_interrupted_adversarial_training_resumes_exactly(digits, tmp_path, name
     def run(path, **kw):
         model = tiny_model(seed=99)
         model.load_state_dict(init)
-        return fit(model, Batcher(*data, 32), cfg, objective=get_objective(name, **OBJECTIVE_SETTINGS[name]),
+        return fit(model, batcher(*data), cfg, objective=get_objective(name, **OBJECTIVE_SETTINGS[name]),
                    run=path, name=name, progress=False, **kw)
 
     once = run(tmp_path / "a")

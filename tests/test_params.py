@@ -1,6 +1,9 @@
 """The parameter declarations (advkit.params) against the notebooks, the profiles and the package."""
 
 import ast
+import subprocess
+import sys
+from dataclasses import dataclass
 
 import pytest
 
@@ -32,9 +35,94 @@ def test_declarations_match_the_notebook_annotations(declared):
 
 def test_notebook_defaults_and_profiles_pass(declared):
     for nb, p in declared.items():
-        params.validate({name: info["default"] for name, info in p.items()}, declared, environment=False)
+        pipeline.validate({name: info["default"] for name, info in p.items()}, declared, environment=False)
     for profile in pipeline.available_profiles():
-        params.validate(pipeline.load_profile(profile), declared)
+        pipeline.validate(pipeline.load_profile(profile), declared)
+
+
+def _typed(value):
+    """A value with the types of its parts, so that 1 and 1.0 (or True and 1) differ."""
+    if isinstance(value, (list, tuple)):
+        return [_typed(v) for v in value]
+    return (type(value).__name__, value)
+
+
+@pytest.mark.parametrize("notebook", ["01", "02", "03", "04", "05"])
+def test_notebook_defaults_are_the_quick_profile(declared, notebook):
+    """One source for the quick profile: quick.yaml; every notebook's `parameters` cell holds the
+    same values as its defaults (nbval and `python -m advkit refresh` execute the notebooks with them)."""
+    quick = pipeline.load_profile("quick")
+    stem = pipeline.notebook_paths([notebook])[0].stem
+    cell = {name: info["default"] for name, info in declared[stem].items()}
+    differ = {name: (value, quick.get(name, "<missing>")) for name, value in cell.items()
+              if name not in quick or _typed(quick[name]) != _typed(value)}
+    assert not differ, f"{stem}'s parameters cell differs from advkit/profiles/quick.yaml: {{name: (cell, yaml)}} {differ}"
+
+
+@pytest.mark.parametrize("profile", ["quick", "paper"])
+def test_each_profile_sets_every_declared_parameter_and_no_other(declared, profile):
+    """A profile is one file holding all its values: none comes from another profile (the paper
+    profile would otherwise inherit the notebooks' quick defaults) and none lacks a declaration."""
+    values = pipeline.load_profile(profile)
+    assert set(values) - set(PARAMS) == set(), f"{profile}.yaml sets parameters advkit/params.py does not declare"
+    assert set(PARAMS) - set(values) == set(), f"{profile}.yaml leaves these to the notebooks' (quick) defaults"
+    assert profile in pipeline.available_profiles()
+
+
+def test_declarations_check_with_the_library_validators():
+    """A declaration's message is the library's own (advkit._checks, as the dataclasses raise it)."""
+    from advkit._checks import check_choice, check_int, check_number
+
+    for name, value, validator in [("epochs", 0, lambda: check_int("epochs", 0)),
+                                   ("aa_targets", 10, lambda: check_int("aa_targets", 10, 1, 9)),
+                                   ("lr", 0.0, lambda: check_number("lr", 0.0, low_open=True)),
+                                   ("pgd_eps", 2.0, lambda: check_number("pgd_eps", 2.0, 0, 1)),
+                                   ("optimizer", "lbfgs", lambda: check_choice("optimizer", "lbfgs", params.OPTIMIZERS))]:
+        with pytest.raises(ValueError) as expected:
+            validator()
+        assert params.check_value(name, value, PARAMS[name]) == str(expected.value)
+
+
+def test_a_declared_field_is_checked_by_its_parameters_rule():
+    @dataclass(frozen=True)
+    class Settings:
+        n_eval: int = params.declared("n_subset", 10)
+        alpha: float | None = params.declared("pgd_alpha", None)
+        free: int = -5  # no declaration: not checked here
+
+        def __post_init__(self):
+            params.check_fields(self)
+
+    assert Settings().n_eval == 10 and params.declared_fields(Settings) == {"n_eval": "n_subset", "alpha": "pgd_alpha"}
+    with pytest.raises(ValueError, match="n_eval must be an integer >= 1, got 0"):
+        Settings(n_eval=0)
+    with pytest.raises(ValueError, match="alpha must be a finite number > 0 and <= 1, got 0.0"):
+        Settings(alpha=0.0)
+    with pytest.raises(KeyError, match="n_bogus"):
+        params.declared("n_bogus", 1)
+
+
+def test_library_settings_name_declared_parameters():
+    """The settings dataclasses whose fields a notebook parameter feeds check them with its declaration."""
+    from advkit import train, zoo
+
+    for cls in (train.TrainConfig, zoo.ZooSettings):
+        fields = params.declared_fields(cls)
+        assert fields and set(fields.values()) <= set(PARAMS), cls
+    assert params.declared_fields(zoo.ZooSettings)["n_eval"] == "n_subset"
+
+
+def test_validation_does_not_import_torch():
+    """The declarations, the rules and the profiles are checked without torch (well under a second)."""
+    code = ("import sys\nfrom advkit import pipeline\n"
+            "d = pipeline.notebook_parameters(pipeline.notebook_paths())\n"
+            "pipeline.params.validate(pipeline.load_profile('paper'), d)\n"
+            "for bad in ({'epochs': -1}, {'resolution': 11}, {'eps_grid': [2.0]}):\n"
+            "    try:\n        pipeline.params.validate(bad, d)\n    except ValueError:\n        pass\n"
+            "    else:\n        raise SystemExit(f'accepted {bad}')\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('advkit')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "['advkit', 'advkit._checks', 'advkit.params', 'advkit.pipeline']", out.stdout
 
 
 @pytest.mark.parametrize("notebook", ["01", "02", "03", "04", "05"])
@@ -74,26 +162,39 @@ def test_digits_sizes(digits):
     assert digits.num_classes == params.NUM_CLASSES
 
 
-@pytest.mark.parametrize("radius, span, resolution, dims", [
-    (0.2, 1.0, 11, 2), (0.2, 1.0, 21, 2), (0.2, 1.0, 51, 2), (0.1, 0.5, 11, 1), (0.2, 1.0, 11, 1),
-    (0.3, 1.0, 7, 2), (1.0, 1.0, 3, 2), (0.25, 1.0, 9, 1), (0.04, 1.0, 51, 2),
+@pytest.mark.parametrize("radius, span, resolution, dims, n", [
+    (0.2, 1.0, 11, 2, 5), (0.2, 1.0, 21, 2, 13), (0.2, 1.0, 21, 1, 5), (0.1, 0.5, 11, 1, 3), (0.2, 1.0, 11, 1, 3),
+    (1.0, 1.0, 3, 2, 5), (0.25, 1.0, 9, 1, 3), (0.04, 1.0, 51, 2, 5),
 ])
-def test_points_within_counts_as_check_radius(radius, span, resolution, dims):
+def test_the_radius_rule_is_check_radius(radius, span, resolution, dims, n):
+    """The pipeline's rule and landscape.check_radius count with one function and need the same
+    points; the counts are by hand (e.g. 21 points over [-1, 1]: 0, +-0.1, +-0.2 per axis, so in 2D
+    the centre, 4 at 0.1, 4 at 0.2 and 4 at (0.1, 0.1))."""
+    import numpy as np
+
     from advkit.landscape import check_radius
 
-    n = points_within(radius, span, resolution, dims)
-    try:
+    assert points_within(radius, np.linspace(-span, span, resolution), dims) == n
+    rule = next(r for r in params.RULES if r.names == ("radius", "span", "resolution" if dims == 2 else "line_resolution"))
+    enough = n >= params.QUADRATIC_FIT_POINTS[dims]
+    assert (rule.check(radius, span, resolution) is None) == enough
+    if enough:
         assert check_radius(radius, span, resolution, dims) == n
-    except ValueError as err:
-        assert f"holds only {n} point" in str(err)
+    else:
+        with pytest.raises(ValueError, match=f"holds only {n} point"):
+            check_radius(radius, span, resolution, dims)
 
 
 def test_list_elements_and_non_finite_values_are_checked():
     assert params.check_value("eps_grid", [0.0, 0.5], PARAMS["eps_grid"]) is None
-    assert "element 1=-1" in params.check_value("eps_grid", [0.0, -1], PARAMS["eps_grid"])
+    assert "eps_grid[1] must be a finite number >= 0" in params.check_value("eps_grid", [0.0, -1], PARAMS["eps_grid"])
     assert "is empty" in params.check_value("xu_attacks", [], PARAMS["xu_attacks"])
     assert "repeats" in params.check_value("xu_attacks", ["fgsm", "fgsm"], PARAMS["xu_attacks"])
-    assert "not finite" in params.check_value("span", float("nan"), PARAMS["span"])
+    assert "span must be a finite number > 0, got nan" in params.check_value("span", float("nan"), PARAMS["span"])
+    assert "is not a device" in params.check_value("device", "gpu", PARAMS["device"])
+    assert params.check_value("robust_resolution", 0, PARAMS["robust_resolution"]) is None
+    assert "robust_resolution must be an integer in [3, 1000]" in params.check_value("robust_resolution", 2,
+                                                                                     PARAMS["robust_resolution"])
     assert params.check_value("keep_epochs", [], PARAMS["keep_epochs"]) is None
 
 

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from advkit import published as P
-from advkit.runs import repo_root
+from advkit.runs import CorruptArtifactError, Run, repo_root
 
 SEEDS = repo_root().parent / "shared" / "seeds"
 
@@ -61,9 +61,8 @@ def test_ordering_agreement_on_hand_made_numbers():
     assert math.isnan(P.ordering_agreement(order, {"base": 1.0})["kendall_tau"])
 
 
-def _write(path, frame):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(path)
+def _write(path, frame, index=True):
+    Run(path.parent).write_table(path, frame, index=index)  # as the notebooks do: atomic, with a checksum
 
 
 def test_comparison_with_missing_models_shows_nan_with_a_note(tmp_path):
@@ -82,6 +81,17 @@ def test_comparison_with_missing_models_shows_nan_with_a_note(tmp_path):
     written = pd.read_csv(tmp_path / "reported_vs_reproduced" / "xu_table1.csv")
     assert len(written) == 16 and written.published.tolist() == table.published.tolist()
     assert set(P.load_tables(tmp_path)) == set(P.CLAIMS)
+    assert Run(tmp_path).reported("xu_table1") == tmp_path / "reported_vs_reproduced" / "xu_table1.csv"
+
+
+def test_run_files_are_read_verified(tmp_path):
+    """Every file is read through the Run with its checksum: an edited table is an error, not a value."""
+    path = Run(tmp_path).attack_table("table2_ssim_distance")
+    _write(path, pd.DataFrame({"fgsm": [0.2]}, index=pd.Index(["base"], name="model")))
+    assert P.compare(tmp_path, "xu_table2").set_index("model").at["base", "reproduced"].tolist()[0] == 0.2
+    path.write_text(path.read_text().replace("0.2", "0.3"))
+    with pytest.raises(CorruptArtifactError, match="table2_ssim_distance.csv is corrupt"):
+        P.compare(tmp_path, "xu_table2")
 
 
 def test_other_datasets_show_the_seed_values_for_reference_only(tmp_path):
@@ -108,12 +118,11 @@ def test_sharpness_ordering_table(tmp_path):
 def test_stutz_table_from_histories_and_flatness(tmp_path):
     history = pd.DataFrame({"epoch": [1, 2, 3], "test_robust_err": [0.7, 0.5, 0.6],
                             "train_robust_err": [0.6, 0.4, 0.2], "val_robust_loss": [2.0, 1.5, 1.8]})
-    (tmp_path / "history").mkdir()
-    history.to_csv(tmp_path / "history" / "pgd_at.csv", index=False)
+    _write(tmp_path / "history" / "pgd_at.csv", history, index=False)
     _write(tmp_path / "flatness.csv", pd.DataFrame({"avg_case_flatness": [0.9]},
                                                    index=pd.Index(["pgd_at"], name="model")))
-    history.to_csv(tmp_path / "history" / "pgd_at+ls0.1.csv", index=False)
-    history.to_csv(tmp_path / "history" / "pgd_at+ls0.1+aa.csv", index=False)  # two regularizers: no Stutz row
+    _write(tmp_path / "history" / "pgd_at+ls0.1.csv", history, index=False)
+    _write(tmp_path / "history" / "pgd_at+ls0.1+aa.csv", history, index=False)  # two regularizers: no Stutz row
     table = P.compare(tmp_path, "stutz_table1")
     assert list(dict.fromkeys(table.model)) == [*P.STUTZ_MODELS.values(), "pgd_at+ls0.1"]
     ls = table[table.model == "pgd_at+ls0.1"].set_index("column")

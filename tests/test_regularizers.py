@@ -1,5 +1,6 @@
 """advkit.regularizers: label noise, AutoAugment batches; weight averaging under adversarial training."""
 
+import numpy as np
 import pytest
 import torch
 from torchvision.transforms import v2
@@ -74,12 +75,35 @@ def test_autoaugment_batcher_is_a_deterministic_batcher():
     assert {p.value for p in v2.AutoAugmentPolicy} >= {"cifar10", "imagenet", "svhn"}
 
 
-def test_autoaugment_batcher_trains_with_fit(digits):
-    torch.manual_seed(0)
-    model = get_model("small_cnn", 10, 1, width=8)
-    batcher = AutoAugmentBatcher(digits.x_train[:64], digits.y_train[:64], 32)
-    result = fit(model, batcher, TrainConfig(epochs=1, batch_size=32, lr=0.05, padding=1), progress=False)
-    assert len(result.history) == 1
+class RecordBatches:
+    """Clean cross-entropy that records every batch `fit` trains on."""
+
+    def __init__(self):
+        self.batches = []
+
+    def __call__(self, model, x, y):
+        self.batches.append((x.clone(), y.clone()))
+        return torch.nn.functional.cross_entropy(model(x), y)
+
+
+def test_fit_trains_on_the_autoaugmented_batches(digits):
+    x, y = digits.x_train[:64], digits.y_train[:64]
+    runs = {}
+    for name, cls in (("autoaugment", AutoAugmentBatcher), ("plain", Batcher)):
+        torch.manual_seed(0)
+        model, objective = get_model("small_cnn", 10, 1, width=8), RecordBatches()
+        batcher = cls(x, y, 32, augment=True, padding=1, seed=2)
+        result = fit(model, batcher, TrainConfig(epochs=2, lr=0.05), objective=objective, progress=False)
+        batcher.set_epoch(2)  # what the last epoch's batches were
+        runs[name] = result, objective.batches, list(batcher)
+    (aa, aa_seen, aa_last), (plain, plain_seen, _) = runs["autoaugment"], runs["plain"]
+    assert len(aa_seen) == 4 and all(torch.equal(a[0], b[0]) for a, b in zip(aa_seen[2:], aa_last))
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(aa_seen, plain_seen))  # same images in the same order
+    changed = torch.cat([(a[0] != b[0]).flatten(1).any(1) for a, b in zip(aa_seen, plain_seen)])
+    assert 0.3 < changed.float().mean() < 1.0  # each image draws its own sub-policy; some apply nothing
+    assert np.isfinite(aa.history["train_loss"]).all()
+    assert aa.history["train_loss"].iloc[0] != plain.history["train_loss"].iloc[0]
+    assert not torch.equal(aa.model.linear.weight, plain.model.linear.weight)
 
 
 class RecordIterates(PGDAT):
@@ -98,9 +122,9 @@ def test_ema_of_adversarial_training_averages_the_iterates(digits):
     model = get_model("small_cnn", 10, 1, width=8)
     objective = RecordIterates(eps=0.1, alpha=0.04, steps=2)
     decay = 0.8
-    config = TrainConfig(epochs=2, batch_size=32, lr=0.05, padding=1, ema_decay=decay)
-    result = fit(model, Batcher(digits.x_train[:96], digits.y_train[:96], 32), config, objective=objective,
-                 progress=False)
+    config = TrainConfig(epochs=2, lr=0.05, ema_decay=decay)
+    batcher = Batcher(digits.x_train[:96], digits.y_train[:96], 32, augment=True, padding=1)
+    result = fit(model, batcher, config, objective=objective, progress=False)
     assert len(objective.iterates) == 6
     for name, value in result.model.state_dict().items():
         if not value.is_floating_point():

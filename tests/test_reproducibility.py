@@ -43,9 +43,11 @@ def test_threads_none_leaves_the_thread_count(restore_globals):
     assert torch.get_num_threads() == 2
 
 
-@pytest.mark.parametrize("kwargs, match", [({"seed": -1}, "seed"), ({"seed": 1.5}, "seed"),
-                                           ({"seed": 0, "threads": 0}, "threads"),
-                                           ({"seed": 0, "threads": True}, "threads")])
+@pytest.mark.parametrize("kwargs, match", [({"seed": -1}, "seed must be an integer >= 0, got -1"),
+                                           ({"seed": 1.5}, "seed must be an integer >= 0, got 1.5"),
+                                           ({"seed": None}, "seed=None is not allowed"),
+                                           ({"seed": 0, "threads": 0}, "threads must be an integer >= 1, got 0"),
+                                           ({"seed": 0, "threads": True}, "threads must be an integer >= 1, got True")])
 def test_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
         set_reproducible(**kwargs)

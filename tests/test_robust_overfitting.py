@@ -56,9 +56,9 @@ def test_early_stopping_keeps_the_epoch_with_lowest_held_out_robust_loss(digits,
     evaluate = epoch_robust_metrics(None, None, s["val"], ATTACK)
     torch.manual_seed(0)
     model = get_model("small_cnn", 10, 1)
-    config = TrainConfig(epochs=10, batch_size=32, lr=0.1, schedule="constant", augment=False, seed=1)
+    config = TrainConfig(epochs=10, lr=0.1, schedule="constant", seed=1)
     # Half the labels wrong: the held-out robust loss falls, then rises as the noise is memorized.
-    result = fit(model, Batcher(x, noisy_labels(y, 0.5, 10, seed=0), 32), config,
+    result = fit(model, Batcher(x, noisy_labels(y, 0.5, 10, seed=0), 32, seed=1), config,
                  objective=PGDAT(eps=0.1, alpha=0.04, steps=3), evaluate=evaluate, select="val_robust_loss",
                  keep_epochs=(2, 10), run=tmp_path, name="es", progress=False)
     history = result.history

@@ -32,8 +32,8 @@ def cifar_shaped():
     images = (x * 255).round().to(torch.uint8)
     torch.manual_seed(0)
     model = get_model("small_cnn", 10, 3, width=16)
-    fit(model, Batcher(images[:600], y[:600], 50), TrainConfig(epochs=6, batch_size=50, lr=0.05,
-                                                                 schedule="cosine", seed=0), progress=False)
+    fit(model, Batcher(images[:600], y[:600], 50, augment=True, seed=0),
+        TrainConfig(epochs=6, lr=0.05, schedule="cosine", seed=0), progress=False)
     return model.eval(), images[600:].float() / 255, y[600:]
 
 

@@ -11,8 +11,12 @@ def _small(digits, n=256):
     return digits.x_train[:n], digits.y_train[:n]
 
 
+def _batcher(x, y, batch_size=32, **kw):
+    return Batcher(x, y, batch_size, **{**dict(augment=True, padding=1, seed=3), **kw})
+
+
 def _config(**kw):
-    base = dict(epochs=4, batch_size=32, lr=0.05, schedule="multistep", padding=1, seed=3)
+    base = dict(epochs=4, lr=0.05, schedule="multistep", seed=3)
     return TrainConfig(**{**base, **kw})
 
 
@@ -20,7 +24,7 @@ def test_training_learns(digits):
     torch.manual_seed(0)
     model = get_model("small_cnn", 10, 1)
     before = loss_and_accuracy(model, digits.x_test, digits.y_test)[1]
-    result = fit(model, Batcher(*_small(digits, 600), 32), _config(epochs=6), test=(digits.x_test, digits.y_test),
+    result = fit(model, _batcher(*_small(digits, 600)), _config(epochs=6), test=(digits.x_test, digits.y_test),
                  progress=False)
     assert result.history["test_acc"].iloc[-1] > max(0.8, before + 0.5)
     assert list(result.history["epoch"]) == list(range(1, 7))
@@ -37,13 +41,13 @@ def test_interrupted_run_resumes_to_identical_weights(digits, tmp_path, kw):
         m.load_state_dict(init)
         return m
 
-    once = fit(fresh(), Batcher(*_small(digits), 32), config, run=tmp_path / "a", name="m", progress=False)
+    once = fit(fresh(), _batcher(*_small(digits)), config, run=tmp_path / "a", name="m", progress=False)
     # "Kill" the second run after epoch 2, then start it again from scratch objects.
-    part = fit(fresh(), Batcher(*_small(digits), 32), config, run=tmp_path / "b", name="m", stop_after=2,
+    part = fit(fresh(), _batcher(*_small(digits)), config, run=tmp_path / "b", name="m", stop_after=2,
                progress=False)
     assert len(part.history) == 2 and "model" not in part.files
     torch.manual_seed(123)  # the global RNG state at restart must not matter
-    resumed = fit(fresh(), Batcher(*_small(digits), 32), config, run=tmp_path / "b", name="m", progress=False)
+    resumed = fit(fresh(), _batcher(*_small(digits)), config, run=tmp_path / "b", name="m", progress=False)
     assert resumed.resumed_from == 2
     for k, v in once.model.state_dict().items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k
@@ -53,10 +57,10 @@ def test_interrupted_run_resumes_to_identical_weights(digits, tmp_path, kw):
 
 
 def test_resume_with_other_config_names_the_setting(digits, tmp_path):
-    fit(get_model("small_cnn", 10, 1), Batcher(*_small(digits), 32), _config(epochs=2), run=tmp_path, name="m",
+    fit(get_model("small_cnn", 10, 1), _batcher(*_small(digits)), _config(epochs=2), run=tmp_path, name="m",
         stop_after=1, progress=False)
     with pytest.raises(ValueError, match="lr=0.05.*lr=0.1"):
-        fit(get_model("small_cnn", 10, 1), Batcher(*_small(digits), 32), _config(epochs=2, lr=0.1), run=tmp_path,
+        fit(get_model("small_cnn", 10, 1), _batcher(*_small(digits)), _config(epochs=2, lr=0.1), run=tmp_path,
             name="m", progress=False)
 
 
@@ -69,7 +73,7 @@ def test_select_keeps_best_epoch_and_keep_epochs(digits, tmp_path):
         snapshots[len(snapshots) + 1] = {k: v.clone() for k, v in m.state_dict().items()}
         return {"val_score": next(scores)}
 
-    result = fit(model, Batcher(*_small(digits), 32), _config(), evaluate=evaluate, select="val_score",
+    result = fit(model, _batcher(*_small(digits)), _config(), evaluate=evaluate, select="val_score",
                  keep_epochs=(1, 3), run=tmp_path, name="m", progress=False)
     assert result.best_epoch == 2
     for k, v in snapshots[2].items():
@@ -82,7 +86,7 @@ def test_select_keeps_best_epoch_and_keep_epochs(digits, tmp_path):
 
 @pytest.mark.parametrize("schedule", ["constant", "multistep", "cosine", "onecycle"])
 def test_schedules_follow_their_shape(digits, schedule):
-    result = fit(get_model("small_cnn", 10, 1), Batcher(*_small(digits, 128), 32), _config(schedule=schedule),
+    result = fit(get_model("small_cnn", 10, 1), _batcher(*_small(digits, 128)), _config(schedule=schedule),
                  progress=False)
     lrs = result.history["lr"].tolist()
     if schedule == "constant":
@@ -121,7 +125,7 @@ def test_on_epoch_start_hook_sees_every_epoch(digits):
         def __call__(self, model, x, y):
             return torch.nn.functional.cross_entropy(model(x), y)
 
-    fit(get_model("small_cnn", 10, 1), Batcher(*_small(digits, 64), 32), _config(epochs=3),
+    fit(get_model("small_cnn", 10, 1), _batcher(*_small(digits, 64)), _config(epochs=3),
         objective=Recording(), progress=False)
     assert seen == [1, 2, 3]
 
@@ -143,10 +147,43 @@ class _DivergesAt:
 def test_non_finite_loss_fails_fast_and_saves_no_nan_model(digits, tmp_path):
     model = get_model("small_cnn", 10, 1)
     with pytest.raises(FloatingPointError, match=r"training 'probe' diverged in epoch 2: mean training loss nan"):
-        fit(model, Batcher(*_small(digits), 32), _config(epochs=4), objective=_DivergesAt(2), run=tmp_path,
+        fit(model, _batcher(*_small(digits)), _config(epochs=4), objective=_DivergesAt(2), run=tmp_path,
             name="probe", keep_epochs=(2,), progress=False)
     assert not list((tmp_path / "models").glob("probe*.pt"))  # neither the final model nor epoch 2's
     assert list(pd.read_csv(tmp_path / "history" / "probe.csv")["epoch"]) == [1]
-    finite = fit(get_model("small_cnn", 10, 1), Batcher(*_small(digits), 32), _config(epochs=2),
+    finite = fit(get_model("small_cnn", 10, 1), _batcher(*_small(digits)), _config(epochs=2),
                  objective=_DivergesAt(3), progress=False)
     assert all(torch.isfinite(p).all() for p in finite.model.parameters())
+
+
+def test_fit_uses_the_batcher_as_given(digits):
+    """`fit` leaves its Batcher alone: Batcher(augment=False) with a default config trains on the
+    images themselves, in batches of the Batcher's size (it used to get the config's crop + flip)."""
+    x, y = _small(digits, 64)
+    rows = {tuple(r.flatten().tolist()) for r in x.float().div(255)}
+    batcher = Batcher(x, y, 16, augment=False, seed=5)
+    seen = []
+
+    def objective(model, xb, yb):
+        seen.append(len(xb))
+        assert all(tuple(r.flatten().tolist()) in rows for r in xb), "fit augmented a Batcher(augment=False)"
+        return torch.nn.functional.cross_entropy(model(xb), yb)
+
+    fit(get_model("small_cnn", 10, 1), batcher, TrainConfig(epochs=2), objective=objective, progress=False)
+    assert seen == [16] * 8
+    assert (batcher.batch_size, batcher.augment, batcher.padding, batcher.seed) == (16, False, 4, 5)
+
+
+def test_resume_with_another_batcher_names_the_setting(digits, tmp_path):
+    fit(get_model("small_cnn", 10, 1), _batcher(*_small(digits)), _config(epochs=2), run=tmp_path, name="m",
+        stop_after=1, progress=False)
+    with pytest.raises(ValueError, match="m.state.pt was trained with data=.*'batch_size': 32.*'batch_size': 64"):
+        fit(get_model("small_cnn", 10, 1), _batcher(*_small(digits), 64), _config(epochs=2), run=tmp_path,
+            name="m", progress=False)
+
+
+@pytest.mark.parametrize("bad", [dict(precision="fp16"), dict(precision=True), dict(seed=-1),
+                                 dict(milestones=(0.5, 1.0))])
+def test_precision_and_seed_are_checked(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        _config(**bad)

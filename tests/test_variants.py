@@ -92,14 +92,16 @@ def test_label_noise_variant_trains_on_noisy_labels(digits, tmp_path, monkeypatc
     real_fit = variants.fit
 
     def spy(model, batcher, config, **kw):
-        seen["y"] = batcher.y.clone()
+        seen["y"], seen["batcher"] = batcher.y.clone(), batcher.settings()
         return real_fit(model, batcher, config, **kw)
 
     monkeypatch.setattr(variants, "fit", spy)
     x, y = digits.x_train[:100], digits.y_train[:100]
     train_variant("pgd_at+ln0.2", "small_cnn", (x, y), epochs=1, eps=0.1, steps=1, in_channels=1, batch_size=50,
-                  padding=1, progress=False)
+                  padding=1, seed=4, progress=False)
     assert (seen["y"] != y).sum().item() == 20
+    assert {k: seen["batcher"][k] for k in ("batch_size", "augment", "padding", "seed")} == \
+        {"batch_size": 50, "augment": True, "padding": 1, "seed": 4}  # the batcher fit uses as given
 
 
 def test_resnet18_pgd7_variant_on_cifar_shaped_images(tmp_path):

@@ -11,6 +11,7 @@ import xarray as xr
 from advkit import landscape as L
 from advkit.directions import random_directions
 from advkit.models import get_model
+from advkit.runs import Run
 from advkit.widgets import LandscapeSlicer, profile
 
 
@@ -22,7 +23,7 @@ def _surface(path, scale, model):
     ds = xr.Dataset({"loss": (("alpha", "beta"), loss), "accuracy": (("alpha", "beta"), 1 / (1 + loss)),
                      "computed": (("alpha", "beta"), np.ones_like(loss, dtype=np.int8))},
                     coords={"alpha": a, "beta": b}, attrs={"model": model, "direction_norm": "filter"})
-    ds.to_netcdf(path, engine="h5netcdf")
+    L.write_surface(ds, path)  # with its checksum, as advkit.landscape writes surfaces
     return ds
 
 
@@ -124,14 +125,14 @@ def _grid_file(path, model, n, quantities=("loss", "accuracy"), scale=1.0):
     ds = xr.Dataset({q: (("alpha", "beta"), values[q]) for q in quantities}
                     | {"computed": (("alpha", "beta"), np.ones_like(loss, dtype=np.int8))},
                     coords={"alpha": a, "beta": a}, attrs={"model": model, "kind": "grid"})
-    ds.to_netcdf(path, engine="h5netcdf")
+    L.write_surface(ds, path)  # with its checksum, as advkit.landscape writes surfaces
     return ds
 
 
 def _line_file(path, model):
     a = np.linspace(-1, 1, 51)
-    xr.Dataset({"loss": ("alpha", a ** 2), "computed": ("alpha", np.ones(51, dtype=np.int8))},
-               coords={"alpha": a}, attrs={"model": model, "kind": "line"}).to_netcdf(path, engine="h5netcdf")
+    L.write_surface(xr.Dataset({"loss": ("alpha", a ** 2), "computed": ("alpha", np.ones(51, dtype=np.int8))},
+                               coords={"alpha": a}, attrs={"model": model, "kind": "line"}), path)
 
 
 @pytest.fixture()
@@ -196,6 +197,7 @@ def test_one_redraw_per_user_action(files):
 
 def test_a_runs_landscapes_folder_is_accepted(landscapes):
     s = LandscapeSlicer(landscapes)  # 1D lines, interpolations and sensitivity/ are skipped
+    assert LandscapeSlicer(Run(landscapes.parent)).surfaces.keys() == s.surfaces.keys()  # a run: its landscapes/
     assert s.models_widget.options == ("base", "pgd_at")
     assert s.quantity_widget.options == ("loss", "accuracy", "robust_loss", "robust_accuracy")
     assert s.position_widget.step == pytest.approx(2 / 50)

@@ -1,0 +1,140 @@
+"""The referee's question: does the ordering of models by sharpness survive another direction
+normalization or another range? Surfaces of every model under every normalization and span,
+and Kendall's tau of each setting's ordering against a reference setting."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+import pandas as pd
+import torch
+import xarray as xr
+from torch import nn
+
+from advkit._torch import check_choice, check_number
+from advkit.directions import NORMS, random_directions
+from advkit.landscape.settings import SurfaceSettings, settings_with
+from advkit.landscape.sharpness import mean_increase, quadratic_fit
+from advkit.landscape.surfaces import grid, line
+from advkit.runs import Run
+
+METRICS = ("curvature", "mean_increase")
+SensitivitySurfaces = Mapping[tuple[str, float, str], xr.Dataset]
+
+
+def sensitivity_surfaces(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Tensor,
+                         run: Run | str | Path | None = None, settings: SurfaceSettings | None = None, *,
+                         norms: Sequence[str] = ("filter", "layer", "none"),
+                         spans: Sequence[float] | Mapping[str, Sequence[float]] = (0.25, 0.5, 1.0),
+                         dims: int = 1, seed: int = 0, overwrite: bool = False
+                         ) -> dict[tuple[str, float, str], xr.Dataset]:
+    """Surfaces of every model under every normalization and span, same seed for all (so each
+    model sees the same raw direction); `settings` gives the rest (resolution, data_name, ...;
+    its span is replaced by each of `spans`). With a `run`, cached as
+    `run.sensitivity_surface(model, norm, span, dims)` under the one cache policy; `overwrite`
+    recomputes even matching files.
+
+    `spans` may map a normalization to its own spans: unnormalized ("none") Gaussian
+    directions are far longer than the weights, so their informative range is far smaller.
+    """
+    settings = settings_with(settings)
+    check_choice("dims", dims, (1, 2))
+    for norm in norms:
+        check_choice("norms entry", norm, NORMS)
+    if isinstance(spans, Mapping):
+        missing = [n for n in norms if n not in spans]
+        if missing:
+            raise ValueError(f"spans has no entry for the normalization(s) {missing}; it has {sorted(spans)}")
+    span_lists = {n: [float(s) for s in (spans[n] if isinstance(spans, Mapping) else spans)] for n in norms}
+    for n, values in span_lists.items():
+        if not values:
+            raise ValueError(f"spans for norm={n!r} must be a non-empty list of numbers > 0, got {values}")
+        for s in values:
+            check_number(f"spans entry for norm={n!r}", s, low_open=True)
+    run = None if run is None else Run.of(run)
+    surface = line if dims == 1 else grid
+    out = {}
+    for norm in norms:
+        for name, model in models.items():
+            dirs = random_directions(model, dims, seed=seed, norm=norm)
+            for span in span_lists[norm]:
+                path = None if run is None else run.sensitivity_surface(name, norm, span, dims)
+                if overwrite and path is not None and path.exists():
+                    path.unlink()
+                out[(norm, span, name)] = surface(model, dirs, x, y, settings.replace(span=span, model_name=name),
+                                                  path=path)
+    return out
+
+
+def _metric(ds: xr.Dataset, metric: str, quantity: str, radius: float) -> float:
+    if metric == "curvature":
+        return quadratic_fit(ds, quantity, radius)["curvature_max"]
+    return mean_increase(ds, quantity, radius)
+
+
+def sensitivity_table(surfaces: SensitivitySurfaces, *, metric: str = "curvature", quantity: str = "loss",
+                      radius_fraction: float = 0.2, reference: tuple[str, float] | None = None) -> pd.DataFrame:
+    """Does the ordering of models hold across normalizations and spans?
+
+    For every (norm, span): the metric per model (radius = radius_fraction * span), the
+    ordering sharpest first, and Kendall's tau against the `reference` setting (default:
+    filter normalization at the largest span). tau = 1 means the same ordering.
+    """
+    from scipy.stats import kendalltau
+
+    check_choice("metric", metric, METRICS)
+    check_number("radius_fraction", radius_fraction, low_open=True)
+    settings = sorted({(n, s) for n, s, _ in surfaces}, key=lambda t: (t[0], t[1]))
+    models = list(dict.fromkeys(m for _, _, m in surfaces))
+    if reference is None:
+        filt = [s for n, s in settings if n == "filter"]
+        if not filt:
+            raise ValueError("no 'filter' surfaces: give reference=(norm, span) explicitly")
+        reference = ("filter", max(filt))
+    if tuple(reference) not in settings:
+        raise ValueError(f"reference={reference!r} is not among the settings {settings}")
+    table = {(n, s): {m: _metric(surfaces[(n, s, m)], metric, quantity, radius_fraction * s)
+                      for m in models if (n, s, m) in surfaces}
+             for n, s in settings}
+    ref = table[tuple(reference)]
+    ref_order = sorted(ref, key=lambda m: -ref[m])
+    rows = []
+    for (n, s), vals in table.items():
+        common = [m for m in models if m in vals and m in ref]
+        tau = kendalltau([vals[m] for m in common], [ref[m] for m in common]).statistic \
+            if len(common) > 1 else float("nan")
+        order = sorted(vals, key=lambda m: -vals[m])
+        same = [m for m in order if m in common] == [m for m in ref_order if m in common]
+        rows.append({"norm": n, "span": s, **vals, "ordering": " > ".join(order),
+                     "kendall_tau": float(tau), "same_ordering": same})
+    out = pd.DataFrame(rows)
+    out.attrs.update(metric=metric, quantity=quantity, radius_fraction=radius_fraction,
+                     reference=f"{reference[0]} @ span {reference[1]:g}")
+    return out
+
+
+def sensitivity_summary(surfaces: SensitivitySurfaces, *, metrics: Sequence[str] = METRICS, quantity: str = "loss",
+                        radius_fraction: float = 0.2, reference: tuple[str, float] | None = None) -> pd.DataFrame:
+    """`sensitivity_table` for every metric, stacked with a leading `metric` column."""
+    for m in metrics:
+        check_choice("metrics entry", m, METRICS)
+    tables = [sensitivity_table(surfaces, metric=m, quantity=quantity, radius_fraction=radius_fraction,
+                                reference=reference) for m in metrics]
+    for m, t in zip(metrics, tables):
+        t.insert(0, "metric", m)
+    out = pd.concat(tables, ignore_index=True)
+    out.attrs.update({k: v for k, v in tables[0].attrs.items() if k != "metric"})
+    return out
+
+
+def sensitivity_analysis(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Tensor,
+                         run: Run | str | Path | None = None, settings: SurfaceSettings | None = None, *,
+                         norms: Sequence[str] = ("filter", "layer", "none"),
+                         spans: Sequence[float] | Mapping[str, Sequence[float]] = (0.25, 0.5, 1.0),
+                         dims: int = 1, seed: int = 0, overwrite: bool = False,
+                         metric: str = "curvature", radius_fraction: float = 0.2) -> pd.DataFrame:
+    """`sensitivity_surfaces` then `sensitivity_table`: one call for the referee's table."""
+    check_choice("metric", metric, METRICS)
+    surfaces = sensitivity_surfaces(models, x, y, run, settings, norms=norms, spans=spans, dims=dims, seed=seed,
+                                    overwrite=overwrite)
+    return sensitivity_table(surfaces, metric=metric, radius_fraction=radius_fraction)
