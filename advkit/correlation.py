@@ -36,7 +36,7 @@ import pandas as pd
 import scipy.stats
 
 from advkit.params import XU_ATTACKS  # Xu et al.'s fine-tunes, named after their attack
-from advkit.runs import EARLY_SUFFIX
+from advkit.runs import EARLY_SUFFIX, split_seed
 
 METHODS = ("pearson", "spearman", "kendall")
 CI_METHODS = ("fisher", "bootstrap")
@@ -83,11 +83,23 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(constant, np.nan, r)
 
 
+PAIR_BUDGET = 2 ** 20  # pair comparisons per chunk of resamples in `_kendall_tau_b`: 8 MiB per float64 array
+
+
 def _kendall_tau_b(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    sa = np.sign(a[..., :, None] - a[..., None, :])
-    sb = np.sign(b[..., :, None] - b[..., None, :])
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (sa * sb).sum((-2, -1)) / np.sqrt((sa * sa).sum((-2, -1)) * (sb * sb).sum((-2, -1)))
+    """Kendall's tau-b along the last axis, a chunk of the leading (resample) axes at a time: about
+    `PAIR_BUDGET` pair signs per array, whatever the resamples (not R × n²); the same values as unchunked."""
+    a, b = np.broadcast_arrays(a, b)
+    lead, n = a.shape[:-1], a.shape[-1]
+    a, b = a.reshape(-1, n), b.reshape(-1, n)
+    out = np.empty(len(a))
+    step = max(1, PAIR_BUDGET // max(n * n, 1))
+    for i in range(0, len(a), step):
+        sa = np.sign(a[i:i + step, :, None] - a[i:i + step, None, :])
+        sb = np.sign(b[i:i + step, :, None] - b[i:i + step, None, :])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[i:i + step] = (sa * sb).sum((-2, -1)) / np.sqrt((sa * sa).sum((-2, -1)) * (sb * sb).sum((-2, -1)))
+    return out.reshape(lead)
 
 
 def _vectorized(method: str):
@@ -462,7 +474,9 @@ def summary(table: pd.DataFrame, correlations: pd.DataFrame,
         lines.append(_walter_line(*confidence))
     if n >= 3:
         epochs = len(_copies(table))
-        lines.append(f"How far to trust this: {n} models from one seed, evaluated on one subset"
+        seeds = {seed for _, seed in map(split_seed, table.index)} - {None}
+        lines.append(f"How far to trust this: {n} models from "
+                     + (f"{len(seeds)} seeds" if len(seeds) > 1 else "one seed") + ", evaluated on one subset"
                      + (f"; {epochs} of them are checkpoints of another model's training run, so the models are "
                         "not independent" if epochs else "")
                      + "; several claims are tested at once without correction, so one SUPPORTED verdict among "
@@ -471,17 +485,28 @@ def summary(table: pd.DataFrame, correlations: pd.DataFrame,
 
 
 def _xu_line(table: pd.DataFrame, base: str) -> list[str]:
-    """How many of Xu et al.'s fine-tunes have a sharper surface than the base model (none if unknown)."""
+    """How many of Xu et al.'s fine-tunes have a sharper surface than the base model (none if unknown).
+    Each replicate counts once: `fgsm` and `fgsm_s<k>` (`runs.split_seed`) are fine-tunes with FGSM, and
+    with replicates the line adds the count per attack; copies (`_early`, `_eNNN`) are not counted."""
     sharp = table["surface_sharpness"] if "surface_sharpness" in table.columns else pd.Series(dtype=float)
     if base not in sharp.index or not np.isfinite(sharp[base]):
         return []
-    tuned = [f for f in XU_ATTACKS if f in sharp.index and np.isfinite(sharp[f])]
+    tuned = sorted((XU_ATTACKS.index(attack), -1 if seed is None else seed, name)
+                   for name in sharp.index for attack, seed in [split_seed(name)]
+                   if attack in XU_ATTACKS and np.isfinite(sharp[name]))
     if not tuned:
         return []
-    sharper = [f for f in tuned if sharp[f] > sharp[base]]
+    sharper = [name for _, _, name in tuned if sharp[name] > sharp[base]]
+    per_attack = ""
+    if any(seed >= 0 for _, seed, _ in tuned):
+        counts = {XU_ATTACKS[i]: [0, 0] for i, _, _ in tuned}
+        for i, _, name in tuned:
+            counts[XU_ATTACKS[i]][0] += name in sharper
+            counts[XU_ATTACKS[i]][1] += 1
+        per_attack = " [per attack: " + ", ".join(f"{a} {k}/{m}" for a, (k, m) in counts.items()) + "]"
     return [f"- Xu et al. 2019 (fine-tuning sharpens the landscape): {len(sharper)} of {len(tuned)} adversarially "
-            f"fine-tuned models have a sharper clean-loss surface than {base} ({', '.join(sharper) or 'none'}); "
-            "one run, one direction pair: an indication only."]
+            f"fine-tuned models have a sharper clean-loss surface than {base} ({', '.join(sharper) or 'none'})"
+            f"{per_attack}; one run, one direction pair: an indication only."]
 
 
 def _walter_line(clean: pd.DataFrame, adv: pd.DataFrame) -> str:

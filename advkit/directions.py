@@ -378,7 +378,7 @@ def load_loss_landscape_directions(path: str | Path, model: nn.Module) -> Direct
 
 def _dot(d1: Mapping[str, torch.Tensor], d2: Mapping[str, torch.Tensor]) -> torch.Tensor:
     total = torch.zeros((), dtype=torch.float64)
-    for k in set(d1) & set(d2):
+    for k in sorted(set(d1) & set(d2)):  # a fixed order: the same sum in every process
         total += (d1[k].double() * d2[k].double()).sum().cpu()
     return total
 

@@ -19,6 +19,7 @@ import ast
 import io
 import json
 import math
+import re
 import tokenize
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -132,6 +133,15 @@ def _check_robust_resolution(name: str, value: Any) -> None:
         _grid(MAX_GRID_POINTS, 2).check(name, value)
 
 
+ZOO_PARTS = ("xu", "at", "report")  # notebook 03's parts: Xu fine-tunes, adversarial training, the zoo's tables
+_SUFFIX = re.compile(r"[A-Za-z0-9_.+-]*")
+
+
+def _check_suffix(name: str, value: Any) -> None:
+    if not isinstance(value, str) or not _SUFFIX.fullmatch(value) or value.startswith("."):
+        raise ValueError(f"{name}={value!r} must be letters, digits and _ . + - (a file-name suffix; may be empty)")
+
+
 EPS = number(0, 1)  # a budget in [0, 1] pixel space
 STEPS = integer(1, 100_000)
 PARAMS: dict[str, Param] = {
@@ -189,6 +199,8 @@ PARAMS: dict[str, Param] = {
     "epoch_steps": STEPS,
     "early_stop_steps": STEPS,
     "keep_epochs": listof(integer(1), min_len=0),
+    "zoo_parts": listof(choice(ZOO_PARTS)),
+    "model_suffix": Param(str, "letters, digits and _ . + - (may be empty)", _check_suffix),
     # 04 landscapes
     "n_images": integer(1),
     "landscape_split": choice(SPLITS),
@@ -451,7 +463,10 @@ def validate(values: Mapping[str, Any], declared: Mapping[str, Mapping[str, Any]
 def expected_models(values: Mapping[str, Any], name: Callable[[str], str] = str) -> list[str]:
     """The models a full run makes: base (01), the Xu fine-tunes and each adversarial training
     variant (03), final and early-stopped, with its kept epochs (`<name>_eNNN`); `name` maps a
-    variant spec to its model name (advkit.variants)."""
-    variants = [name(v) for v in values.get("at_variants") or []]
-    return (["base"] + list(values.get("xu_attacks") or []) + variants + [f"{v}_early" for v in variants]
+    variant spec to its model name (advkit.variants). Only the `zoo_parts` that train ("xu", "at")
+    count, and every trained name ends in `model_suffix` (a sweep cell's, advkit.sweep)."""
+    parts, suffix = values.get("zoo_parts") or ZOO_PARTS, values.get("model_suffix") or ""
+    xu = [a + suffix for a in values.get("xu_attacks") or []] if "xu" in parts else []
+    variants = [name(v) + suffix for v in values.get("at_variants") or []] if "at" in parts else []
+    return (["base"] + xu + variants + [f"{v}_early" for v in variants]
             + [f"{v}_e{e:03d}" for v in variants for e in values.get("keep_epochs") or []])

@@ -16,6 +16,7 @@ import functools
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -53,15 +54,30 @@ def available_profiles() -> list[str]:
     return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
 
 
-def load_profile(name: str) -> dict[str, Any]:
-    """The parameter values of a profile."""
+SWEEP_SECTION = "sweep"  # a profile's job settings for `python -m advkit sweep` (advkit.sweep.JobSettings)
+
+
+def _profile_document(name: str) -> dict[str, Any]:
     if name not in available_profiles():
         raise ValueError(f"profile={name!r} does not exist; choose one of {available_profiles()}")
     path = PROFILES_DIR / f"{name}.yaml"
     values = _yaml(path.read_text(), f"profile {name!r} ({path})") or {}
     if not isinstance(values, dict):
         raise ValueError(f"profile {name!r} ({path}) must map parameter names to values, got {type(values).__name__}")
-    return {k: params.coerce(k, v) for k, v in values.items()}
+    return values
+
+
+def load_profile(name: str) -> dict[str, Any]:
+    """The parameter values of a profile (its `sweep:` section aside)."""
+    return {k: params.coerce(k, v) for k, v in _profile_document(name).items() if k != SWEEP_SECTION}
+
+
+def load_sweep_section(name: str) -> dict[str, Any]:
+    """A profile's `sweep:` section: job settings (partition, gpus_per_job, time, mem, ...), or {}."""
+    section = _profile_document(name).get(SWEEP_SECTION) or {}
+    if not isinstance(section, dict):
+        raise ValueError(f"profile {name!r}: its {SWEEP_SECTION}: section must map settings to values")
+    return section
 
 
 notebook_parameters = params.notebook_parameters  # {notebook: {parameter: type, default, help}}, no papermill
@@ -162,9 +178,9 @@ def parse_only(only: str | None) -> list[str] | None:
 @functools.lru_cache(maxsize=None)
 def _kernel_manager_class():
     """papermill's kernel manager, made quiet: IPC transport (ipykernel warns that TCP runs
-    without encryption) and no SIGINT before a graceful shutdown (jupyter_client >= 8 interrupts
-    every kernel first, so a kernel that finished logs "KeyboardInterrupt caught in kernel.").
-    `kill_all()` stops the kernels it started (their process groups), from any thread."""
+    without encryption; sockets in the temporary folder, named by this process) and no SIGINT
+    before a graceful shutdown (jupyter_client >= 8 interrupts every kernel first, so a kernel that
+    finished logs "KeyboardInterrupt caught in kernel."). `kill_all()` stops the kernels it started (their process groups), from any thread."""
     from jupyter_client.manager import AsyncKernelManager
 
     class QuietKernelManager(AsyncKernelManager):
@@ -172,6 +188,9 @@ def _kernel_manager_class():
 
         def __init__(self, **kwargs):
             kwargs.setdefault("transport", "ipc")
+            # IPC sockets are files <ip>-<port>: a prefix of this process's own, so that kernels started
+            # side by side by other processes (a sweep's jobs) never pick the same socket
+            kwargs.setdefault("ip", os.path.join(tempfile.gettempdir(), f"advkit-kernel-{os.getpid()}"))
             super().__init__(**kwargs)
 
         async def _async_start_kernel(self, **kw) -> None:
@@ -269,6 +288,12 @@ def _execute(path: Path, out: Path, parameters: dict[str, Any], log_output: bool
 PATH_PARAMETERS = ("data_dir", "pretrained_checkpoint")
 
 
+def resolve_paths(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with the PATH_PARAMETERS made absolute against the current directory."""
+    return {k: str(Path(v).expanduser().resolve()) if k in PATH_PARAMETERS and isinstance(v, str) else v
+            for k, v in values.items()}
+
+
 def run(profile: str = "quick", only: Sequence[str] | None = None, overrides: dict[str, Any] | None = None,
         log_output: bool = False) -> Path:
     """Validate the parameters, then execute the notebooks in order into `runs/<run>/notebooks/`."""
@@ -280,8 +305,7 @@ def run(profile: str = "quick", only: Sequence[str] | None = None, overrides: di
 
     # Relative folders resolve once, against the caller's directory: kernels start in notebooks/.
     resolve_environment_paths()
-    values = {k: str(Path(v).expanduser().resolve()) if k in PATH_PARAMETERS and isinstance(v, str) else v
-              for k, v in values.items()}
+    values = resolve_paths(values)
     run_name = str(values.get("run", profile))
     out_dir = run_dir(run_name) / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -316,7 +340,9 @@ def refresh_notebooks(only: Sequence[str] | None = None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m advkit", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m advkit", description=__doc__.splitlines()[0],
+                                     epilog="python -m advkit sweep --help: notebook 03's cells of a grid as "
+                                            "jobs (SLURM or local; advkit.sweep)")
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run", help="run the notebook pipeline")
     p_run.add_argument("--profile", default="quick", help=f"one of {available_profiles()}")

@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from advkit.plots_models import (LABELS_05, MAX_LABELS, confidence_flatness_plot,  # noqa: F401 (notebook 05's)
+                                 flatness_through_training, labelled, model_scatter)
 from advkit.runs import figures_dir
 
 if TYPE_CHECKING:
@@ -175,11 +177,28 @@ def colour_mappables(fig) -> list:
     return out
 
 
+MAX_COLUMNS = 8              # panels per row of `compare_surfaces` when the caller does not say
+MAX_FIGURE_INCHES = (30, 50)  # (width, height): more panels are drawn smaller, not wider
+
+
+def panel_grid(n: int, ncols: int | None = None, panel: tuple[float, float] = (3.4, 3.3),
+               extra_width: float = 0.8) -> tuple[int, int, tuple[float, float]]:
+    """(rows, columns, figure size) for n panels: up to 4 in a row, then two rows up to 2 × `MAX_COLUMNS`
+    (5-6 models: 3 x 2, 7-8: 4 x 2), then rows of `MAX_COLUMNS`; panels shrink to keep the figure
+    within `MAX_FIGURE_INCHES`."""
+    ncols = ncols or min(MAX_COLUMNS, n if n <= 4 else -(-n // 2))
+    nrows = -(-n // ncols)
+    width, height = panel[0] * ncols + extra_width, panel[1] * nrows
+    scale = min(1.0, MAX_FIGURE_INCHES[0] / width, MAX_FIGURE_INCHES[1] / height)
+    return nrows, ncols, (width * scale, height * scale)
+
+
 def compare_surfaces(surfaces, quantity: str = "loss", *, kind: str = "contourf", log: bool = False,
                      vmin: float | None = None, vmax: float | None = None, levels: int = 25,
                      cmap: str = "viridis", ncols: int | None = None, title: str | None = None) -> plt.Figure:
     """Side-by-side 2D surfaces of several models with ONE colour scale (and contour levels),
-    optionally logarithmic: base vs FGSM vs PGD as in Xu et al. Fig. 1-2."""
+    optionally logarithmic: base vs FGSM vs PGD as in Xu et al. Fig. 1-2; a grid of at most
+    `MAX_COLUMNS` columns within `MAX_FIGURE_INCHES` (`panel_grid`) for a zoo."""
     if kind not in LANDSCAPE_KINDS:
         raise ValueError(f"kind={kind!r} is not available; choose one of {list(LANDSCAPE_KINDS)}")
     surfaces = dict(surfaces)
@@ -187,9 +206,8 @@ def compare_surfaces(surfaces, quantity: str = "loss", *, kind: str = "contourf"
         raise ValueError("surfaces is empty: give a mapping name -> surface Dataset")
     norm = shared_norm(surfaces.values(), quantity, log=log, vmin=vmin, vmax=vmax)
     n = len(surfaces)
-    ncols = ncols or (n if n <= 4 else -(-n // 2))  # 5-6 models: 3 x 2, 7-8: 4 x 2
-    nrows = -(-n // ncols)
-    fig = plt.figure(figsize=(3.4 * ncols + 0.8, 3.3 * nrows), layout="constrained")
+    nrows, ncols, size = panel_grid(n, ncols)
+    fig = plt.figure(figsize=size, layout="constrained")
     axes = [fig.add_subplot(nrows, ncols, i + 1, projection="3d" if kind == "surface" else None)
             for i in range(n)]
     mappable = None
@@ -449,123 +467,6 @@ def robustness_curves(table: pd.DataFrame, title: str = "") -> plt.Figure:
     sns.lineplot(table, x="eps", y="accuracy", hue="attack", marker="o", ax=ax)
     ax.set(xlabel="ε (pixel scale, 1 = full range)", ylabel="robust accuracy", ylim=(0, 1), title=title)
     fig.tight_layout()
-    return fig
-
-
-# --- flatness and correlation (notebook 05) ----------------------------------------------------
-
-LABELS_05 = {"robust_loss_test": "test robust loss", "robust_loss_train": "train robust loss",
-             "robust_gap": "robust gap (test − train RLoss)", "robust_acc": "robust accuracy",
-             "avg_case_flatness": "avg-case flatness (RLoss)", "worst_case_flatness": "worst-case flatness (RLoss)",
-             "hessian_top_eig": "Hessian top eigenvalue", "hessian_trace": "Hessian trace",
-             "relative_flatness": "relative flatness κ", "surface_sharpness": "surface sharpness (curvature)",
-             "one_minus_ssim": "1 − SSIM of the attack"}
-
-
-def _family_colours(table: pd.DataFrame) -> dict:
-    families = sorted(table["family"].unique()) if "family" in table.columns else []
-    return dict(zip(families, sns.color_palette("tab10", max(len(families), 1))))
-
-
-def model_scatter(table: pd.DataFrame, pairs, *, annotate: bool = True, log=(), title: str = "",
-                  ncols: int | None = None) -> plt.Figure:
-    """One panel per (x, y) column pair of a one-row-per-model table: a point per model, coloured
-    by `family`, labelled with its name; the panel title gives Spearman's rho over the models with
-    both values. Columns named in `log` get a log axis; a panel without data says so."""
-    import scipy.stats
-
-    pairs = list(pairs)
-    ncols = ncols or min(len(pairs), 3)
-    nrows = -(-len(pairs) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.0 * ncols, 3.4 * nrows), squeeze=False,
-                             layout="constrained")
-    colours = _family_colours(table)
-    for ax, (xc, yc) in zip(axes.flat, pairs):
-        cols = [c for c in (xc, yc) if c in table.columns]
-        sub = table[cols].apply(pd.to_numeric, errors="coerce").dropna() if len(cols) == 2 else table.iloc[:0]
-        ax.set(xlabel=LABELS_05.get(xc, xc), ylabel=LABELS_05.get(yc, yc))
-        if sub.empty:
-            ax.text(0.5, 0.5, "no models with both values", ha="center", va="center", transform=ax.transAxes)
-            continue
-        for name, r in sub.iterrows():
-            fam = table.at[name, "family"] if "family" in table.columns else name
-            ax.scatter(r[xc], r[yc], color=colours.get(fam, "C0"), s=36, zorder=3)
-            if annotate:
-                ax.annotate(str(name), (r[xc], r[yc]), textcoords="offset points", xytext=(4, 3), fontsize=7)
-        for c, axis in ((xc, "x"), (yc, "y")):
-            if c in log and (sub[c] > 0).all():
-                getattr(ax, f"set_{axis}scale")("log")
-            else:
-                getattr(ax, f"{axis}axis").set_major_locator(plt.MaxNLocator(5))
-        if len(sub) >= 3:
-            rho = scipy.stats.spearmanr(sub[xc], sub[yc]).statistic
-            ax.set_title(f"Spearman ρ = {rho:.2f} (n = {len(sub)})", fontsize=9)
-        else:
-            ax.set_title(f"n = {len(sub)}: too few models for a correlation", fontsize=9)
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(pairs):]:
-        ax.set_axis_off()
-    if colours and len(colours) > 1:
-        handles = [plt.Line2D([], [], color=c, marker="o", ls="", label=f) for f, c in colours.items()]
-        fig.legend(handles=handles, loc="outside right upper", fontsize=8, title="family")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    return fig
-
-
-def flatness_through_training(table: pd.DataFrame, histories: dict[str, pd.DataFrame] | None = None,
-                              flatness=("avg_case_flatness", "worst_case_flatness")) -> plt.Figure:
-    """Stutz et al. Fig. 5: robust loss and flatness against the epoch, for every family of models
-    with checkpoints at two or more epochs (`table` with columns family, epoch). Lines from
-    `histories` (per-epoch train/test robust loss of `fit`) where given; markers: the measured
-    checkpoints (filled: test RLoss, open: train RLoss)."""
-    rows = table.dropna(subset=["epoch"])
-    families = [f for f, g in rows.groupby("family") if g["epoch"].nunique() >= 2]
-    if not families:
-        raise ValueError("no family of models has checkpoints at two or more epochs")
-    colours = _family_colours(table)
-    panels = ["robust_loss"] + [f for f in flatness if f in table.columns]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.3), squeeze=False,
-                             layout="constrained")
-    for fam in families:
-        g = rows[rows["family"] == fam].sort_values("epoch")
-        c = colours.get(fam, "C0")
-        ax = axes[0, 0]
-        hist = (histories or {}).get(fam)
-        if hist is not None:
-            for col, ls in (("test_robust_loss", "-"), ("train_robust_loss", "--")):
-                if col in hist.columns:
-                    ax.plot(hist["epoch"], hist[col], ls, color=c, alpha=0.6, lw=1)
-        ax.plot(g["epoch"], g["robust_loss_test"], "o", color=c, label=fam)
-        ax.plot(g["epoch"], g["robust_loss_train"], "o", color=c, mfc="none")
-        for ax, col in zip(axes[0, 1:], panels[1:]):
-            ax.plot(g["epoch"], g[col], "o-", color=c, label=fam)
-    axes[0, 0].set(ylabel="robust loss", title="filled, solid: test; open, dashed: train")
-    for ax, col in zip(axes[0, 1:], panels[1:]):
-        ax.set(ylabel=LABELS_05.get(col, col))
-    for ax in axes[0]:
-        ax.set(xlabel="epoch")
-        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-    axes[0, -1].legend(fontsize=8)
-    return fig
-
-
-def confidence_flatness_plot(clean: pd.DataFrame, adversarial: pd.DataFrame, title: str = "") -> plt.Figure:
-    """Walter et al. 2025: confidence (max softmax) against relative flatness per input, clean vs
-    adversarial, coloured by correctness; adversarial examples cluster flat and confidently wrong."""
-    fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.4), sharex=True, sharey=True, layout="constrained")
-    for ax, (kind, df) in zip(axes, (("clean", clean), ("adversarial", adversarial))):
-        for ok, colour, label in ((True, "tab:green", "correct"), (False, "tab:red", "wrong")):
-            d = df[df["correct"] == ok]
-            ax.scatter(d["relative_flatness"].clip(lower=1e-12), d["confidence"], s=8, alpha=0.6, color=colour,
-                       label=f"{label} ({len(d)})")
-        ax.set(xscale="log", xlabel="relative flatness κ (per input, log)", title=f"{kind} inputs")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower left")
-    axes[0].set(ylabel="confidence (max softmax)")
-    if title:
-        fig.suptitle(title, fontsize=10)
     return fig
 
 

@@ -7,6 +7,9 @@ verified) and writes one table per claim to `run.reported(claim)`
 (`runs/<run>/reported_vs_reproduced/<claim>.csv`): published value, this run's value, difference.
 Notebooks 02, 03 and 05 each call it before the later notebooks' files exist, so a missing file,
 model or attack gives NaN with a note naming it, never an error.
+Replicates: a sweep's `<name>_s<k>` (`runs.split_seed`) is replicate k of `<name>`; the run's value for
+`<name>` is then the mean over its replicates (and a plain `<name>` row, if any), with a note naming
+them and their range (`mean_over_replicates`). Runs without seed suffixes read as they are.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import pandas as pd
 import scipy.stats
 
 from advkit.data import DATASETS
-from advkit.runs import Run
+from advkit.runs import Run, split_seed
 
 XU = "Xu, Yap & Prabhu 2019"
 STUTZ = "Stutz, Hein & Schiele 2021"
@@ -186,6 +189,35 @@ def _lookup(table: pd.DataFrame | None, model: str, metric: str, source: str) ->
     return float(value), "" if np.isfinite(value) else f"{metric!r} of {model!r} is empty in {source}"
 
 
+def mean_over_replicates(table: pd.DataFrame | None) -> tuple[pd.DataFrame | None, dict[str, str]]:
+    """`table` with the rows `<name>_s<k>` (replicate k of `<name>`, `runs.split_seed`) and `<name>` replaced
+    by one row `<name>`, the mean of their numeric values; and per such name a note listing the replicates
+    and each column's range. A table without seed suffixes comes back unchanged, with no notes."""
+    if table is None:
+        return None, {}
+    stems = pd.Series([split_seed(str(m))[0] for m in table.index], index=table.index)
+    seeded = {stem for m, stem in stems.items() if stem != m}
+    if not seeded:
+        return table, {}
+    numeric = table.apply(pd.to_numeric, errors="coerce")
+    rows, notes = {}, {}
+    for m in table.index:
+        stem = stems[m]
+        if stem not in seeded:
+            rows[m] = table.loc[m]
+        elif stem not in rows:
+            group = numeric[stems == stem]
+            rows[stem] = group.mean()
+            spread = ", ".join(f"{c} {group[c].min():.4g} to {group[c].max():.4g}" for c in group.columns
+                               if group[c].notna().sum() > 1)
+            count = f"mean of {len(group)} replicates" if len(group) > 1 else "one replicate"
+            notes[stem] = (f"{count} ({', '.join(map(str, group.index))})"
+                           + (f"; range: {spread}" if spread else ""))
+    out = pd.DataFrame.from_dict(rows, orient="index")
+    out.index.name = table.index.name
+    return out, notes
+
+
 def _xu_table1_values(run: Run) -> tuple[pd.DataFrame | None, str]:
     """Accuracy in %: notebook 03's zoo table, its missing rows from notebook 02's table."""
     paths = {name: run.attack_table(name) for name in ("zoo_table1_accuracy", "table1_accuracy")}
@@ -206,17 +238,27 @@ def _budget_notes(run: Run) -> dict[str, str]:
             for name, ks in keys.items() if isinstance(budgets.get(name), dict)}
 
 
+def _histories(run: Run) -> dict[str, list[str]]:
+    """The run's training histories by model: `<name>` -> [`<name>`] or its replicates [`<name>_s<k>`, ...]."""
+    found: dict[str, list[str]] = {}
+    for stem in sorted(p.stem for p in (run / "history").glob("*.csv")):
+        found.setdefault(split_seed(stem)[0], []).append(stem)
+    return found
+
+
 def _stutz_run_models(run: Run) -> list[str]:
-    """The four objectives' names, then the run's other models (training histories) that have a Stutz row."""
-    found = sorted(p.stem for p in (run / "history").glob("*.csv"))
-    return list(STUTZ_MODELS.values()) + [m for m in found if m not in STUTZ_MODELS.values() and stutz_row(m)]
+    """The four objectives' names, then the run's other models (training histories, replicates as one)
+    that have a Stutz row."""
+    return list(STUTZ_MODELS.values()) + [m for m in _histories(run) if m not in STUTZ_MODELS.values()
+                                          and stutz_row(m)]
 
 
 def _stutz_values(run: Run) -> pd.DataFrame:
-    """Per trained model: RErr (%) at the last and at the selected epoch (history/<name>.csv) and
-    the average-case flatness of notebook 05 (flatness.csv)."""
+    """Per trained model (per replicate `<name>_s<k>`; `compare` averages them): RErr (%) at the last and
+    at the selected epoch (history/<name>.csv) and the average-case flatness of notebook 05 (flatness.csv)."""
     rows: dict[str, dict[str, float]] = {}
-    for model in _stutz_run_models(run):
+    histories = _histories(run)
+    for model in [h for m in _stutz_run_models(run) for h in histories.get(m, [m])]:
         history = _read_csv(run, run.history(model))
         row: dict[str, float] = {}
         if history is not None and "test_robust_err" in history.columns and len(history):
@@ -260,6 +302,7 @@ def compare(run: Run | str | Path, claim: str, *, dataset: str = "cifar10",
     run = Run.of(run)
     comparable = dataset == "cifar10"
     table, source = _sources(run, claim)
+    table, replicates = mean_over_replicates(table)
     budgets = _budget_notes(run) if claim in ("xu_table1", "xu_table2") else {}
     entries = [p for p in PUBLISHED if p.claim == claim and claim != "stutz_table1"]
     if claim == "stutz_table1":  # a row per model of the run with a Stutz row (the four objectives always)
@@ -286,6 +329,7 @@ def compare(run: Run | str | Path, claim: str, *, dataset: str = "cifar10",
         elif claim == "stutz_table1" and not note:
             note = "run: PGD RErr on notebook 03's fixed test subset"
         reference = "" if comparable else f"published value is CIFAR-10; this run: {dataset} (for reference)"
+        note = "; ".join(n for n in (note, replicates.get(p.model, "")) if n)
         diff = value - p.value if comparable or claim == "xu_sharpness_order" else np.nan
         rows.append({"claim": claim, "row": p.row, "column": p.column, "model": p.model, "published": p.value,
                      "reproduced": value, "difference": diff, "unit": p.unit,
@@ -328,7 +372,7 @@ def load_tables(run: Run | str | Path) -> dict[str, pd.DataFrame]:
 
 
 __all__ = ["CLAIMS", "PUBLISHED", "Published", "STUTZ_MODELS", "XU_SHARPNESS_ORDER", "compare", "load_tables",
-           "ordering_agreement", "published", "reported_vs_reproduced", "stutz_row"]
+           "mean_over_replicates", "ordering_agreement", "published", "reported_vs_reproduced", "stutz_row"]
 
 
 if __name__ == "__main__":  # print a run's tables: python -m advkit.published runs/<run>

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import re
 import subprocess
 import sys
 import warnings
@@ -197,6 +198,19 @@ def is_epoch_name(name: str) -> bool:
     """Whether `name` is an epoch checkpoint's name (`epoch_name`)."""
     stem, _, epoch = name.rpartition("_e")
     return bool(stem) and len(epoch) == 3 and epoch.isdigit()
+
+
+SEED_TAG = "_s"  # <name>_s<seed>: replicate <seed> of <name> (a sweep's seed axis, advkit.sweep.TAGS)
+_SEEDED = re.compile(rf"(?P<stem>.+){SEED_TAG}(?P<seed>\d+)(?P<copy>_early|_e\d{{3}})?")
+
+
+def split_seed(name: str) -> tuple[str, int | None]:
+    """`<name>_s<k>` (with `_early`/`_eNNN` after it for copies) -> (`<name>` + copy suffix, k):
+    'fgsm_s1' -> ('fgsm', 1), 'trades_s2_early' -> ('trades_early', 2); a plain name -> (name, None)."""
+    m = _SEEDED.fullmatch(name)
+    if m is None:
+        return name, None
+    return m["stem"] + (m["copy"] or ""), int(m["seed"])
 
 
 class Run(os.PathLike):

@@ -171,12 +171,13 @@ def train_variant(spec: str, arch: str, train: tuple[torch.Tensor, torch.Tensor]
                   test: tuple[torch.Tensor, torch.Tensor] | None = None,
                   evaluate: Callable[[nn.Module], dict[str, float]] | None = None, select: str | None = None,
                   keep_epochs: Sequence[int] = (), run: str | Path | None = None, precision: str = "auto",
-                  progress: bool = True, **fit_kwargs: Any) -> FitResult:
+                  progress: bool = True, name: str | None = None, **fit_kwargs: Any) -> FitResult:
     """Adversarially train a fresh `arch` from scratch on `train` (uint8 images) with the variant
     `spec`: one call per notebook-03 variant, in batches of `batch_size` with random crop (`padding`)
     + flip (the papers' 128 and 4 px). Weights, batch order and augmentation are seeded by `seed`;
     label noise is drawn once from `seed`; `precision` is TrainConfig's. The model is saved as
-    `models/<spec>.pt` (final) and, with `select`, `models/<spec>_early.pt` (early stopped)."""
+    `models/<spec>.pt` (final) and, with `select`, `models/<spec>_early.pt` (early stopped); `name`
+    replaces `<spec>` (a sweep cell's `<spec><suffix>`, advkit.sweep)."""
     v = parse_variant(spec)
     if arch not in _arch_names():
         raise ValueError(f"arch={arch!r} is not available; choose one of {_arch_names()}")
@@ -190,7 +191,7 @@ def train_variant(spec: str, arch: str, train: tuple[torch.Tensor, torch.Tensor]
     torch.manual_seed(seed)
     model = get_model(arch, num_classes, in_channels).to(device)
     return fit(model, batcher, config, objective=objective, test=test, evaluate=evaluate, select=select,
-               keep_epochs=keep_epochs, run=run, name=v.name, progress=progress, **fit_kwargs)
+               keep_epochs=keep_epochs, run=run, name=name or v.name, progress=progress, **fit_kwargs)
 
 
 def _arch_names() -> list[str]:

@@ -11,8 +11,10 @@ attack re-run on the perturbed weights), the Hessian's top eigenvalue and trace
 al. 2025) on clean and on PGD inputs. Rows are cached in `flatness.csv` with their settings
 and the checkpoint's sha256, under the kit's one cache policy (`advkit.runs.cache_is_current`):
 a row made with other settings, another ZOO_VERSION or other weights is recomputed with a
-StaleCacheWarning. The 1 - SSIM of each fine-tune's augmentation attack (notebook 02) and the
-surface sharpness of notebook 04 are merged in afresh on every call (`attach_run_results`).
+StaleCacheWarning. Under torchrun the models are shared out across the ranks (`advkit.ranks`:
+one model per rank and round; rank 0 writes flatness.csv after each round). The 1 - SSIM of
+each fine-tune's augmentation attack (notebook 02) and the surface sharpness of notebook 04
+are merged in afresh on every call (`attach_run_results`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from advkit import ranks
 from advkit._torch import Attack, check_choice, check_int, loss_and_accuracy, to_float
 from advkit.attacks import autoattack, pgd
 from advkit.data import Dataset, subset
@@ -251,24 +254,41 @@ def flatness_table(run: Run | str | Path, data: Dataset, settings: ZooSettings, 
     cache = read_cache(run)
     train, test = eval_subsets(data, settings.n_eval, device)
     rows: dict[str, dict[str, Any]] = {}
-    for name in tqdm(names, desc="models", disable=not progress):
-        file = run.require(run.model(name))
-        digest = file_sha256(file)[:16]
+    todo = []
+    for name in names:
+        digest = file_sha256(run.require(run.model(name)))[:16]
         if not recompute and _is_current(run, cache, name, {**settings.as_dict(), "checkpoint": digest}):
             rows[name] = cache.loc[name].to_dict()
-            continue
+        else:
+            todo.append((name, digest))
+
+    def measure(item: tuple[str, str]) -> dict[str, Any]:
+        name, digest = item
+        file = run.model(name)
         family, epoch = split_name(name)
         saved = load_checkpoint(file)
         epoch = saved.get("epoch") if epoch is None else epoch
         model = load_model(file, device=device)
         t0 = time.perf_counter()
         metrics = model_metrics(model, train, test, settings)
-        rows[name] = {"family": family, "epoch": epoch, "early_stopped": bool(saved.get("early_stopped", False)),
-                      **metrics, "checkpoint": digest, "settings": settings.key(),
-                      "compute_s": time.perf_counter() - t0}
+        return {"family": family, "epoch": epoch, "early_stopped": bool(saved.get("early_stopped", False)),
+                **metrics, "checkpoint": digest, "settings": settings.key(), "compute_s": time.perf_counter() - t0}
+
+    # One model per rank and round under torchrun (`advkit.ranks.in_rounds`), one alone; rank 0
+    # writes flatness.csv after each round, so an interrupted call resumes.
+    bar = tqdm(total=len(names), initial=len(names) - len(todo), desc="models",
+               disable=not progress or not ranks.is_writer())
+    for measured in ranks.in_rounds(todo, measure):
+        for (name, _), row in measured:
+            rows[name] = row
+        bar.update(len(measured))
+        if ranks.is_writer():
+            run.write_table(run.flatness, _attach(_file_rows(cache, available, rows), results))
+    bar.close()
+    if ranks.is_writer():
         run.write_table(run.flatness, _attach(_file_rows(cache, available, rows), results))
-    run.write_table(run.flatness, _attach(_file_rows(cache, available, rows), results))
-    return _attach(_frame(rows), results)
+    ranks.barrier()  # flatness.csv is complete before any rank reads it again
+    return _attach(_frame({n: rows[n] for n in names}), results)
 
 
 def _file_rows(cache: pd.DataFrame, available: Sequence[str], rows: dict[str, dict[str, Any]]) -> pd.DataFrame:

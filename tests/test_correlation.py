@@ -372,3 +372,60 @@ def test_overview_and_settings():
     table.loc["base", "settings"] = json.dumps({"n_eval": 12, "version": 2})
     with pytest.raises(ValueError, match="2 different settings"):
         report.settings_of(table)
+
+
+# --- zoo scale (issue 13) --------------------------------------------------------------------------
+
+
+def _kendall_unchunked(a, b):
+    """The bootstrap's Kendall tau-b before it was chunked: all resamples' pair signs at once."""
+    sa, sb = np.sign(a[..., :, None] - a[..., None, :]), np.sign(b[..., :, None] - b[..., None, :])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (sa * sb).sum((-2, -1)) / np.sqrt((sa * sa).sum((-2, -1)) * (sb * sb).sum((-2, -1)))
+
+
+@pytest.mark.parametrize("budget", [report.PAIR_BUDGET, 100, 1])
+def test_chunked_bootstrap_gives_the_same_interval_as_before(monkeypatch, budget):
+    """The same seed gives bit for bit the interval of the unchunked bootstrap, whatever the chunk."""
+    monkeypatch.setattr(report, "PAIR_BUDGET", budget)
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=40)
+    y = 0.5 * x + rng.normal(size=40)
+    y[:5] = np.round(y[:5])                                                        # ties
+    res = correlate(x, y, "kendall", ci="bootstrap", n_resamples=500, seed=7)
+    assert (res.ci_low, res.ci_high) == (0.11874942276181898, 0.5117245260392985)  # as computed before chunking
+    a, b = rng.normal(size=(2, 37, 12)).round(1)
+    np.testing.assert_array_equal(report._kendall_tau_b(a, b), _kendall_unchunked(a, b))
+    assert report._kendall_tau_b(a[0], b[0]) == _kendall_unchunked(a[0], b[0])
+
+
+def test_bootstrap_memory_is_bounded_at_300_models():
+    """Unchunked, 60 resamples of 300 models held 3 × 60 × 300² float64 pair signs (130 MB)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=300)
+    y = x + rng.normal(size=300)
+    tracemalloc.start()
+    try:
+        res = correlate(x, y, "kendall", ci="bootstrap", n_resamples=60)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert res.ci_low < res.statistic < res.ci_high
+    assert peak < 40 * 2 ** 20, f"peak {peak / 2 ** 20:.0f} MiB"
+
+
+def test_replicates_of_xu_fine_tunes_count_each():
+    """`fgsm_s1` is replicate 1 of the FGSM fine-tune: every replicate counts, copies do not."""
+    sharp = {"base": 1.0, "fgsm_s0": 2.0, "fgsm_s1": 0.5, "pgd_s0": 3.0, "stadv_s0": 0.2, "fgsm_s1_early": 9.0,
+             "pgd_at_s0": 5.0}
+    table = pd.DataFrame({"surface_sharpness": sharp.values()}, index=pd.Index(sharp.keys(), name="model"))
+    line = report._xu_line(table, "base")[0]
+    assert "2 of 4 adversarially fine-tuned models have a sharper clean-loss surface than base " \
+           "(fgsm_s0, pgd_s0) [per attack: fgsm 1/2, pgd 1/1, stadv 0/1]" in line
+    plain = report._xu_line(model_table(), "base")[0]                       # plain names: as before
+    assert "2 of 3 adversarially fine-tuned models have a sharper clean-loss surface than base (fgsm, stadv);" in plain
+    text = report.summary(table.assign(robust_loss_test=range(7), avg_case_flatness=range(7)),
+                          report.correlations(table.assign(robust_loss_test=range(7), avg_case_flatness=range(7))))
+    assert "7 models from 2 seeds" in text

@@ -208,3 +208,17 @@ def test_coerce_reads_declared_types():
 def test_expected_models_name_variants_and_kept_epochs():
     names = params.expected_models({"xu_attacks": ["fgsm"], "at_variants": ["trades"], "keep_epochs": [2]})
     assert names == ["base", "fgsm", "trades", "trades_early", "trades_e002"]
+
+
+def test_a_sweep_cell_trains_its_parts_under_its_suffix():
+    """zoo_parts and model_suffix (set per cell by advkit.sweep) pick and name notebook 03's models."""
+    cell = {"xu_attacks": ["fgsm"], "at_variants": ["trades"], "keep_epochs": [2], "zoo_parts": ["at"],
+            "model_suffix": "_s1"}
+    assert params.expected_models(cell) == ["base", "trades_s1", "trades_s1_early", "trades_s1_e002"]
+    assert params.expected_models({**cell, "zoo_parts": ["xu"]}) == ["base", "fgsm_s1"]
+    for bad in ("/x", "a b", ".hidden", 3):
+        with pytest.raises(ValueError, match="model_suffix"):
+            params.check("model_suffix", bad, params.PARAMS["model_suffix"])
+    params.check("model_suffix", "", params.PARAMS["model_suffix"])  # the default: names unchanged
+    with pytest.raises(ValueError, match="zoo_parts"):
+        params.check("zoo_parts", ["at", "all"], params.PARAMS["zoo_parts"])

@@ -139,3 +139,42 @@ def test_stutz_table_from_histories_and_flatness(tmp_path):
                                         ("pgd_at+aa", "AutoAugment"), ("trades+b3", None), ("fgsm", None)])
 def test_stutz_rows_for_variant_names(model, row):
     assert P.stutz_row(model) == row
+
+
+def test_replicates_are_averaged_with_a_note(tmp_path):
+    """A sweep's `fgsm_s0`, `fgsm_s1` are replicates of `fgsm`: the run's value is their mean, noted."""
+    _write(tmp_path / "landscapes" / "sharpness.csv", pd.DataFrame(
+        {"surface_sharpness": [1.0, 8.0, 10.0, 4.0, 6.0, 99.0]},
+        index=pd.Index(["base", "fgsm_s0", "fgsm_s1", "pgd_s0", "stadv_s0", "fgsm_s1_early"], name="model")))
+    table = P.compare(tmp_path, "xu_sharpness_order").set_index(["row", "column"])
+    fgsm = table.loc[("fgsm", "sharpness rank")]
+    assert fgsm.reproduced == 1 and "surface_sharpness = 9" in fgsm.note           # mean of 8 and 10, not 99
+    assert "mean of 2 replicates (fgsm_s0, fgsm_s1); range: surface_sharpness 8 to 10" in fgsm.note
+    assert "one replicate (pgd_s0)" in table.loc[("pgd", "sharpness rank"), "note"]
+    assert table.loc[("ordering", "pairwise_agreement"), "reproduced"] == pytest.approx(5 / 6)
+    same, notes = P.mean_over_replicates(pd.DataFrame({"a": [1.0]}, index=["fgsm"]))   # plain names: unchanged
+    assert notes == {} and same.equals(pd.DataFrame({"a": [1.0]}, index=["fgsm"]))
+
+
+def test_stutz_table_averages_replicate_histories(tmp_path):
+    for seed, errs in ((0, [0.7, 0.5, 0.6]), (1, [0.7, 0.5, 0.4])):
+        _write(tmp_path / "history" / f"pgd_at+ls0.1_s{seed}.csv", pd.DataFrame(
+            {"epoch": [1, 2, 3], "test_robust_err": errs, "train_robust_err": [0.6, 0.4, 0.2],
+             "val_robust_loss": [2.0, 1.5, 1.8]}), index=False)
+    _write(tmp_path / "flatness.csv", pd.DataFrame({"avg_case_flatness": [0.8, 1.0, 5.0]}, index=pd.Index(
+        ["pgd_at+ls0.1_s0", "pgd_at+ls0.1_s1", "pgd_at+ls0.1_s1_early"], name="model")))
+    table = P.compare(tmp_path, "stutz_table1")
+    assert list(dict.fromkeys(table.model)) == [*P.STUTZ_MODELS.values(), "pgd_at+ls0.1"]
+    ls = table[table.model == "pgd_at+ls0.1"].set_index("column")
+    assert ls.reproduced.to_dict() == pytest.approx({"RErr (test)": 50.0, "RErr (train)": 20.0,
+                                                     "Flatness (RLoss)": 0.9, "RErr (early stop)": 50.0})
+    assert ls.note.str.contains("mean of 2 replicates").all()
+
+
+@pytest.mark.parametrize("name, split", [("fgsm_s1", ("fgsm", 1)), ("trades_s2_early", ("trades_early", 2)),
+                                         ("pgd_at+ls0.1_s0_e025", ("pgd_at+ls0.1_e025", 0)), ("fgsm", ("fgsm", None)),
+                                         ("pgd_at_e025", ("pgd_at_e025", None)), ("stadv_s", ("stadv_s", None))])
+def test_the_one_seed_suffix_parser(name, split):
+    from advkit.runs import split_seed
+
+    assert split_seed(name) == split

@@ -59,8 +59,8 @@ def sensitivity_surfaces(models: Mapping[str, nn.Module], x: torch.Tensor, y: to
             dirs = random_directions(model, dims, seed=seed, norm=norm)
             for span in span_lists[norm]:
                 path = None if run is None else run.sensitivity_surface(name, norm, span, dims)
-                if overwrite and path is not None and path.exists():
-                    path.unlink()
+                if overwrite and path is not None:
+                    path.unlink(missing_ok=True)  # no exists() check: torchrun's ranks all remove it
                 out[(norm, span, name)] = surface(model, dirs, x, y, settings.replace(span=span, model_name=name),
                                                   path=path)
     return out

@@ -4,7 +4,9 @@ surfaces notebook 04 compares (`model_surfaces`).
 theta(alpha, beta) = theta* + alpha d1 + beta d2 (Li et al. 2018; Xu et al. 2019, Eq. 5-6).
 Each surface is an xarray Dataset, written to its file after every row, so an interrupted
 computation resumes where it stopped; a file made with other settings is recomputed and
-replaced with a StaleCacheWarning (`advkit.runs.cache_is_current`).
+replaced with a StaleCacheWarning (`advkit.runs.cache_is_current`). Under torchrun the rows are
+shared out across the ranks (`advkit.ranks.in_rounds`: one row per rank and round, rank 0 writes
+after each round): the same file, with bit for bit the values one process computes.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 import xarray as xr
 from torch import nn
 
+from advkit import ranks
 from advkit._torch import Attack, check_choice, check_int, eval_mode, model_device, state_hash, tensors_hash, to_float
 from advkit.directions import (NORMS, Directions, architecture_mismatch, interpolation_directions,
                                plane_directions, random_directions)
@@ -65,7 +68,8 @@ def compute_surface(model: nn.Module, directions: Directions, x: torch.Tensor, y
             data[:2] = [None if t is None else t.contiguous(memory_format=torch.channels_last) for t in data[:2]]
         x_dev, xa_dev, bn_dev = data
         y_dev = y.to(device)
-        precision, amp_error = choose_precision(model, x_dev, y_dev, settings.precision)
+        # every rank computes with rank 0's choice (and so agrees on the file's cache key)
+        precision, amp_error = ranks.broadcast(choose_precision(model, x_dev, y_dev, settings.precision))
         settings = settings.replace(precision=precision)
         inputs = _inputs(model, directions, x, y, x_adv, bn_x, settings)
         old = cached_surface(path, {**settings.cache_key(), **inputs})
@@ -133,7 +137,8 @@ class _Surface:
              attack: Attack | None, path: str | Path | None, progress: bool,
              callback: Callable[[int, int], None] | None) -> None:
         """Compute the missing points in blocks of a row (2D) or 10 points (1D), one device->host
-        transfer per block; write the file and call back after each."""
+        transfer per block; write the file and call back after each round of blocks: one block
+        alone, one per rank under torchrun (`advkit.ranks.in_rounds`; rank 0 writes)."""
         s, dims = self.settings, len(self.coords)
         points = np.stack(np.meshgrid(*self.coords.values(), indexing="ij"), -1).reshape(-1, dims)
         coeffs_all = torch.tensor(points, dtype=torch.float32, device=engine.device)
@@ -142,9 +147,9 @@ class _Surface:
         flat_mask = self.mask.reshape(-1)
         todo = [i for i in range(0, len(points), block) if not flat_mask[i:i + block].all()]
         total, done, n = self.mask.size, int(self.mask.sum()), len(y)
-        bar = _progress(total, done, progress, f"{s.model_name} {s.kind}")
-        start = time.perf_counter()
-        for first in todo:
+        bar = _progress(total, done, progress and ranks.is_writer(), f"{s.model_name} {s.kind}")
+
+        def compute(first: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
             idx = np.arange(first, min(first + block, len(points)))
             idx = idx[~flat_mask[idx]]
             results: dict[str, list[torch.Tensor]] = {q: [] for q in s.quantities}
@@ -160,18 +165,25 @@ class _Surface:
                         c, x, y, attack, s.attack_batch_size or s.batch_size)
                 for q in s.quantities:
                     results[q].append(measured[q] / n)
-            for q in s.quantities:  # one device->host transfer per block
-                self.values[q].reshape(-1)[idx] = torch.cat(results[q]).double().cpu().numpy()
-            flat_mask[idx] = True
-            done += len(idx)
+            # one device->host transfer per block
+            return idx, {q: torch.cat(results[q]).double().cpu().numpy() for q in s.quantities}
+
+        start = time.perf_counter()
+        for blocks in ranks.in_rounds(todo, compute):
+            for _, (idx, values) in blocks:
+                for q in s.quantities:
+                    self.values[q].reshape(-1)[idx] = values[q]
+                flat_mask[idx] = True
+                done += len(idx)
+                bar.update(len(idx))
             self.attrs["elapsed_s"] += time.perf_counter() - start
             start = time.perf_counter()
-            if path is not None:
+            if path is not None and ranks.is_writer():
                 write_surface(self.dataset(), path)
-            bar.update(len(idx))
             if callback is not None:
                 callback(done, total)
         bar.close()
+        ranks.barrier()  # the file is complete before any rank reads it again
 
 
 def _long_name(q: str, robust: str) -> str:
@@ -318,8 +330,8 @@ def model_surfaces(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Te
 
     def path(name: str, kind: str) -> Path | None:
         p = None if run is None else run.surface(name, kind)
-        if overwrite and p is not None and p.exists():
-            p.unlink()
+        if overwrite and p is not None:
+            p.unlink(missing_ok=True)  # every rank, before any rank can write it again
         return p
 
     out: dict[str, dict[str, xr.Dataset]] = {k: {} for k in SURFACE_KINDS}
