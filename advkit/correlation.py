@@ -453,13 +453,16 @@ def confidence_summary(clean: pd.DataFrame, adversarial: pd.DataFrame,
 
 def summary(table: pd.DataFrame, correlations: pd.DataFrame,
             confidence: tuple[pd.DataFrame, pd.DataFrame] | None = None, *,
-            claims: Sequence[Claim] = SEED_CLAIMS, method: str = "spearman", base: str = "base") -> str:
+            claims: Sequence[Claim] = SEED_CLAIMS, method: str = "spearman", base: str = "base",
+            local: Sequence[str] = (), ordering: Sequence[str] = ()) -> str:
     """Plain-language summary of notebook 05 generated from the numbers.
 
     The cross-model claims (`summarize`), Xu et al.'s "adversarial
     fine-tuning sharpens the surface" as a count of fine-tunes sharper than `base`, and
     Walter et al.'s "adversarial examples sit in flat regions" from (clean, adversarial)
-    `confidence_flatness` tables of one model (Mann-Whitney U test).
+    `confidence_flatness` tables of one model (Mann-Whitney U test), then `local` (Walter et al.'s
+    local-vs-global lines, `advkit.local_global.summary_lines`); `ordering`: "sharper" as a probability
+    over direction (and training) seeds, after Xu et al.'s count (`advkit.replicates.summary_lines`).
     """
     n = len(table)
     lines = [f"{n} model{'s' if n != 1 else ''} measured ({', '.join(map(str, table.index))})."]
@@ -470,8 +473,10 @@ def summary(table: pd.DataFrame, correlations: pd.DataFrame,
     else:
         lines.append(summarize(correlations, claims, method=method))
     lines += _xu_line(table, base)
+    lines += list(ordering)  # Xu et al.'s "sharper" over replicates: advkit.replicates.summary_lines
     if confidence is not None:
         lines.append(_walter_line(*confidence))
+    lines += list(local)  # Walter et al.'s local-vs-global lines: advkit.local_global.summary_lines
     if n >= 3:
         epochs = len(_copies(table))
         seeds = {seed for _, seed in map(split_seed, table.index)} - {None}

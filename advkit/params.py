@@ -220,6 +220,16 @@ PARAMS: dict[str, Param] = {
     "sensitivity_radii": listof(number(0, lo_open=True)),
     "sensitivity_none_radii": listof(number(0, lo_open=True)),
     "sensitivity_resolution": _grid(MAX_GRID_POINTS, 1, lo=4),
+    "direction_replicates": integer(2, 1000),  # advkit.replicates: direction seeds per surface
+    "replicate_norms": listof(choice(NORMS)),
+    "replicate_dims": listof(integer(1, 2)),
+    "replicate_resolution": _grid(MAX_GRID_POINTS, 2, lo=5),
+    "replicate_n_images": integer(1),
+    "replicate_robust": choice(("filter", "all")),
+    "curvature_images": integer(1),  # advkit.curvature: first images of the landscape subset for the eigenvalue maps
+    "eigen_map_resolution": _grid(MAX_GRID_POINTS, 2),
+    "eigen_map_steps": integer(2, 1000),
+    "eigen_map_models": listof(text(), min_len=0),
     "overwrite": flag(),
     # 05 flatness and correlation
     "n_subset": integer(1),
@@ -236,6 +246,7 @@ PARAMS: dict[str, Param] = {
     "ci": choice(CI_METHODS),
     "confidence_model": text(),
     "confidence_eps": EPS,
+    "invariance_images": integer(1),  # 05: scale-invariance audit (Stutz et al. Fig. 4)
     "recompute": flag(),
 }
 
@@ -320,6 +331,8 @@ RULES: list[Rule] = [
     Rule(("pretrained_checkpoint", "dataset", "model"), _pretrained),
     _at_most("n_autoattack", "n_eval"),
     _at_most("robust_n_images", "n_images"),
+    _at_most("curvature_images", "n_images"),
+    _at_most("invariance_images", "n_subset"),
     Rule(("keep_epochs", "at_epochs"), _keep_epochs),
     _fits_data("n_train", "train"),
     _fits_data("n_eval", "test"),

@@ -36,7 +36,8 @@ def quadratic_fit(ds: xr.Dataset, quantity: str = "loss", radius: float = 0.2) -
 
     Returns the fitted centre value, gradient norm and the curvature: the eigenvalues of H
     (2D; `curvature_max`, `curvature_min`) or L'' (1D; both equal) in units of the
-    direction's scale.
+    direction's scale, and H's entries `curvature_aa`, `curvature_bb`, `curvature_ab` (1D: aa),
+    estimates of d1ᵀHd1, d2ᵀHd2, d1ᵀHd2 (`advkit.curvature`).
     """
     xy, vals = _points(ds, quantity, radius)
     d = xy.shape[1]
@@ -53,12 +54,16 @@ def quadratic_fit(ds: xr.Dataset, quantity: str = "loss", radius: float = 0.2) -
     if d == 1:
         eig = np.array([2 * coef[2]])
         grad = abs(coef[1])
+        entries = {"curvature_aa": float(2 * coef[2])}
     else:
         hess = np.array([[2 * coef[3], coef[4]], [coef[4], 2 * coef[5]]])
         eig = np.linalg.eigvalsh(hess)
         grad = float(np.hypot(coef[1], coef[2]))
+        entries = {"curvature_aa": float(hess[0, 0]), "curvature_bb": float(hess[1, 1]),
+                   "curvature_ab": float(hess[0, 1])}
     return {"centre_fit": float(coef[0]), "gradient_norm": float(grad),
-            "curvature_max": float(eig.max()), "curvature_min": float(eig.min()), "n_points": int(len(vals))}
+            "curvature_max": float(eig.max()), "curvature_min": float(eig.min()), **entries,
+            "n_points": int(len(vals))}
 
 
 def check_radius(radius: float, span: float, resolution: int, dims: int = 2) -> int:

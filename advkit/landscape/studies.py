@@ -11,7 +11,7 @@ import torch
 import xarray as xr
 from torch import nn
 
-from advkit._torch import check_choice, check_number
+from advkit._torch import Attack, check_choice, check_number
 from advkit.directions import NORMS, random_directions
 from advkit.landscape.settings import SurfaceSettings, settings_with
 from advkit.landscape.sharpness import mean_increase, quadratic_fit
@@ -26,7 +26,8 @@ def sensitivity_surfaces(models: Mapping[str, nn.Module], x: torch.Tensor, y: to
                          run: Run | str | Path | None = None, settings: SurfaceSettings | None = None, *,
                          norms: Sequence[str] = ("filter", "layer", "none"),
                          spans: Sequence[float] | Mapping[str, Sequence[float]] = (0.25, 0.5, 1.0),
-                         dims: int = 1, seed: int = 0, overwrite: bool = False
+                         dims: int = 1, seed: int = 0, overwrite: bool = False, bn: str = "ignore",
+                         attack: Attack | None = None, bn_x: torch.Tensor | None = None, tag: str = ""
                          ) -> dict[tuple[str, float, str], xr.Dataset]:
     """Surfaces of every model under every normalization and span, same seed for all (so each
     model sees the same raw direction); `settings` gives the rest (resolution, data_name, ...;
@@ -36,6 +37,11 @@ def sensitivity_surfaces(models: Mapping[str, nn.Module], x: torch.Tensor, y: to
 
     `spans` may map a normalization to its own spans: unnormalized ("none") Gaussian
     directions are far longer than the weights, so their informative range is far smaller.
+    `bn` ("ignore"/"include": BatchNorm parameters perturbed or not), `attack` (robust loss,
+    re-run at every point) and `bn_x` (for `settings.bn_mode="recalibrate"`) extend the sweep
+    (`advkit.replicates.sensitivity_replicates`); a non-default seed, `bn` or `bn_mode` is part
+    of the cache file's name, so the variants never overwrite each other's files; so is `tag`
+    (another study's files beside these).
     """
     settings = settings_with(settings)
     check_choice("dims", dims, (1, 2))
@@ -54,15 +60,17 @@ def sensitivity_surfaces(models: Mapping[str, nn.Module], x: torch.Tensor, y: to
     run = None if run is None else Run.of(run)
     surface = line if dims == 1 else grid
     out = {}
+    variant = "".join([tag, f"-s{seed}" if seed else "", f"-bn{bn}" if bn != "ignore" else "",
+                       f"-{settings.bn_mode}" if settings.bn_mode != "eval" else "", "-robust" if attack else ""])
     for norm in norms:
         for name, model in models.items():
-            dirs = random_directions(model, dims, seed=seed, norm=norm)
+            dirs = random_directions(model, dims, seed=seed, norm=norm, bn=bn)
             for span in span_lists[norm]:
-                path = None if run is None else run.sensitivity_surface(name, norm, span, dims)
+                path = None if run is None else run.sensitivity_surface(name, norm + variant, span, dims)
                 if overwrite and path is not None:
                     path.unlink(missing_ok=True)  # no exists() check: torchrun's ranks all remove it
                 out[(norm, span, name)] = surface(model, dirs, x, y, settings.replace(span=span, model_name=name),
-                                                  path=path)
+                                                  path=path, attack=attack, bn_x=bn_x)
     return out
 
 
