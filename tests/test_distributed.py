@@ -203,7 +203,8 @@ def test_the_studies_read_only_their_notebooks_parameters():
 QUICK_TINY = ["n_images=16", "resolution=11", "radius=0.3", "line_resolution=21", "robust_resolution=3",
               "robust_n_images=8", "sensitivity_resolution=5", "sensitivity_norms=[filter]", "sensitivity_radii=[0.3]",
               "n_subset=8", "n_autoattack=4", "aa_steps=2", "aa_targets=2", "pgd_steps=2", "pgd_restarts=1",
-              "flatness_samples=2", "worst_steps=2", "hessian_iters=3", "hessian_samples=3"]
+              "flatness_samples=2", "worst_steps=2", "hessian_iters=3", "hessian_samples=3",
+              "curvature_images=8", "invariance_images=8"]
 
 
 def test_torchrun_commands_compute_what_notebooks_04_and_05_then_find_complete(tmp_run):
