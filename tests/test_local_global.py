@@ -191,3 +191,21 @@ def test_summary_lines_state_each_claim_and_enter_the_notebook_summary():
     table = pd.DataFrame(index=["base"])
     text = correlation.summary(table, pd.DataFrame(), local=lines)
     assert text.endswith(lines[-1]) or lines[-1] in text
+
+
+def test_cifar_shaped_resnet_runs_every_analysis():
+    """The intended scale: a CIFAR ResNet on 3x32x32 images at the paper's 8/255, every analysis once."""
+    from advkit.models import get_model
+    torch.manual_seed(0)
+    model = get_model("resnet20", 10, 3).eval()
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    curve = bound_vs_eps(model, x, y, [2 / 255, 8 / 255], steps=2)
+    assert list(curve["eps"]) == pytest.approx([2 / 255, 8 / 255])
+    assert np.isfinite(curve[["loss_change", "bound"]].to_numpy()).all()
+    assert (curve["bound_holds"].between(0, 1)).all()
+    path = kappa_along_path(model, x, y, eps=8 / 255, steps=2)
+    assert len(path) == 2 and np.isfinite(path.select_dtypes("number").to_numpy()).all()
+    scaled = rescaling_study(model, x, y, [1.0, 4.0], eps=8 / 255, steps=2)
+    assert scaled["accuracy"].nunique() == 1  # logit rescaling keeps every prediction
+    moved = transfer_across_eps(model, x, y, 2 / 255, 8 / 255, steps=2)
+    assert 0 <= moved["fooled_small"] <= 1
