@@ -29,7 +29,7 @@ from advkit._torch import check_number, eval_mode, model_device, to_float
 from advkit.directions import random_directions
 from advkit.flatness import avg_case_flatness, epsilon_sharpness, relative_flatness, worst_case_flatness
 from advkit.hessian import hessian_eigenvalues
-from advkit.landscape.engine import conv_bn_pairs
+from advkit.folding import conv_bn_pairs
 from advkit.landscape.sharpness import quadratic_fit
 from advkit.landscape.surfaces import line
 

@@ -10,10 +10,8 @@ where it changes the loss by less than `AUTOCAST_TOLERANCE` relative (`choose_pr
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import warnings
-from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -25,6 +23,7 @@ from torch.func import functional_call, vmap
 from advkit._torch import (Attack, WithParams, autocast, check_number, check_precision, chunks, eval_mode,
                            loss_and_accuracy, model_device, train_mode)
 from advkit.directions import Directions, perturbable_state
+from advkit.folding import conv_bn_pairs, folded_copy
 
 AUTOCAST_TOLERANCE = 1e-3  # largest relative change of the loss that bf16 autocast may cause
 
@@ -64,47 +63,6 @@ def choose_precision(model: nn.Module, x: torch.Tensor, y: torch.Tensor, precisi
     return ("bf16" if err < tolerance else "fp32"), err
 
 
-# --- BatchNorm folding ------------------------------------------------------------------------
-
-
-def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """(conv, bn) module names where a Conv2d's only consumer is a BatchNorm2d with running
-    statistics: in eval mode the BN is an affine map that folds into the conv's weights.
-
-    Found by tracing the model with torch.fx; an untraceable model simply gets no folding.
-    """
-    try:
-        graph = torch.fx.symbolic_trace(model).graph
-    except Exception:  # dynamic control flow etc.: fold nothing
-        return []
-    modules = dict(model.named_modules())
-    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
-    pairs = []
-    for node in graph.nodes:
-        bn = modules.get(node.target) if node.op == "call_module" else None
-        if not (isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats and node.args):
-            continue
-        src = node.args[0]
-        conv = modules.get(src.target) if isinstance(src, torch.fx.Node) and src.op == "call_module" else None
-        if (type(conv) is nn.Conv2d and len(src.users) == 1 and calls[node.target] == 1
-                and calls[src.target] == 1 and conv.out_channels == bn.num_features):
-            pairs.append((src.target, node.target))
-    return pairs
-
-
-def _folded_copy(model: nn.Module, pairs: list[tuple[str, str]]) -> nn.Module:
-    """A copy of the model whose folded BatchNorms are Identity and whose convs have a bias."""
-    folded = copy.deepcopy(model)
-    for conv_name, bn_name in pairs:
-        conv = folded.get_submodule(conv_name)
-        if conv.bias is None:
-            conv.bias = nn.Parameter(torch.zeros(conv.out_channels, device=conv.weight.device,
-                                                 dtype=conv.weight.dtype), requires_grad=False)
-        parent_name, _, attr = bn_name.rpartition(".")
-        setattr(folded.get_submodule(parent_name) if parent_name else folded, attr, nn.Identity())
-    return folded
-
-
 def _quiet(fn: Callable, *args: Any) -> Any:
     """Call under vmap without functorch's per-op "performance drop" warnings (e.g. for
     adaptive_avg_pool2d's as_strided_, a tiny op that the fallback loops over points)."""
@@ -139,7 +97,7 @@ class Engine:
                            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
         self.variance_keys = {f"{n}.running_var" for n, _ in self.bn_modules}
         self.pairs = conv_bn_pairs(model) if fold_bn else []
-        self.exec_module = _folded_copy(model, self.pairs).eval() if self.pairs else model
+        self.exec_module = folded_copy(model, self.pairs).eval() if self.pairs else model
         # When no folded BatchNorm entry is perturbed, folding is linear in the conv weights:
         # fold theta* and the directions once (W s + alpha d1 s + ...), nothing per point.
         # Otherwise (BN parameters included, interpolated statistics) fold at every point.
