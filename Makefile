@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e '.[dev]'
 	# torchattacks is only a cross-check; its metadata pins requests~=2.25 (breaks jupyterlab): no deps.
 	$(BIN)/pip install -q --no-deps torchattacks==3.5.1
+	# PyHessian: the Hessian speed/accuracy reference of benchmarks/ (pure Python; numpy and torch only).
+	$(BIN)/pip install -q --no-deps pyhessian==0.1
 	touch $(STAMP)
 
 ## run the notebook pipeline: runs/$(PROFILE)/ and figures/

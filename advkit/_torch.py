@@ -26,9 +26,11 @@ Attack = Callable[..., torch.Tensor]
 PerExampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """loss(logits, y) -> per-example loss (N,), to be averaged over a dataset."""
 
-PRECISIONS = ("auto", "bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "tf32", "fp32")
 """The one precision vocabulary: "auto" = bf16 autocast on CUDA and fp32 elsewhere (surfaces
-refine it by measuring the error, `advkit.landscape.choose_precision`), "bf16", "fp32"."""
+refine it by measuring the error at their own points, `advkit.landscape.choose_surface_precision`),
+"bf16" (autocast), "tf32" (fp32 tensors, TF32 convolutions and matmuls on CUDA; fp32 elsewhere,
+CPUs have no TF32) and "fp32" (strict: TF32 switched off on CUDA)."""
 
 
 # --- argument checks: one family, one order (name, value, ...) ---------------------------------
@@ -69,21 +71,40 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """"bf16" or "fp32": "auto" is bf16 on CUDA (fast, accurate enough for attacks and training)
-    and fp32 elsewhere (bf16 is slow on most CPUs)."""
+    """"bf16", "tf32" or "fp32": "auto" is bf16 on CUDA (fast, accurate enough for attacks and
+    training) and fp32 elsewhere (bf16 is slow on most CPUs); "tf32" is fp32 off CUDA."""
     check_precision(precision)
+    cuda = torch.device(device).type == "cuda"
     if precision == "auto":
-        return "bf16" if torch.device(device).type == "cuda" else "fp32"
-    return precision
+        return "bf16" if cuda else "fp32"
+    return "fp32" if precision == "tf32" and not cuda else precision
 
 
 def autocast(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
-    """The autocast context for `precision` on `device`: bf16 autocast, or for "fp32" autocast
-    switched off, so fp32 also holds inside a caller's bf16 region."""
+    """The autocast context for `precision` on `device`: bf16 autocast, or for "fp32"/"tf32"
+    autocast switched off (so they also hold inside a caller's bf16 region); on CUDA "fp32" also
+    switches TF32 off for the block (strict fp32, not cuDNN's TF32 default) and "tf32" on."""
     device = torch.device(device)
-    if resolve_precision(precision, device) == "fp32":
+    resolved = resolve_precision(precision, device)
+    if resolved == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if device.type != "cuda":
         return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    return _no_autocast_tf32(device, allow_tf32=resolved == "tf32")
+
+
+@contextlib.contextmanager
+def _no_autocast_tf32(device: torch.device, *, allow_tf32: bool) -> Iterator[None]:
+    """Autocast off and TF32 convolutions/matmuls allowed or not for the block, flags restored
+    (the legacy `allow_tf32` flags, which torch's inductor reads too)."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.allow_tf32 = matmul.allow_tf32 = allow_tf32
+    try:
+        with torch.autocast(device.type, enabled=False):
+            yield
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = saved
 
 
 class WithParams(nn.Module):

@@ -34,7 +34,8 @@ def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 25
          norm: str = "linf", loss: str = "ce", target: torch.Tensor | None = None, restarts: int = 1,
          rho: float = 0.75, momentum: float = 0.75, seed: int | None = 0,
          generator: torch.Generator | None = None, precision: str = "auto",
-         channels_last: bool | None = None, compile: bool = False) -> torch.Tensor:
+         channels_last: bool | None = None, compile: bool | str = False,
+         fold_bn: bool | None = None) -> torch.Tensor:
     """APGD (Croce & Hein 2020, Alg. 1). Step size starts at 2*eps (L-inf; 2*eps for L2 too) and is
     halved at checkpoint w_j for the examples where (1) fewer than rho*(w_j - w_{j-1}) steps since
     the last checkpoint increased the loss, or (2) the step size was not halved at the last
@@ -56,7 +57,7 @@ def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 25
     if target is not None and target.shape != y.shape:
         raise ValueError(f"target must have the shape of y {tuple(y.shape)}, got {tuple(target.shape)}")
     with eval_mode(model):
-        forward = forward_fn(model, compile)
+        forward = forward_fn(model, compile, fold_bn, probe=x[:2], precision=precision)
         x = prepare(x, channels_last)
         check_model_output(forward, x, y, precision)
         gen = make_generator(x.device, seed, generator)
@@ -133,7 +134,8 @@ def apgd_dlr(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 
 
 def apgd_t(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255, steps: int = 100, *,
            n_target_classes: int = 9, seed: int | None = 0, precision: str = "auto",
-           channels_last: bool | None = None, compile: bool = False, **kw) -> torch.Tensor:
+           channels_last: bool | None = None, compile: bool | str = False, fold_bn: bool | None = None,
+           **kw) -> torch.Tensor:
     """APGD-T: APGD with the targeted DLR loss (Eq. 7), once for each of the `n_target_classes`
     classes ranked 2nd, 3rd, ... by the clean logits; each example keeps the strongest result
     (misclassified first, then highest targeted-DLR loss of its run)."""
@@ -142,9 +144,9 @@ def apgd_t(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 
     check_int("steps", steps)
     check_int("n_target_classes", n_target_classes)
     check_precision(precision)
-    shared = dict(precision=precision, channels_last=channels_last, compile=compile)
+    shared = dict(precision=precision, channels_last=channels_last, compile=compile, fold_bn=fold_bn)
     with eval_mode(model):
-        forward = forward_fn(model, compile)
+        forward = forward_fn(model, compile, fold_bn, probe=x[:2], precision=precision)
         check_model_output(forward, prepare(x, channels_last), y, precision)
         logits = logits_at(forward, prepare(x, channels_last), precision)
         if not 1 <= n_target_classes <= logits.shape[1] - 1 or logits.shape[1] < 4:

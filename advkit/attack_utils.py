@@ -5,21 +5,21 @@ of the training objectives) is built from these, so they all treat the model the
 gradients taken with `torch.autograd.grad` w.r.t. the input only (nothing accumulates in
 `param.grad`), one precision vocabulary (`advkit._torch.PRECISIONS`), channels_last on CUDA, and
 no host-device synchronisation in step loops. The attacks run the model in eval mode
-(`advkit._torch.eval_mode`); argument checks are `advkit._torch`'s.
+(`advkit._torch.eval_mode`); argument checks are `advkit._torch`'s. The callable an attack
+differentiates (BatchNorm folded, compiled, its first output checked) is `advkit.attack_model`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import weakref
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from advkit._torch import Forward, autocast, check_choice, check_number
+from advkit.attack_model import CheckedForward, check_logits, forward_fn  # noqa: F401 (re-exported)
 
 NORMS = ("linf", "l2")
 AttackObjective = Callable[[torch.Tensor], torch.Tensor]
@@ -56,22 +56,11 @@ def check_images(x: torch.Tensor, y: torch.Tensor | None = None) -> None:
 
 
 def check_model_output(forward: Forward, x: torch.Tensor, y: torch.Tensor, precision: str | None = "auto") -> None:
-    """One forward pass on the first image, in attack mode: the model must give finite logits
-    (NaN weights would otherwise reach the attack's arithmetic, e.g. grid_sample, which crashes on
-    NaN coordinates) and y must be class indices in [0, K) for its K outputs. One host sync."""
-    if not len(x):
-        return
-    logits = logits_at(forward, x[:1], precision)
-    if logits.dim() != 2:
-        raise ValueError(f"the model must return logits of shape (N, K), got {tuple(logits.shape)}")
-    k = logits.shape[1]
-    bad_logits, bad_labels = (~torch.isfinite(logits)).any(), ((y < 0) | (y >= k)).any()
-    if bool(bad_logits | bad_labels):  # the sync; the messages below are the error path only
-        if bool(bad_logits):
-            raise ValueError("the model returned non-finite logits (NaN or inf) on x[:1]: "
-                             "check its weights (e.g. a diverged training run)")
-        wrong = y[(y < 0) | (y >= k)].unique()[:5].tolist()
-        raise ValueError(f"y must be class indices in [0, {k - 1}] for a model with {k} outputs, got {wrong}")
+    """`check_logits` on one forward pass of the first image, in attack mode, for attacks whose
+    first forward is not a plain logits call (stadv, APGD's set-up); pgd and fgsm check their own
+    first forward instead (`CheckedForward`). One host sync."""
+    if len(x):
+        check_logits(logits_at(forward, x[:1], precision), y)
 
 
 # --- the model during an attack ----------------------------------------------------------------
@@ -91,18 +80,6 @@ def prepare(x: torch.Tensor, channels_last: bool | None = None) -> torch.Tensor:
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x
-
-
-_compiled: "weakref.WeakKeyDictionary[nn.Module, Callable]" = weakref.WeakKeyDictionary()
-
-
-def forward_fn(model: nn.Module, compile: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The model, or its `torch.compile`d version (cached per model; shares its parameters)."""
-    if not compile:
-        return model
-    if model not in _compiled:
-        _compiled[model] = torch.compile(model)
-    return _compiled[model]
 
 
 # --- losses (per example, to be maximized by the attacker) -------------------------------------

@@ -59,12 +59,20 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     frozen. Same outputs as `model.eval()` up to float rounding, one kernel fewer per pair."""
     pairs = conv_bn_pairs(model)
     folded = folded_copy(model, pairs).eval().requires_grad_(False)
+    fold_into(folded, model, pairs)
+    return folded
+
+
+@torch.no_grad()
+def fold_into(folded: nn.Module, model: nn.Module, pairs: list[tuple[str, str]]) -> None:
+    """Set the folded convs of `folded` (a `folded_copy`) from `model`'s convs and BatchNorm
+    statistics, in place: W' = W s, b' = b s + t (also refreshes a copy after `model` changed)."""
     for conv_name, bn_name in pairs:
-        bn, conv = model.get_submodule(bn_name), folded.get_submodule(conv_name)
+        bn, src, conv = model.get_submodule(bn_name), model.get_submodule(conv_name), folded.get_submodule(conv_name)
         scale = torch.rsqrt(bn.running_var + bn.eps)
         shift = -bn.running_mean * scale
         if bn.affine:
             scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
-        conv.weight.mul_(scale.to(conv.weight.dtype)[:, None, None, None])
-        conv.bias.copy_((conv.bias * scale + shift).to(conv.bias.dtype))
-    return folded
+        conv.weight.copy_(src.weight * scale.to(conv.weight.dtype)[:, None, None, None])
+        bias = torch.zeros_like(conv.bias) if src.bias is None else src.bias
+        conv.bias.copy_((bias * scale + shift).to(conv.bias.dtype))

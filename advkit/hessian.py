@@ -16,7 +16,12 @@ Conventions (why):
   the flatness metrics (Stutz et al. 2021); `layers` restricts the Hessian to the
   diagonal block of some layers ("per layer").
 - Always float32, autocast off: HVPs are differences of small gradient changes and
-  Lanczos relies on orthogonality; bf16's 8-bit mantissa breaks both.
+  Lanczos relies on orthogonality; bf16's 8-bit mantissa breaks both. TF32 is NOT switched
+  off here (`torch.autocast(enabled=False)`, not `_torch.autocast(device, "fp32")`): on CUDA
+  convolutions follow `torch.backends.cudnn.allow_tf32` (PyTorch's default: on) as PyHessian
+  does under the same setting; turn it off for HVPs exact to fp32 rounding.
+- Independent probes (Hutchinson, Hutch++) go through H in blocks (`block_size`, "auto": 1 on
+  CPU, on CUDA as many as fit in memory, `advkit.hessian_blocks`), each block one batched product.
 - Robust loss: `attack(model, x, y) -> x_adv` is run once at the current weights and the
   Hessian of the loss at these fixed x_adv is taken (Danskin-style approximation).
 """
@@ -39,6 +44,7 @@ from torch.func import functional_call, grad, jvp, vmap
 
 from advkit._torch import (Attack, PerExampleLoss, WithParams, check_choice, check_int, check_number, chunks,
                            eval_mode, make_generator, model_device, to_float)
+from advkit.hessian_blocks import block_size_of
 
 
 def per_example_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -130,12 +136,14 @@ class HessianOperator:
       every product redoes the forward and backward pass.
     - backend="reverse": reverse-over-reverse on a cached graph. The gradient of the whole
       subset is taken once with create_graph=True and kept; each product is one backward
-      pass through it (as PyHessian for one batch), blocks of vectors in one call
-      (`is_grads_batched`). About 1.5-2.5x cheaper per product, but holds the double-backward
-      graph of the whole subset in memory.
+      pass through it (as PyHessian for one batch), blocks of vectors in one vmapped backward.
+      About 1.5-2.5x cheaper per product, but holds the double-backward graph of the whole
+      subset in memory.
 
-    `matmat` maps a block of vectors at once (vmap / batched grads): better GPU use, often
-    slower on CPUs.
+    `matmat` maps a block of vectors at once with `torch.func.vmap` (one vmap per chunk on the
+    forward backend, one over the cached graph's backward on the reverse one: every op batched,
+    no per-vector loop; autograd's `is_grads_batched` uses the legacy vmap, which loops over the
+    vectors in the convolution and BatchNorm backward ops): better GPU use, often slower on CPUs.
     """
 
     BACKENDS = ("forward", "reverse")
@@ -232,7 +240,7 @@ class HessianOperator:
         if self.backend == "reverse":
             leaf, g = self._cached_gradient()
             with self._context():
-                (out,) = torch.autograd.grad(g, leaf, grad_outputs=V, retain_graph=True, is_grads_batched=True)
+                out = vmap(lambda v: torch.autograd.grad(g, leaf, grad_outputs=v, retain_graph=True)[0])(V)
         else:
             with self._context():
                 out = torch.zeros_like(V)
@@ -288,6 +296,7 @@ class TraceResult:
     n_hvp: int
     converged: bool
     settings: dict[str, Any] = field(default_factory=dict)
+    block_size: int = 1                     # probes per product (speed only: not in as_row)
 
     def as_row(self, prefix: str = "hessian_trace") -> dict[str, Any]:
         row = {prefix: self.value, f"{prefix}_std_error": self.std_error, f"{prefix}_n_hvp": self.n_hvp,
@@ -403,10 +412,12 @@ def rademacher(shape: tuple[int, ...], generator: torch.Generator, device: torch
 def hutchinson(apply: Callable[[torch.Tensor], torch.Tensor], dim: int, n_samples: int,
                generator: torch.Generator, device: torch.device, block_size: int = 1
                ) -> tuple[float, float, np.ndarray]:
-    """Tr(H) ~ mean of z^T H z over Rademacher z (Hutchinson 1989): (estimate, std error, samples)."""
+    """Tr(H) ~ mean of z^T H z over Rademacher z (Hutchinson 1989): (estimate, std error, samples).
+
+    Probes are drawn one by one, so they do not depend on `block_size` (probes per `apply`)."""
     samples = []
     for start in range(0, n_samples, block_size):
-        Z = rademacher((min(block_size, n_samples - start), dim), generator, device)
+        Z = torch.stack([rademacher((dim,), generator, device) for _ in range(min(block_size, n_samples - start))])
         samples.append((Z * apply(Z)).sum(1))
     s = torch.cat(samples).double().cpu().numpy()
     se = float(s.std(ddof=1) / math.sqrt(len(s))) if len(s) > 1 else float("inf")
@@ -492,18 +503,23 @@ def hessian_eigenvalues(model: nn.Module | HessianOperator, x: torch.Tensor | No
 
 def hessian_trace(model: nn.Module | HessianOperator, x: torch.Tensor | None = None,
                   y: torch.Tensor | None = None, *, n_samples: int = 100, method: str = "hutchinson",
-                  rtol: float = 0.05, block_size: int = 1, seed: int = 0, **operator_kwargs) -> TraceResult:
+                  rtol: float = 0.05, block_size: int | str = "auto", seed: int = 0,
+                  **operator_kwargs) -> TraceResult:
     """Tr(H) of the loss over (x, y) with `n_samples` HVPs.
 
     method="hutchinson": mean of z^T H z over Rademacher z; "hutchpp": Hutch++ (lower
     variance when a few eigenvalues dominate). Converged when std error <= rtol |estimate|.
-    `block_size` > 1 applies H to that many probes at once with vmap (GPU).
+    `block_size` > 1 applies H to that many probes at once with vmap (GPU); "auto": 1 on CPU,
+    on CUDA what fits in memory (`hessian_blocks.auto_block_size`, one more HVP to measure it).
+    The probes and the estimate do not depend on it (up to float rounding).
     """
     check_choice("method", method, ("hutchinson", "hutchpp"))
     check_int("n_samples", n_samples, 3 if method == "hutchpp" else 1)
-    check_int("block_size", block_size)
+    if block_size != "auto":
+        check_int("block_size", block_size)
     op = _op(model, x, y, operator_kwargs)
     start_hvp = op.n_hvp
+    block_size = block_size_of(op, block_size, n_samples)
     gen = make_generator(op.device, seed)
     apply = lambda V: _block_apply(op, V, block_size)  # noqa: E731
     if method == "hutchinson":
@@ -511,7 +527,7 @@ def hessian_trace(model: nn.Module | HessianOperator, x: torch.Tensor | None = N
     else:
         value, se = hutchpp(apply, op.dim, n_samples, gen, op.device)
     settings = {"method": method, "n_samples": n_samples, "seed": seed, "n_data": op.n, "n_params": op.dim}
-    return TraceResult(value, se, op.n_hvp - start_hvp, bool(se <= rtol * abs(value)), settings)
+    return TraceResult(value, se, op.n_hvp - start_hvp, bool(se <= rtol * abs(value)), settings, block_size)
 
 
 def hessian_spectrum(model: nn.Module | HessianOperator, x: torch.Tensor | None = None,

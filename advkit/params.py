@@ -36,6 +36,7 @@ MODELS = ("small_cnn", "resnet20", "resnet32", "resnet44", "resnet56", "preact_r
 DATASETS = ("digits", "cifar10")
 OPTIMIZERS = ("sgd", "adam")                        # TrainConfig.optimizer
 SCHEDULES = ("constant", "multistep", "cosine", "onecycle")  # TrainConfig.schedule
+RECIPES = ("paper", "fast")                         # TrainConfig.recipe: as given, advkit.train.FAST_RECIPE
 NORMS = ("filter", "layer", "weight", "none")       # advkit.directions.NORMS
 XU_ATTACKS = ("fgsm", "pgd", "stadv")               # advkit.augment.XU_ATTACKS
 AUGMENT_MODES = ("static", "regenerate")            # advkit.augment.AUGMENT_MODES
@@ -161,6 +162,7 @@ PARAMS: dict[str, Param] = {
     "lr": number(0, lo_open=True),
     "weight_decay": number(0),
     "schedule": choice(SCHEDULES),
+    "recipe": choice(RECIPES),
     "pretrained_checkpoint": text(optional=True),
     # 02 attacks
     "n_eval": integer(1),

@@ -7,15 +7,22 @@ says which). Without --checkpoint the ResNet-32 has random weights, so its robus
 shows that both attacks agree (its BatchNorm statistics are estimated on the images, else it
 predicts one class everywhere); pass a trained checkpoint (advkit.runs.save_model) for real figures.
 
-Rows: torchattacks.PGD (fp32); advkit pgd fp32; advkit pgd with bf16 autocast (CUDA, or CPU with
---bf16), and with --compile a torch.compile'd model. Every method sees the same model (on CUDA
-converted to channels_last once, which helps both) and the same batches, taking turns batch by
-batch; on CUDA one warm-up batch per method is excluded. Throughput = images / (wall time of all batches, device synchronised).
+Rows (`VARIANTS`): torchattacks.PGD (fp32); advkit pgd fp32, fp32 + BatchNorm folded, bf16 autocast, bf16 + BatchNorm
+folded (`fold_bn=True`), bf16 + fold_bn + torch.compile(mode="reduce-overhead") (CUDA graphs),
+all with keep_best=False (torchattacks' semantics: the last iterate), and advkit's default
+(keep_best=True, precision auto, fold_bn on CUDA) for reference. bf16 rows run on CUDA, or on
+CPU with --bf16; the compiled row on CUDA, or on CPU with --compile. Every method sees the same
+model (on CUDA converted to channels_last once, which helps both) and the same batches, taking
+turns batch by batch; on CUDA one warm-up batch per method is excluded (compilation, CUDA graph
+capture, cuDNN autotuning). Throughput = images / (wall time of all batches, device
+synchronised). Robust accuracy is the plain fp32 model's on each method's x_adv; "vs
+torchattacks" is the difference in percentage points (goal: within 0.5).
 
     python benchmarks/attack_speed.py                       # GPU: 10,000 images, batch 512
     python benchmarks/attack_speed.py --n 64 --batch-size 32 --bf16   # CPU smoke run (< 2 min)
 
 Prints a markdown table and appends it to benchmarks/RESULTS.md (date, device, commit).
+`measure_pgd(...)` gives the rows as dicts (benchmarks/speed_table.py).
 """
 
 from __future__ import annotations
@@ -34,27 +41,68 @@ from advkit.attacks import pgd
 from advkit.models import get_model
 from advkit.runs import resolve_device
 
+TORCHATTACKS = "torchattacks.PGD fp32"
+VARIANTS: dict[str, dict] = {  # row name -> advkit pgd keyword arguments
+    "advkit pgd fp32, keep_best=False": dict(precision="fp32", fold_bn=False, keep_best=False),
+    "advkit pgd fp32 + fold_bn, keep_best=False": dict(precision="fp32", fold_bn=True, keep_best=False),
+    "advkit pgd bf16, keep_best=False": dict(precision="bf16", fold_bn=False, keep_best=False),
+    "advkit pgd bf16 + fold_bn, keep_best=False": dict(precision="bf16", fold_bn=True, keep_best=False),
+    "advkit pgd bf16 + fold_bn + compile reduce-overhead, keep_best=False":
+        dict(precision="bf16", fold_bn=True, compile="reduce-overhead", keep_best=False),
+    "advkit pgd default (auto precision, fold_bn on CUDA, keep_best=True)": dict(),
+}
 
-def methods(args, model, device):
-    eps, alpha, steps = args.eps, args.alpha, args.steps
-    out = {}
-    try:
-        import torchattacks
 
-        def torchattacks_pgd(x, y, seed):
-            torch.manual_seed(seed)
-            return torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=True)(x, y)
-        out["torchattacks.PGD fp32"] = torchattacks_pgd
-    except ImportError:
-        print("torchattacks is not installed: only advkit rows", file=sys.stderr)
-    out["advkit pgd fp32"] = lambda x, y, seed: pgd(model, x, y, eps, alpha, steps, seed=seed, precision="fp32")
-    if device.type == "cuda" or args.bf16:
-        out["advkit pgd bf16 autocast"] = lambda x, y, seed: pgd(model, x, y, eps, alpha, steps, seed=seed,
-                                                                 precision="bf16")
-    if args.compile:
-        out["advkit pgd bf16 + compile"] = lambda x, y, seed: pgd(model, x, y, eps, alpha, steps, seed=seed,
-                                                                  precision="auto", compile=True)
+def default_variants(device: torch.device, bf16: bool = False, compile: bool = False) -> list[str]:
+    """The rows run by default: torchattacks and every VARIANTS row; bf16 rows on CUDA (or with
+    `bf16`), the compiled one on CUDA (or with `compile`; on CPU its time includes compilation)."""
+    out = [TORCHATTACKS]
+    for name, kw in VARIANTS.items():
+        if kw.get("compile"):
+            if device.type == "cuda" or compile:
+                out.append(name)
+        elif kw.get("precision") != "bf16" or device.type == "cuda" or bf16:
+            out.append(name)
     return out
+
+
+def pgd_functions(model, eps: float, alpha: float, steps: int, variants: list[str]) -> dict:
+    """{row name: fn(x, y, seed) -> x_adv}; torchattacks is left out (with a note) when not installed."""
+    out = {}
+    for name in variants:
+        if name == TORCHATTACKS:
+            try:
+                import torchattacks
+            except ImportError:
+                print("torchattacks is not installed: only advkit rows", file=sys.stderr)
+                continue
+
+            def torchattacks_pgd(x, y, seed):
+                torch.manual_seed(seed)
+                return torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=True)(x, y)
+            out[name] = torchattacks_pgd
+        else:
+            kw = VARIANTS[name]
+            out[name] = lambda x, y, seed, kw=kw: pgd(model, x, y, eps, alpha, steps, seed=seed, **kw)
+    return out
+
+
+def measure_pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
+                batch_size: int = 512, steps: int = 10, eps: float = 8 / 255, alpha: float = 2 / 255,
+                variants: list[str] | None = None) -> list[dict]:
+    """One dict per row: method, images_per_s, speedup (vs torchattacks, None without it),
+    robust_accuracy, diff_points (robust accuracy minus torchattacks', in percentage points).
+    `model` on `device` in eval mode; variants: names of TORCHATTACKS / VARIANTS (default
+    `default_variants(device)`). Only whole batches are used (a ragged last batch would make the
+    compiled rows recompile for its shape inside the timed region)."""
+    n = len(y) // batch_size * batch_size or len(y)
+    x, y = x[:n], y[:n]
+    fns = pgd_functions(model, eps, alpha, steps, variants or default_variants(device))
+    results = measure(fns, model, x, y, batch_size, device)
+    base = results.get(TORCHATTACKS)
+    return [{"method": name, "images_per_s": ips, "robust_accuracy": acc,
+             "speedup": ips / base[0] if base else None,
+             "diff_points": 100 * (acc - base[1]) if base else None} for name, (ips, acc) in results.items()]
 
 
 def measure(fns: dict, model, x, y, batch_size, device) -> dict[str, tuple[float, float]]:
@@ -97,21 +145,21 @@ def run(args) -> tuple[str, str, str]:
     with torch.no_grad():
         clean = sum((model(x[i:i + 512].to(device)).argmax(1).cpu() == y[i:i + 512]).sum().item()
                     for i in range(0, len(y), 512)) / len(y)
-    results = measure(methods(args, model, device), model, x, y, args.batch_size, device)
-    rows = [(name, ips, acc) for name, (ips, acc) in results.items()]
-    base = next((ips for name, ips, _ in rows if name.startswith("torchattacks")), None)
+    rows = measure_pgd(model, x, y, device, args.batch_size, args.steps, args.eps, args.alpha,
+                       default_variants(device, args.bf16, args.compile))
     load = f", load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores" if device.type == "cpu" else ""
     weights = f"checkpoint {args.checkpoint}" if args.checkpoint else "random weights"
     title = f"attack_speed: PGD-{args.steps} eps {args.eps * 255:.0f}/255 step {args.alpha * 255:.0f}/255, ResNet-32"
     header = (f"device: {device_name(device)}{load}; torch {torch.__version__}; "
               f"data: {source}, n={len(y)}, batch {args.batch_size}; model: {weights}, clean accuracy {clean:.4f}")
     lines = [
-        "| method | images/s | speed-up vs torchattacks | robust accuracy |",
-        "|---|---:|---:|---:|",
+        "| method | images/s | speed-up vs torchattacks | robust accuracy | vs torchattacks (points) |",
+        "|---|---:|---:|---:|---:|",
     ]
-    for name, ips, acc in rows:
-        speedup = f"{ips / base:.2f}x" if base else "n/a"
-        lines.append(f"| {name} | {ips:.1f} | {speedup} | {acc:.4f} |")
+    for r in rows:
+        speedup = f"{r['speedup']:.2f}x" if r["speedup"] is not None else "n/a"
+        diff = f"{r['diff_points']:+.2f}" if r["diff_points"] is not None else "n/a"
+        lines.append(f"| {r['method']} | {r['images_per_s']:.1f} | {speedup} | {r['robust_accuracy']:.4f} | {diff} |")
     if device.type == "cpu" and os.getloadavg()[0] > (os.cpu_count() or 1):
         lines += ["", "Caution: the load average exceeds the core count, so other processes dominate these "
                   "timings; compare speeds only from an idle machine or a GPU run."]
@@ -130,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="folder with CIFAR-10 for advkit.data.get_dataset (default $ADVKIT_DATA_DIR)")
     ap.add_argument("--checkpoint", default=None, help="trained ResNet-32 saved by advkit.runs.save_model")
     ap.add_argument("--bf16", action="store_true", help="also time bf16 autocast on CPU (always on CUDA)")
-    ap.add_argument("--compile", action="store_true", help="also time a torch.compile'd model")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time the compiled row (reduce-overhead) on CPU (always on CUDA)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--results", default=str(RESULTS), help="markdown file to append to ('' : print only)")
     args = ap.parse_args(argv)

@@ -78,3 +78,42 @@ def append_results(title: str, header: str, table: str, path: Path = RESULTS) ->
     with open(path, "a") as f:
         f.write(entry)
     return entry
+
+
+def run_header(device: torch.device) -> str:
+    """`device: <name>; torch <version>`: how every speed entry starts (the commit comes with `results_entry`)."""
+    return f"device: {device_name(device)}; torch {torch.__version__}"
+
+
+def profile_kernels(fn: Callable[[], Any], device: torch.device, top: int = 10) -> tuple[str, float]:
+    """Run fn() under torch.profiler: (the `top` kernels (CUDA) or operators (CPU) by self time as a
+    markdown table, the fraction of the wall time the device was idle between them)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(device)
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        wall_us = (time.perf_counter() - start) * 1e6
+    events = [e for e in prof.events() if (e.device_type == DeviceType.CUDA if cuda
+                                           else e.device_type == DeviceType.CPU and e.cpu_parent is None)]
+    busy, end = 0.0, -1.0
+    for s, e in sorted((ev.time_range.start, ev.time_range.end) for ev in events):  # union of the intervals
+        busy += max(0.0, e - max(s, end))
+        end = max(end, e)
+    idle = max(0.0, 1.0 - busy / wall_us) if wall_us > 0 else float("nan")
+    totals: dict[str, list[float]] = {}
+    for ev in events:
+        t = totals.setdefault(ev.name, [0.0, 0])
+        t[0] += ev.time_range.end - ev.time_range.start
+        t[1] += 1
+    kind = "CUDA kernel" if cuda else "CPU operator (top level)"
+    lines = [f"| {kind} | calls | total ms | share of wall |", "|---|---:|---:|---:|"]
+    for name, (us, calls) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]:
+        lines.append(f"| {name[:80].replace('|', '/')} | {calls} | {us / 1e3:.2f} | {us / wall_us:.1%} |")
+    lines.append(f"\nwall {wall_us / 1e3:.1f} ms, {len(events)} {kind}s, device idle between them {idle:.1%}")
+    return "\n".join(lines), idle

@@ -6,6 +6,10 @@
 #
 #   benchmarks/gpu_check.sh               # refuses without a CUDA GPU
 #   benchmarks/gpu_check.sh --cpu-smoke   # (or ADVKIT_CPU_SMOKE=1) the same path with tiny sizes on the CPU
+#   benchmarks/gpu_check.sh --speed       # issue 12's speed table instead (benchmarks/speed_table.py, ~7 min on
+#                                         # an H200; ADVKIT_SPEED_ARGS="--profile --checkpoint F" adds options)
+#   benchmarks/gpu_check.sh --speed --cpu-smoke   # its smoke: tiny sizes on the CPU, random images
+#   (docs/gpu.md: the speed table's rows, their correctness bounds and what to send to a bare GPU machine)
 #
 # CIFAR-10: $ADVKIT_CIFAR10_DIR, else shared-data/cifar10-jpeg, else data/; else the tarball
 # $ADVKIT_CIFAR10_TGZ (default: shared-data/, shared/data/ or ../shared/data/cifar10-jpeg.tgz) is extracted to
@@ -21,16 +25,23 @@
 #       --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
 #       papermill ipykernel ipywidgets h5netcdf h5py nbformat xarray pyyaml scikit-image seaborn tqdm -d .whl
 # (match --python-version to the target's Python; leave torch/torchvision out: the target has them).
+# The speed table's references, installed with --no-deps (torchattacks pins requests~=2.25.1; PyHessian-0.1,
+# a pure-python wheel, asks for torch): without them their rows say "reference not installed":
+#   pip download --only-binary=:all: --no-deps torchattacks==3.5.1 pyhessian==0.1 -d .whl
+# The speed table alone needs numpy, pyyaml, xarray, pandas, scipy, tqdm (and torch; torchattacks imports scipy
+# and tqdm): `--speed` checks only these.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
 SMOKE=${ADVKIT_CPU_SMOKE:-0}
+SPEED=0
 for arg in "$@"; do
   case $arg in
     --cpu-smoke) SMOKE=1 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
-    *) echo "gpu_check: unknown argument '$arg' (allowed: --cpu-smoke, --help)" >&2; exit 2 ;;
+    --speed) SPEED=1 ;;
+    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
+    *) echo "gpu_check: unknown argument '$arg' (allowed: --cpu-smoke, --speed, --help)" >&2; exit 2 ;;
   esac
 done
 
@@ -42,12 +53,17 @@ fi
 if compgen -G ".whl/*.whl" > /dev/null; then
   SITE=${ADVKIT_SITE:-/tmp/site}
   echo "gpu_check: installing $(ls .whl/*.whl | wc -l) wheels from .whl/ into $SITE"
-  "$PY" -m pip install --quiet --no-index --find-links .whl --target "$SITE" .whl/*.whl
+  NODEPS=$(ls .whl/*.whl | grep -iE '/(torchattacks|pyhessian)-' || true)
+  DEPS=$(ls .whl/*.whl | grep -viE '/(torchattacks|pyhessian)-' || true)
+  if [ -n "$DEPS" ]; then "$PY" -m pip install --quiet --no-index --find-links .whl --target "$SITE" $DEPS; fi
+  if [ -n "$NODEPS" ]; then "$PY" -m pip install --quiet --no-index --no-deps --target "$SITE" $NODEPS; fi
   export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 else
   export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 fi
-if ! "$PY" -c "import papermill, ipykernel, ipywidgets, nbformat, yaml, xarray, h5netcdf, skimage, seaborn, scipy, pandas, torchvision" 2>/dev/null; then
+NEEDED="papermill, ipykernel, ipywidgets, nbformat, yaml, xarray, h5netcdf, skimage, seaborn, scipy, pandas, torchvision"
+if [ "$SPEED" = 1 ]; then NEEDED="numpy, yaml, xarray, pandas, scipy, tqdm"; fi
+if ! "$PY" -c "import $NEEDED" 2>/dev/null; then
   echo "gpu_check: $PY lacks advkit's dependencies; install them (pip install -e .) or prepare .whl/ (see the top of $0)" >&2
   exit 4
 fi
@@ -57,6 +73,19 @@ if [ "$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))')" != 1 ];
     echo "gpu_check: no CUDA GPU here; this check is meant for one. Rehearse on the CPU with --cpu-smoke (or ADVKIT_CPU_SMOKE=1)." >&2
     exit 3
   fi
+fi
+
+speed_table() {  # issue 12's table: benchmarks/speed_table.py with the given options and ADVKIT_SPEED_ARGS
+  for lib in torchattacks pyhessian; do
+    "$PY" -c "import $lib" 2>/dev/null || echo "gpu_check: $lib is not installed: its rows will say 'reference not installed' (see the top of $0)" >&2
+  done
+  local extra=()
+  if [ -n "${ADVKIT_SPEED_ARGS:-}" ]; then read -r -a extra <<< "$ADVKIT_SPEED_ARGS"; fi
+  "$PY" benchmarks/speed_table.py "$@" --results "${ADVKIT_RESULTS_FILE:-benchmarks/RESULTS.md}" "${extra[@]}"
+}
+if [ "$SPEED" = 1 ] && [ "$SMOKE" = 1 ]; then
+  speed_table --smoke --device cpu
+  exit 0
 fi
 
 DATA=${ADVKIT_CIFAR10_DIR:-}
@@ -76,6 +105,11 @@ if [ -z "$DATA" ]; then
   fi
   mkdir -p /tmp/advkit-cifar10 && tar xzf "$TGZ" -C /tmp/advkit-cifar10
   DATA=$(dirname "$(find /tmp/advkit-cifar10 -maxdepth 3 -type d -name train | head -1)")
+fi
+
+if [ "$SPEED" = 1 ]; then
+  speed_table --data-dir "$DATA"
+  exit 0
 fi
 
 OUT=${ADVKIT_GPU_CHECK_OUT:-$(mktemp -d "${TMPDIR:-/tmp}/advkit-gpu-check.XXXXXX")}  # set it to resume a run

@@ -50,7 +50,8 @@ def tiny_inputs():
 
 def surfaces(folder: Path, callback=None, only_grid: bool = False) -> None:
     """A 5 x 5 clean grid (5 rows: an uneven last round on 2 ranks), a 3 x 3 robust grid (PGD
-    re-run at every point) and a 13-point line computed 2 points per forward (vmap)."""
+    re-run at every point, 2 points per attack call) and a 13-point line computed 2 points per
+    forward (vmap)."""
     model, x, y = tiny_inputs()
     d2, d1 = random_directions(model, 2, seed=0), random_directions(model, 1, seed=0)
     folder.mkdir(parents=True, exist_ok=True)
@@ -58,7 +59,8 @@ def surfaces(folder: Path, callback=None, only_grid: bool = False) -> None:
     if only_grid:
         return
     attack = functools.partial(pgd, eps=0.03, steps=2, seed=0)
-    robust = SurfaceSettings(resolution=3, quantities=("robust_loss", "robust_accuracy"))
+    robust = SurfaceSettings(resolution=3, quantities=("robust_loss", "robust_accuracy"),
+                             points_per_forward=2)  # rows of 3: one batched attack on 2 points, one alone
     compute_surface(model, d2, x[:4], y[:4], robust, attack=attack, path=folder / "robust_grid.nc")
     compute_surface(model, d1, x, y, SurfaceSettings(resolution=13, points_per_forward=2), path=folder / "line.nc")
 

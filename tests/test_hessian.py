@@ -201,3 +201,98 @@ def test_bad_input(tiny):
         HessianOperator(model, x, y, batch_size=0)
     with pytest.raises(ValueError, match="backend"):
         HessianOperator(model, x, y, backend="exact")
+
+
+# --- batched probes (issue 12: block_size="auto", one batched product per block) ---------------
+
+
+@pytest.fixture(scope="module")
+def cifar_resnet():
+    """CIFAR-shaped ResNet-20 with BatchNorm (stored statistics made non-trivial) on 8 random images."""
+    from advkit.models import get_model
+    torch.manual_seed(0)
+    model = get_model("resnet20", 10, 3)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    g = torch.Generator().manual_seed(1)
+    return model, torch.rand(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)
+
+
+@pytest.mark.parametrize("backend", ["reverse", "forward"])
+def test_trace_blocks_keep_probes_and_std_error(cifar_resnet, backend):
+    from advkit.hessian import hutchinson
+    model, x, y = cifar_resnet
+    op = HessianOperator(model, x, y, include_bn=True, batch_size=4, backend=backend)
+    one = hessian_trace(op, n_samples=8, block_size=1, seed=5)
+    blocked = hessian_trace(op, n_samples=8, block_size=8, seed=5)
+    assert blocked.value == pytest.approx(one.value, rel=1e-5)
+    assert blocked.std_error == pytest.approx(one.std_error, rel=1e-4)
+    assert (one.block_size, blocked.block_size, one.n_hvp, blocked.n_hvp) == (1, 8, 8, 8)
+    if backend == "reverse":
+        # the same probes whatever the block (3 + 3 + 2 here); the std error is that of the samples
+        apply = lambda V: torch.stack([op.matvec(v) for v in V])  # noqa: E731
+        value, se, s = hutchinson(apply, op.dim, 8, torch.Generator().manual_seed(5), op.device, block_size=1)
+        _, _, s3 = hutchinson(op.matmat, op.dim, 8, torch.Generator().manual_seed(5), op.device, block_size=3)
+        np.testing.assert_allclose(s3, s, rtol=1e-4, atol=1e-6 * np.abs(s).max())
+        assert se == pytest.approx(s.std(ddof=1) / np.sqrt(8), rel=1e-12)
+        assert (value, se) == (one.value, one.std_error)
+        # CPU default ("auto" -> 1): bit-identical to the one-probe loop; Hutch++ blocks agree too
+        auto = hessian_trace(op, n_samples=8, seed=5)
+        assert (auto.value, auto.std_error, auto.block_size) == (one.value, one.std_error, 1)
+        pp = [hessian_trace(op, n_samples=9, method="hutchpp", block_size=b, seed=2).value for b in (1, 4)]
+        assert pp[1] == pytest.approx(pp[0], rel=1e-4)
+
+
+def test_batched_product_has_no_per_probe_loop(cifar_resnet):
+    from advkit.hessian_blocks import vmap_fallback
+    model, x, y = cifar_resnet
+    for backend in ("reverse", "forward"):
+        op = HessianOperator(model, x, y, include_bn=True, batch_size=8, backend=backend)
+        assert vmap_fallback(op) is None, backend
+
+
+def test_resolve_block_size():
+    from advkit.hessian_blocks import resolve_block_size
+    gib = 2 ** 30
+    assert resolve_block_size(100 * gib, gib, 100) == 32                    # capped
+    assert resolve_block_size(100 * gib, gib, 100, cap=64) == 50            # half the free memory
+    assert resolve_block_size(100 * gib, gib, 10) == 10                     # no more than the probes
+    assert resolve_block_size(10 * gib, 3 * gib, 100) == 1                  # 5 GiB hold one 3 GiB probe
+    assert resolve_block_size(gib, 4 * gib, 100) == 1                       # never below one
+    assert resolve_block_size(40 * gib, 2 * gib, 100, safety=0.2) == 4
+    for bad in ({"safety": 0.0}, {"safety": 1.5}, {"cap": 0}):
+        with pytest.raises(ValueError):
+            resolve_block_size(gib, gib, 10, **bad)
+    with pytest.raises(ValueError, match="block_size"):
+        hessian_trace(nn.Linear(2, 1), torch.rand(4, 2), torch.zeros(4, dtype=torch.long), block_size="big")
+
+
+def test_auto_block_size_measures_one_product(monkeypatch):
+    """The CUDA path of "auto" with the device's memory counters replaced by a fake (CPU only)."""
+    import advkit.hessian_blocks as hb
+    gib = 2 ** 30
+    mem = {"allocated": 10 * gib, "peak": 30 * gib}
+
+    class FakeOp:
+        device, backend, dim, n_hvp = torch.device("cuda"), "forward", 3, 0
+
+        def matmat(self, V):
+            mem["peak"] = mem["allocated"] + 2 * gib * len(V)      # one probe: 2 GiB at the peak
+            self.n_hvp += len(V)
+            return V
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: mem["allocated"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: mem.update(peak=mem["allocated"]))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: mem["peak"])
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 12 * gib)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (38 * gib, 80 * gib))
+    monkeypatch.setattr(torch, "ones", lambda *shape, device=None: torch.zeros(*shape))
+    op = FakeOp()
+    assert hb.bytes_per_probe(op) == 2 * gib and op.n_hvp == 1
+    assert hb.auto_block_size(op, 100) == 10                 # half of 38 + 2 GiB free, 2 GiB a probe
+    assert hb.auto_block_size(op, 6) == 6
+    assert hb.auto_block_size(op, 1) == 1 and op.n_hvp == 3  # one probe: nothing measured

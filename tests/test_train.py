@@ -187,3 +187,142 @@ def test_resume_with_another_batcher_names_the_setting(digits, tmp_path):
 def test_precision_and_seed_are_checked(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         _config(**bad)
+
+
+# --- speed: the fast recipe, fused optimizers, torch.compile (issue 12) -------------------------------
+
+def test_fast_config_is_the_documented_recipe():
+    from advkit.train import FAST_RECIPE, apply_recipe, fast_config
+
+    config = fast_config()
+    assert FAST_RECIPE["batch_size"] == 512 and config.lr == pytest.approx(0.1 * 512 / 128)  # linear scaling
+    assert (config.epochs, config.schedule, config.optimizer, config.nesterov) == (40, "onecycle", "sgd", True)
+    assert (config.weight_decay, config.label_smoothing, config.recipe, config.compile) == (5e-4, 0.1, "fast", False)
+    assert fast_config(epochs=60, seed=2, compile=True) == TrainConfig(
+        **{**{k: v for k, v in FAST_RECIPE.items() if k != "batch_size"}, "epochs": 60, "seed": 2, "compile": True})
+    given = TrainConfig(epochs=7, lr=0.01, seed=5)
+    assert apply_recipe("paper", given, 64) == (given, 64)  # the parameters as given, untouched
+    assert apply_recipe("fast", given, 64) == (fast_config(seed=5), 512)
+    with pytest.raises(ValueError, match=r"recipe='bogus' is not available; choose one of \['paper', 'fast'\]"):
+        apply_recipe("bogus", given, 64)
+
+
+def test_recipe_parameter_is_validated_and_paper_by_default():
+    from advkit import params, pipeline
+
+    declared = params.notebook_parameters(pipeline.notebook_paths())
+    assert declared["01_train"]["recipe"]["default"] == "paper"
+    assert pipeline.load_profile("paper")["recipe"] == pipeline.load_profile("quick")["recipe"] == "paper"
+    with pytest.raises(ValueError, match=r"recipe='bogus'.*\['paper', 'fast'\]"):
+        params.validate({"recipe": "bogus"}, declared)
+    with pytest.raises(ValueError, match="recipe"):
+        TrainConfig(recipe="bogus")
+
+
+def test_fast_recipe_trains_through_fit_and_the_checkpoint_records_it(tmp_path):
+    """notebook 01's recipe="fast" on CIFAR-shaped images and a BatchNorm ResNet: one epoch, then the
+    training state names the recipe and its batch size; resuming under the paper recipe names it."""
+    from advkit.runs import Run, load_checkpoint
+    from advkit.train import apply_recipe
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (64, 3, 32, 32), generator=g, dtype=torch.uint8)
+    y = torch.randint(0, 10, (64,), generator=g)
+    config, batch_size = apply_recipe("fast", TrainConfig(seed=1), 128)
+    torch.manual_seed(0)
+    result = fit(get_model("resnet20", 10, 3), Batcher(x, y, batch_size, augment=True, seed=1), config,
+                 run=tmp_path, name="base", stop_after=1, progress=False)
+    assert len(result.history) == 1 and torch.isfinite(torch.tensor(result.history["train_loss"])).all()
+    state = load_checkpoint(Run.of(tmp_path).training_state("base"))
+    recorded = (state["config"]["recipe"], state["config"]["label_smoothing"], state["data"]["batch_size"])
+    assert recorded == ("fast", 0.1, 512)
+    with pytest.raises(ValueError, match="trained with recipe='fast', but this call asks for recipe='paper'"):
+        fit(get_model("resnet20", 10, 3), Batcher(x, y, batch_size, augment=True, seed=1),
+            TrainConfig(**{**vars(config), "recipe": "paper"}), run=tmp_path, name="base", progress=False)
+
+
+def test_checkpoint_from_before_recipe_and_compile_resumes_with_their_defaults(digits, tmp_path):
+    from advkit.runs import Run, atomic_path, load_checkpoint
+
+    fit(get_model("small_cnn", 10, 1), _batcher(*_small(digits)), _config(epochs=2), run=tmp_path, name="m",
+        stop_after=1, progress=False)
+    path = Run.of(tmp_path).training_state("m")
+    state = load_checkpoint(path)
+    for added in ("recipe", "compile"):  # as an older advkit wrote it
+        del state["config"][added]
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    with pytest.raises(ValueError, match="trained with compile=False, but this call asks for compile=True"):
+        fit(get_model("small_cnn", 10, 1), _batcher(*_small(digits)), _config(epochs=2, compile=True), run=tmp_path,
+            name="m", progress=False)
+    resumed = fit(get_model("small_cnn", 10, 1), _batcher(*_small(digits)), _config(epochs=2), run=tmp_path,
+                  name="m", progress=False)
+    assert resumed.resumed_from == 1 and len(resumed.history) == 2
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_fused_optimizer_only_on_cuda_and_kept_across_devices(optimizer):
+    """The fused kernels are asked for on CUDA only (a device string stands in for the GPU); a state
+    saved by one implementation loads into the other and keeps the loading optimizer's."""
+    from advkit.train import _load_optimizer, _make_optimizer
+
+    model = get_model("small_cnn", 10, 1)
+    config = _config(optimizer=optimizer, lr=1e-3)
+    cpu, _ = _make_optimizer(model, config, 4, torch.device("cpu"))
+    cuda, _ = _make_optimizer(model, config, 4, "cuda")
+    assert not cpu.param_groups[0]["fused"] and cuda.param_groups[0]["fused"] is True
+    model(torch.rand(2, 1, 8, 8)).sum().backward()
+    cpu.step()
+    _load_optimizer(cuda, cpu.state_dict())
+    assert cuda.param_groups[0]["fused"] is True
+    _load_optimizer(cpu, cuda.state_dict())
+    assert not cpu.param_groups[0]["fused"]
+    for p in model.parameters():
+        assert torch.equal(cpu.state[p][next(iter(cpu.state[p]))], cuda.state[p][next(iter(cuda.state[p]))])
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_fused_update_is_the_default_update(optimizer):
+    """The options given to the fused kernels (Nesterov, momentum, weight decay) mean what they mean
+    for torch's default: three steps of torch's CPU fused implementation match it."""
+    from advkit.train import _make_optimizer
+
+    config = _config(optimizer=optimizer, lr=0.05 if optimizer == "sgd" else 1e-3, weight_decay=5e-4)
+    torch.manual_seed(0)
+    x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    models = {}
+    for device in ("cpu", "cuda"):  # "cuda": the fused flag, run here by torch's CPU fused kernel
+        torch.manual_seed(0)
+        model = models[device] = get_model("small_cnn", 10, 1)
+        opt, _ = _make_optimizer(model, config, 3, device)
+        for _ in range(3):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    torch.manual_seed(0)
+    init = next(iter(get_model("small_cnn", 10, 1).parameters()))
+    assert not torch.equal(next(iter(models["cpu"].parameters())), init)  # it trained
+    for (k, a), b in zip(models["cpu"].state_dict().items(), models["cuda"].state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_compiled_training_step_matches_eager():
+    """TrainConfig(compile=True): one epoch of a BatchNorm conv net on CIFAR-shaped images ends with the
+    eager run's weights and running statistics, within float tolerance."""
+    from torch import nn
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (32, 3, 32, 32), generator=g, dtype=torch.uint8)
+    y = torch.randint(0, 10, (32,), generator=g)
+    runs = {c: fit(net(), Batcher(x, y, 16, augment=True, seed=0), _config(epochs=1, compile=c), progress=False)
+            for c in (False, True)}
+    eager, compiled = (runs[c].model.state_dict() for c in (False, True))
+    assert not torch.equal(eager["0.weight"], net().state_dict()["0.weight"])  # it trained
+    for k, v in eager.items():
+        torch.testing.assert_close(compiled[k], v, rtol=1e-4, atol=1e-5, msg=k)
+    assert runs[True].history["train_loss"][0] == pytest.approx(runs[False].history["train_loss"][0], rel=1e-5)

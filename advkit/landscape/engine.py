@@ -3,8 +3,8 @@
 Every point runs through `torch.func.functional_call` on device-resident data (no weights
 copied into the module, no DataLoader); all weights live in one flat buffer, so a point's
 weights are one fused multiply-add, passed as views; several points per forward with `vmap`
-when asked; eval-mode BatchNorm folded into the preceding convolution; bf16 autocast only
-where it changes the loss by less than `AUTOCAST_TOLERANCE` relative (`choose_precision`).
+when asked; eval-mode BatchNorm folded into the preceding convolution; the per-point forward
+`torch.compile`d when asked. The precision is chosen per surface by `advkit.landscape.precision`.
 """
 
 from __future__ import annotations
@@ -20,47 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
-from advkit._torch import (Attack, WithParams, autocast, check_number, check_precision, chunks, eval_mode,
-                           loss_and_accuracy, model_device, train_mode)
+from advkit._torch import Attack, WithParams, autocast, chunks, eval_mode, model_device, train_mode
 from advkit.directions import Directions, perturbable_state
 from advkit.folding import conv_bn_pairs, folded_copy
-
-AUTOCAST_TOLERANCE = 1e-3  # largest relative change of the loss that bf16 autocast may cause
-
-
-# --- precision ----------------------------------------------------------------------------------
-
-
-def autocast_error(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, precision: str = "bf16",
-                   batch_size: int = 1024) -> float:
-    """Relative change |L_bf16 - L_fp32| / L_fp32 of the mean cross-entropy under autocast.
-
-    Runs on the model's device (CPU autocast included), at the model's own weights, in eval mode.
-    """
-    fp32 = loss_and_accuracy(model, x, y, batch_size=batch_size, precision="fp32").loss
-    amp = loss_and_accuracy(model, x, y, batch_size=batch_size, precision=precision).loss
-    return abs(amp - fp32) / max(abs(fp32), 1e-12)
-
-
-def choose_precision(model: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str = "auto", *,
-                     tolerance: float = AUTOCAST_TOLERANCE, check_on_cpu: bool = False,
-                     n_check: int = 2048) -> tuple[str, float | None]:
-    """Resolve `precision` to "fp32" or "bf16"; also return the measured autocast error.
-
-    "auto" uses bf16 autocast only on CUDA (CPU bf16 is rarely faster; `check_on_cpu`
-    applies the same rule there) and only if it changes the loss on the first `n_check`
-    examples by less than `tolerance` relative.
-    """
-    check_precision(precision)
-    check_number("tolerance", tolerance, low_open=True)
-    if precision == "fp32":
-        return "fp32", None
-    if precision == "auto" and model_device(model).type != "cuda" and not check_on_cpu:
-        return "fp32", None
-    err = autocast_error(model, x[:n_check], y[:n_check])
-    if precision == "bf16":
-        return "bf16", err
-    return ("bf16" if err < tolerance else "fp32"), err
+from advkit.landscape.robust import ATTACK_EXAMPLES_PER_CALL, PointsModule, attack_points, takes_copies
 
 
 def _quiet(fn: Callable, *args: Any) -> Any:
@@ -82,7 +45,8 @@ class Engine:
 
     def __init__(self, model: nn.Module, directions: Directions, *, batch_size: int,
                  points_per_forward: int, precision: str, channels_last: bool,
-                 fold_bn: bool, bn_mode: str, bn_x: torch.Tensor | None, bn_batch_size: int):
+                 fold_bn: bool, bn_mode: str, bn_x: torch.Tensor | None, bn_batch_size: int,
+                 compile: bool = False):
         self.model = model
         self.device = model_device(model)
         self.batch_size, self.precision = batch_size, precision
@@ -107,6 +71,12 @@ class Engine:
             self.center = center = self._fold_statically(center, vectors)
         self._flatten(center, vectors, keys)
         self._drop_prefixes = tuple(f"{bn}." for _, bn in self.pairs)
+        self.compile = compile
+        self._many = vmap(self.forward, in_dims=(0, None))  # P points: stacked weights, shared images
+        # compile=True: the 1-point forward and the vmapped P-point forward, each its own graph
+        # (dynamic=False: one graph per batch shape and precision, recompiled on a new one)
+        self._compiled = ((torch.compile(self.forward, dynamic=False), torch.compile(self._many, dynamic=False))
+                          if compile else None)
 
     def _fold_statically(self, center: dict[str, torch.Tensor], vectors: list[dict[str, torch.Tensor]]
                          ) -> dict[str, torch.Tensor]:
@@ -223,9 +193,13 @@ class Engine:
                 functional_call(self.model, full, (self.bn_x[s],))
         return full
 
-    def fixed(self, coeffs: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed loss and number correct at P points on fixed inputs (device tensors, no sync)."""
+    def fixed(self, coeffs: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *, precision: str | None = None,
+              compiled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed loss and number correct at P points on fixed inputs (device tensors, no sync);
+        `precision` overrides the engine's, `compiled=False` skips the compiled forward."""
         p = coeffs.shape[0]
+        precision = precision or self.precision
+        one, many = self._compiled if compiled and self._compiled else (self.forward, self._many)
         loss = torch.zeros(p, dtype=torch.float64, device=self.device)
         correct = torch.zeros(p, dtype=torch.int64, device=self.device)
         stacked = self.perturbed(coeffs)
@@ -233,12 +207,11 @@ class Engine:
             if self.bn_mode == "recalibrate" or p == 1:
                 state = {k: v[0] for k, v in stacked.items()}
                 state = self.recalibrate(state) if self.bn_mode == "recalibrate" else state
-                run = lambda xb: self.forward(state, xb)[None]  # noqa: E731
+                run = lambda xb: one(state, xb)[None]  # noqa: E731
             else:
-                batched = vmap(self.forward, in_dims=(0, None))
-                run = lambda xb: _quiet(batched, stacked, xb)  # noqa: E731
+                run = lambda xb: _quiet(many, stacked, xb)  # noqa: E731
             for xb, yb in self.batches(x, y):
-                with autocast(self.device, self.precision):
+                with autocast(self.device, precision):
                     logits = run(xb)
                 logits = logits.float()
                 ce = F.cross_entropy(logits.flatten(0, 1), yb.repeat(p), reduction="none")
@@ -248,12 +221,31 @@ class Engine:
 
     def attacked(self, coeffs: torch.Tensor, x: torch.Tensor, y: torch.Tensor, attack: Attack,
                  attack_batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed robust loss and number correct, the attack re-run at each point (Stutz et al.)."""
+        """Summed robust loss and number correct, the attack re-run at each point (Stutz et al.);
+        the P points in one attack call on P copies of each batch when the attack takes `copies`
+        (`advkit.landscape.robust`; BatchNorm recalibration keeps one point at a time)."""
         p = coeffs.shape[0]
         loss = torch.zeros(p, dtype=torch.float64, device=self.device)
         correct = torch.zeros(p, dtype=torch.int64, device=self.device)
         with torch.no_grad():
             stacked = self.perturbed(coeffs)
+        if p > 1 and self.bn_mode != "recalibrate" and takes_copies(attack):
+            # At most ATTACK_EXAMPLES_PER_CALL examples with input gradients per call: the points
+            # go in sub-groups (each copy's result is its point's own, so grouping changes nothing).
+            q = max(1, ATTACK_EXAMPLES_PER_CALL // min(attack_batch_size, max(len(y), 1)))
+            for g in range(0, p, q):
+                part = slice(g, min(g + q, p))
+                n = part.stop - part.start
+                module = PointsModule(self.exec_module, {k: v[part] for k, v in stacked.items()}, n, self.forward)
+                with eval_mode(module):
+                    for xb, yb in self.batches(x, y, attack_batch_size):
+                        x_adv = attack_points(attack, module, xb, yb).flatten(0, 1)
+                        with torch.no_grad(), autocast(self.device, self.precision):
+                            logits = module(x_adv).float().unflatten(0, (n, -1))
+                        ce = F.cross_entropy(logits.flatten(0, 1), yb.repeat(n), reduction="none")
+                        loss[part] += ce.view(n, -1).sum(1, dtype=torch.float64)
+                        correct[part] += (logits.argmax(-1) == yb).sum(1)
+            return loss, correct
         for j in range(p):
             with torch.no_grad():
                 state = {k: v[j] for k, v in stacked.items()}

@@ -3,7 +3,7 @@
 A `SurfaceSettings` is at once the call's options, the surface file's cache key
 (`cache_key`: every setting that changes the values) and the file's netCDF attributes
 (`as_attrs` / `from_attrs`), so the three cannot drift apart. Options that change only the
-speed (batch sizes, points per forward, memory layout, BatchNorm folding) are recorded in the
+speed (batch sizes, points per forward, memory layout, BatchNorm folding, compilation) are recorded in the
 file but are not part of the key: a file resumes under other speed options.
 """
 
@@ -57,6 +57,22 @@ def _span(name: str, span: Any) -> Span:
 
 KNOB = {"key": False}  # field metadata: recorded in the file, not part of its cache key
 
+IMAGE_FORWARDS_PER_LAUNCH = 16_384  # what one forward should carry on CUDA (points x images)
+MAX_POINTS_PER_FORWARD = 16
+
+
+def auto_points_per_forward(device: torch.device | str, n_images: int, batch_size: int, bn_mode: str = "eval") -> int:
+    """Points per forward for points_per_forward=None: 1 off CUDA and for bn_mode="recalibrate";
+    on CUDA enough that points x images per batch reach about IMAGE_FORWARDS_PER_LAUNCH
+    (1,000 images: 16 points; 10,000: 1), at most MAX_POINTS_PER_FORWARD."""
+    check_int("n_images", n_images)
+    check_int("batch_size", batch_size)
+    if torch.device(device).type != "cuda" or bn_mode == "recalibrate":
+        return 1
+    per_batch = min(n_images, batch_size)
+    return max(1, min(MAX_POINTS_PER_FORWARD, IMAGE_FORWARDS_PER_LAUNCH // per_batch))
+
+
 
 @dataclass(frozen=True)
 class SurfaceSettings:
@@ -71,10 +87,12 @@ class SurfaceSettings:
       from its inputs and `attack_name` (attribute `attack`) defaults to a description of the attack.
     - `bn_mode`: "eval" keeps the stored BatchNorm statistics (Li et al.), "recalibrate" recomputes
       them at every point on training images, in batches of `bn_batch_size`.
-    - `precision`: "auto", "bf16" or "fp32"; the file records what "auto" resolved to.
+    - `precision`: "auto", "bf16", "tf32" or "fp32"; the file records what "auto" resolved to
+      (`advkit.landscape.precision.choose_surface_precision`: checked at the surface's own points).
     - speed only (not in the cache key): `batch_size` (None: 10,000 on CUDA, 1024 elsewhere),
-      `attack_batch_size` (None: `batch_size`), `points_per_forward` (vmap), `channels_last`
-      (None: on CUDA), `fold_bn` (fold eval-mode BatchNorm into the convolutions).
+      `attack_batch_size` (None: `batch_size`), `points_per_forward` (vmap; None:
+      `auto_points_per_forward`, 1 off CUDA), `channels_last` (None: on CUDA), `fold_bn` (fold
+      eval-mode BatchNorm into the convolutions), `compile` (`torch.compile` the per-point forward).
     """
 
     span: Span | float = (-1.0, 1.0)
@@ -92,9 +110,10 @@ class SurfaceSettings:
     precision: str = "auto"
     batch_size: int | None = field(default=None, metadata=KNOB)
     attack_batch_size: int | None = field(default=None, metadata=KNOB)
-    points_per_forward: int = field(default=1, metadata=KNOB)
+    points_per_forward: int | None = field(default=None, metadata=KNOB)
     channels_last: bool | None = field(default=None, metadata={**KNOB, "decode": bool})
     fold_bn: bool = field(default=True, metadata={**KNOB, "decode": bool})
+    compile: bool = field(default=False, metadata={**KNOB, "decode": bool})
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
@@ -119,11 +138,10 @@ class SurfaceSettings:
         check_choice("bn_mode", self.bn_mode, BN_MODES)
         check_int("bn_batch_size", self.bn_batch_size)
         check_precision(self.precision)
-        check_int("points_per_forward", self.points_per_forward)
-        for name in ("batch_size", "attack_batch_size"):
+        for name in ("batch_size", "attack_batch_size", "points_per_forward"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name))
-        for name in ("channels_last", "fold_bn"):
+        for name in ("channels_last", "fold_bn", "compile"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
@@ -143,9 +161,11 @@ class SurfaceSettings:
         return coordinates(self.beta_span or self.span, self.beta_resolution or self.resolution)
 
     # -- what a call resolves before computing --
-    def for_inputs(self, dims: int, device: torch.device, *, attack: Any = None, x_adv: Any = None) -> SurfaceSettings:
-        """The settings a `dims`-D surface on `device` is computed and recorded with: defaults filled
-        in, `robust` and `attack_name` from the attack (re-run at each point) or fixed examples `x_adv`."""
+    def for_inputs(self, dims: int, device: torch.device, *, attack: Any = None, x_adv: Any = None,
+                   n_images: int | None = None) -> SurfaceSettings:
+        """The settings a `dims`-D surface of `n_images` images on `device` is computed and recorded
+        with: defaults filled in, `robust` and `attack_name` from the attack (re-run at each point)
+        or fixed examples `x_adv`."""
         if attack is not None and x_adv is not None:
             raise ValueError("give either attack (re-run at every point) or x_adv (fixed adversarial examples), "
                              "not both")
@@ -159,15 +179,18 @@ class SurfaceSettings:
         if robust == "none" and any(q.startswith("robust") for q in quantities):
             raise ValueError("robust quantities need attack=... (re-run at each point) or x_adv=... (fixed examples)")
         cuda = torch.device(device).type == "cuda"
+        batch_size = self.batch_size or (10_000 if cuda else 1024)
+        ppf = self.points_per_forward or auto_points_per_forward(device, n_images or batch_size, batch_size,
+                                                                 self.bn_mode)
         return self.replace(
             kind=self.kind or ("line" if dims == 1 else "grid"), quantities=quantities, robust=robust,
             attack_name=(self.attack_name or describe_callable(attack)) if attack is not None else None,
             beta_span=(self.beta_span or self.span) if dims == 2 else None,
             beta_resolution=(self.beta_resolution or self.resolution) if dims == 2 else None,
-            batch_size=self.batch_size or (10_000 if cuda else 1024),
+            batch_size=batch_size,
             channels_last=cuda if self.channels_last is None else bool(self.channels_last),
             fold_bn=bool(self.fold_bn) and self.bn_mode == "eval",
-            points_per_forward=1 if self.bn_mode == "recalibrate" else self.points_per_forward)
+            points_per_forward=1 if self.bn_mode == "recalibrate" else ppf)
 
     # -- the file's attributes and cache key --
     def as_attrs(self) -> dict[str, str | int | float | list[float]]:
@@ -176,12 +199,15 @@ class SurfaceSettings:
 
     @classmethod
     def from_attrs(cls, attrs: Mapping[str, Any]) -> SurfaceSettings:
-        """The settings recorded in a surface file's attributes (`as_attrs` read back)."""
-        missing = [_attr(f) for f in dataclasses.fields(cls) if _attr(f) not in attrs]
+        """The settings recorded in a surface file's attributes (`as_attrs` read back); a speed
+        option an older file does not record takes its default."""
+        missing = [_attr(f) for f in dataclasses.fields(cls) if _attr(f) not in attrs and f.metadata.get("key", True)]
         if missing:
             raise ValueError(f"these surface attributes record no settings {missing}: not written by this advkit")
         values = {}
         for f in dataclasses.fields(cls):
+            if _attr(f) not in attrs:
+                continue
             value = plain(attrs[_attr(f)])
             none = value == "none" and f.default is None  # "none" is also a value of `robust`
             values[f.name] = None if none else f.metadata.get("decode", _identity)(value)

@@ -26,7 +26,8 @@ from advkit import ranks
 from advkit._torch import Attack, check_choice, check_int, eval_mode, model_device, state_hash, tensors_hash, to_float
 from advkit.directions import (NORMS, Directions, architecture_mismatch, interpolation_directions,
                                plane_directions, random_directions)
-from advkit.landscape.engine import Engine, choose_precision
+from advkit.landscape.engine import Engine
+from advkit.landscape.precision import AUTOCAST_TOLERANCE, choose_surface_precision, probe_points
 from advkit.landscape.files import cached_surface, write_surface
 from advkit.landscape.settings import LONG_NAMES, SurfaceSettings, settings_with
 from advkit.landscape.sharpness import check_radius
@@ -59,7 +60,7 @@ def compute_surface(model: nn.Module, directions: Directions, x: torch.Tensor, y
     if x_adv is not None and x_adv.shape != x.shape:
         raise ValueError(f"x_adv must have x's shape {tuple(x.shape)}, got {tuple(x_adv.shape)}")
     device = model_device(model)
-    settings = settings.for_inputs(directions.ndim, device, attack=attack, x_adv=x_adv)
+    settings = settings.for_inputs(directions.ndim, device, attack=attack, x_adv=x_adv, n_images=len(y))
     if settings.bn_mode == "recalibrate" and (bn_x is None or len(bn_x) == 0):
         raise ValueError("bn_mode='recalibrate' needs bn_x: training images to recompute BatchNorm statistics on")
     with eval_mode(model):
@@ -68,17 +69,22 @@ def compute_surface(model: nn.Module, directions: Directions, x: torch.Tensor, y
             data[:2] = [None if t is None else t.contiguous(memory_format=torch.channels_last) for t in data[:2]]
         x_dev, xa_dev, bn_dev = data
         y_dev = y.to(device)
-        # every rank computes with rank 0's choice (and so agrees on the file's cache key)
-        precision, amp_error = ranks.broadcast(choose_precision(model, x_dev, y_dev, settings.precision))
-        settings = settings.replace(precision=precision)
+        engine = Engine(model, directions, batch_size=settings.batch_size,
+                        points_per_forward=settings.points_per_forward, precision="fp32",
+                        channels_last=settings.channels_last, fold_bn=settings.fold_bn,
+                        bn_mode=settings.bn_mode, bn_x=bn_dev, bn_batch_size=settings.bn_batch_size,
+                        compile=settings.compile)
+        # checked at this surface's own points; every rank computes with rank 0's choice (and so
+        # agrees on the file's cache key)
+        axes = [settings.alphas()] if directions.ndim == 1 else [settings.alphas(), settings.betas()]
+        probes = torch.tensor(probe_points(axes), dtype=torch.float32, device=device)
+        choice = ranks.broadcast(choose_surface_precision(engine, probes, x_dev, y_dev, settings.precision))
+        settings = settings.replace(precision=choice.precision)
+        engine.precision = choice.precision
         inputs = _inputs(model, directions, x, y, x_adv, bn_x, settings)
         old = cached_surface(path, {**settings.cache_key(), **inputs})
         if old is not None and old["computed"].values.all():
             return old
-        engine = Engine(model, directions, batch_size=settings.batch_size,
-                        points_per_forward=settings.points_per_forward, precision=precision,
-                        channels_last=settings.channels_last, fold_bn=settings.fold_bn,
-                        bn_mode=settings.bn_mode, bn_x=bn_dev, bn_batch_size=settings.bn_batch_size)
         attrs = {
             **settings.as_attrs(), **inputs,
             "title": f"{directions.ndim}D loss landscape ({settings.kind}) of {settings.model_name} "
@@ -87,7 +93,10 @@ def compute_surface(model: nn.Module, directions: Directions, x: torch.Tensor, y
             "directions_raw_cosine": "none" if directions.raw_cosine is None else directions.raw_cosine,
             "directions_note": directions.note or "none",
             "n_ignored_parameters": len(directions.ignored),
-            "autocast_relative_error": "not measured" if amp_error is None else amp_error,
+            "autocast_relative_error": choice.errors.get("bf16", "not measured"),  # max over the probe points
+            "tf32_relative_error": choice.errors.get("tf32", "not measured"),
+            "precision_probe_points": choice.n_points, "precision_check_images": choice.n_images,
+            "precision_tolerance": AUTOCAST_TOLERANCE,
             "device": str(device), "fold_bn_pairs": len(engine.pairs), "fold_bn_static": int(engine.static_fold),
             "torch_version": str(torch.__version__),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
