@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import platform
 import sys
 import time
@@ -117,3 +118,20 @@ def profile_kernels(fn: Callable[[], Any], device: torch.device, top: int = 10) 
         lines.append(f"| {name[:80].replace('|', '/')} | {calls} | {us / 1e3:.2f} | {us / wall_us:.1%} |")
     lines.append(f"\nwall {wall_us / 1e3:.1f} ms, {len(events)} {kind}s, device idle between them {idle:.1%}")
     return "\n".join(lines), idle
+
+
+def add_output_args(ap: argparse.ArgumentParser, *, data: bool = False) -> None:
+    """The options every benchmark shares: where its entry goes (--results, --no-append); with `data`,
+    also the input options (--data-dir, --threads, --seed) of the CIFAR-10 speed scripts."""
+    if data:
+        ap.add_argument("--data-dir", default=None, help="folder with CIFAR-10 (else random images)")
+        ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+        ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--results", default=str(RESULTS))
+    ap.add_argument("--no-append", action="store_true", help="print only, do not append to --results")
+
+
+def publish(title: str, header: str, table: str, args: argparse.Namespace) -> None:
+    """Print the dated entry; append it to args.results unless args.no_append."""
+    print(results_entry(title, header, table) if args.no_append
+          else append_results(title, header, table, Path(args.results)))

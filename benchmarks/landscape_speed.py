@@ -31,14 +31,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from common import (RESULTS, append_results, device_name, load_images, recalibrate_batchnorm, results_entry,
+from common import (add_output_args, device_name, load_images, publish, recalibrate_batchnorm,
                     timed)  # first: puts the repository root on sys.path
 
 from advkit import landscape as L
@@ -158,18 +157,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=None, help="ours (default 10000 CUDA, 1024 CPU)")
     ap.add_argument("--points-per-forward", type=int, nargs="+", default=[1], help="ours; several values allowed")
     ap.add_argument("--precision", nargs="+", default=["auto"], choices=L.PRECISIONS, help="ours")
-    ap.add_argument("--data-dir", default=None, help="folder with CIFAR-10 (else random images)")
     ap.add_argument("--checkpoint", default=None, help="an advkit resnet32 checkpoint (else random init)")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--results", default=str(RESULTS))
-    ap.add_argument("--no-append", action="store_true", help="print only, do not append to --results")
+    add_output_args(ap, data=True)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     header, md = run(args)
-    print(results_entry("Landscape speed", header, md) if args.no_append
-          else append_results("Landscape speed", header, md, Path(args.results)))
+    publish("Landscape speed", header, md, args)
 
 
 if __name__ == "__main__":

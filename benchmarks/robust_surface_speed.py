@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import argparse
 import functools
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from common import (RESULTS, append_results, load_images, recalibrate_batchnorm, results_entry, run_header,
+from common import (add_output_args, load_images, publish, recalibrate_batchnorm, run_header,
                     timed)  # first: puts the repository root on sys.path
 
 from advkit import landscape as L
@@ -81,17 +80,12 @@ def main(argv: list[str] | None = None) -> None:
                     help="points per attack call, timed beside the per-point loop (1)")
     ap.add_argument("--attack-batch-size", type=int, default=None, help="examples per attack call and point")
     ap.add_argument("--precision", default="auto", choices=L.PRECISIONS, help="the surface's evaluation")
-    ap.add_argument("--data-dir", default=None, help="folder with CIFAR-10 (else random images)")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--results", default=str(RESULTS))
-    ap.add_argument("--no-append", action="store_true", help="print only, do not append to --results")
+    add_output_args(ap, data=True)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     header, md = run(args)
-    print(results_entry("Robust surface speed", header, md) if args.no_append
-          else append_results("Robust surface speed", header, md, Path(args.results)))
+    publish("Robust surface speed", header, md, args)
 
 
 if __name__ == "__main__":

@@ -28,18 +28,17 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from common import RESULTS, append_results, results_entry, run_header  # first: repository root on sys.path
+from common import add_output_args, publish, run_header  # first: repository root on sys.path
 
 from advkit._torch import loss_and_accuracy, resolve_precision
 from advkit.data import Batcher, get_dataset
 from advkit.models import get_model
 from advkit.runs import resolve_device
-from advkit.train import FAST_RECIPE, TrainConfig, apply_recipe, fit
+from advkit.train import TrainConfig, apply_recipe, fit
 
 ROWS = ("paper", "fast", "fast+compile")
 
@@ -158,8 +157,7 @@ def main() -> None:
     parser.add_argument("--epochs-to-accuracy", action="store_true", help="add the fast recipe to --target")
     parser.add_argument("--target", type=float, default=0.925)
     parser.add_argument("--time-limit", type=float, default=150.0, help="training seconds of that row at most")
-    parser.add_argument("--results", default=str(RESULTS), help="markdown file to append to")
-    parser.add_argument("--no-append", action="store_true", help="print only, do not append to --results")
+    add_output_args(parser)
     args = parser.parse_args()
     device = resolve_device(args.device)
     mode = True if args.compile_mode == "default" else args.compile_mode
@@ -176,8 +174,7 @@ def main() -> None:
     table = "\n".join([HEADER, *map(table_row, rows)])
     header = (f"{run_header(device)}; data: {rows[0]['data']}, {rows[0]['n_train']} training images; epoch s: "
               "median after the first; time to target: training time (evaluation excluded), compilation included")
-    print(results_entry("Training speed", header, table) if args.no_append
-          else append_results("Training speed", header, table, Path(args.results)))
+    publish("Training speed", header, table, args)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from common import RESULTS, append_results, results_entry  # first: puts the repository root on sys.path
+from common import add_output_args, publish  # first: puts the repository root on sys.path
 
 from advkit import correlation, zoo
 from advkit.params import XU_ATTACKS
@@ -272,8 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--memory-cap-gb", type=float, default=4.0,
                     help="address space a step may add (MemoryError beyond; protects a shared machine)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic values")
-    ap.add_argument("--results", default=str(RESULTS))
-    ap.add_argument("--no-append", action="store_true", help="print only, do not append to --results")
+    add_output_args(ap)
     args = ap.parse_args(argv)
     for v in VARIANTS:
         parse_variant(v)  # the synthetic names are specs notebook 03 accepts
@@ -293,8 +292,7 @@ def main(argv: list[str] | None = None) -> None:
               f"peak from tracemalloc on a second call; address-space cap {args.memory_cap_gb:g} GB per step; "
               f"process peak RSS {peak_rss:.0f} MiB")
     md = "\n".join(lines)
-    print(results_entry("Zoo aggregation (notebook 05)", header, md) if args.no_append
-          else append_results("Zoo aggregation (notebook 05)", header, md, Path(args.results)))
+    publish("Zoo aggregation (notebook 05)", header, md, args)
 
 
 if __name__ == "__main__":
