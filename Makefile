@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps pyhessian==0.1
 	touch $(STAMP)
 
-## run the notebook pipeline: runs/$(PROFILE)/ and figures/
+## run the notebook pipeline: runs/$(PROFILE)/, its figures in runs/$(PROFILE)/figures/ (committed files untouched)
 run: $(STAMP)
 	$(BIN)/python -m advkit run --profile $(PROFILE)
 
@@ -29,9 +29,9 @@ browser-test: $(STAMP)
 	.ci/browser-setup
 	$(BIN)/python -m pytest tests/test_slicer_browser.py
 
-## re-execute the notebooks in place (quick profile, fresh run directory) to refresh their outputs
+## re-execute the notebooks in place (quick profile, fresh run directory) to refresh their outputs and figures/
 notebooks: $(STAMP)
-	ADVKIT_RUNS_DIR=$$(mktemp -d) ADVKIT_FIGURES_DIR=$$(mktemp -d) $(BIN)/python -m advkit refresh
+	ADVKIT_RUNS_DIR=$$(mktemp -d) $(BIN)/python -m advkit refresh
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab notebooks/

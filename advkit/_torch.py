@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
@@ -27,7 +29,7 @@ PerExampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """loss(logits, y) -> per-example loss (N,), to be averaged over a dataset."""
 
 PRECISIONS = ("auto", "bf16", "tf32", "fp32")
-"""The one precision vocabulary: "auto" = bf16 autocast on CUDA and fp32 elsewhere (surfaces
+"""The one precision vocabulary: "auto" = bf16 autocast on CUDA (`gpu_policy`) and fp32 elsewhere (surfaces
 refine it by measuring the error at their own points, `advkit.landscape.choose_surface_precision`),
 "bf16" (autocast), "tf32" (fp32 tensors, TF32 convolutions and matmuls on CUDA; fp32 elsewhere,
 CPUs have no TF32) and "fp32" (strict: TF32 switched off on CUDA)."""
@@ -70,14 +72,24 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+GPU_POLICY_ENV = "ADVKIT_GPU_POLICY"
+"""Set to 1, every device takes the choices made for CUDA (`gpu_policy`): CI runs the GPU paths on its CPU."""
+
+
+def gpu_policy(device: torch.device | str) -> bool:
+    """Whether the speed choices made for a GPU apply on `device` (several points per forward,
+    BatchNorm folding, channels_last, bf16 "auto", the precision probe, batched robust copies and
+    Hessian blocks, fused optimizers): on CUDA, and on any device while ADVKIT_GPU_POLICY=1."""
+    return torch.device(device).type == "cuda" or os.environ.get(GPU_POLICY_ENV, "") == "1"
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """"bf16", "tf32" or "fp32": "auto" is bf16 on CUDA (fast, accurate enough for attacks and
-    training) and fp32 elsewhere (bf16 is slow on most CPUs); "tf32" is fp32 off CUDA."""
+    """"bf16", "tf32" or "fp32": "auto" is bf16 under the GPU policy (fast, accurate enough for
+    attacks and training) and fp32 elsewhere (bf16 is slow on most CPUs); "tf32" is fp32 off CUDA."""
     check_precision(precision)
-    cuda = torch.device(device).type == "cuda"
     if precision == "auto":
-        return "bf16" if cuda else "fp32"
-    return "fp32" if precision == "tf32" and not cuda else precision
+        return "bf16" if gpu_policy(device) else "fp32"
+    return "fp32" if precision == "tf32" and torch.device(device).type != "cuda" else precision
 
 
 def autocast(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
@@ -105,6 +117,45 @@ def _no_autocast_tf32(device: torch.device, *, allow_tf32: bool) -> Iterator[Non
             yield
     finally:
         cudnn.allow_tf32, matmul.allow_tf32 = saved
+
+
+_COMPILE_WARNED: set[str] = set()
+
+
+def _compile_errors() -> tuple[type[BaseException], ...]:
+    """What a failing torch.compile backend raises at the first call of a new graph (an inductor C++
+    build that cannot target the CPU, e.g. "'at::vec' has not been declared" under a generic ATen)."""
+    from torch._dynamo.exc import BackendCompilerFailed
+    from torch._inductor.exc import CppCompileError
+    return BackendCompilerFailed, CppCompileError
+
+
+class CompiledOrEager(nn.Module):
+    """`torch.compile(fn, **options)` that runs `fn` itself from the first call whose compilation
+    fails, with one warning naming the cause: compile=True speeds a run up where it can, never stops it.
+
+    A module `fn` is a submodule (its parameters, mode and device are this module's), as with
+    torch.compile's own wrapper; `failure` is the cause once it fell back, else None."""
+
+    def __init__(self, fn: Callable[..., Any], **options: Any):
+        super().__init__()
+        self.eager = fn
+        self.__dict__["compiled"] = torch.compile(fn, **options)  # not a submodule: fn's parameters once
+        self.failure: str | None = None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.failure is None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except _compile_errors() as err:
+                lines = [line for line in str(err).splitlines() if line.strip()]
+                cause = next((line.strip() for line in lines if "error:" in line), lines[0] if lines else "")
+                self.failure = f"{type(err).__name__}: {cause[:300]}"
+                if self.failure not in _COMPILE_WARNED:
+                    _COMPILE_WARNED.add(self.failure)
+                    warnings.warn(f"torch.compile failed, running eagerly instead ({self.failure})",
+                                  RuntimeWarning, stacklevel=2)
+        return self.eager(*args, **kwargs)
 
 
 class WithParams(nn.Module):

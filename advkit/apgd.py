@@ -46,7 +46,7 @@ def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 25
     the targeted DLR (Eq. 7). Returns, per example, the strongest point visited (misclassified
     first, then highest loss) over all restarts.
     """
-    check_images(x, y)
+    check_images(x, y, model)
     check_eps(eps, norm, x)
     check_int("steps", steps)
     check_int("restarts", restarts)
@@ -139,7 +139,7 @@ def apgd_t(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 
     """APGD-T: APGD with the targeted DLR loss (Eq. 7), once for each of the `n_target_classes`
     classes ranked 2nd, 3rd, ... by the clean logits; each example keeps the strongest result
     (misclassified first, then highest targeted-DLR loss of its run)."""
-    check_images(x, y)
+    check_images(x, y, model)
     check_eps(eps, kw.get("norm", "linf"), x)
     check_int("steps", steps)
     check_int("n_target_classes", n_target_classes)

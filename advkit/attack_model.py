@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from advkit._torch import Forward, WithParams, check_choice, model_device, resolve_precision
+from advkit._torch import (CompiledOrEager, Forward, WithParams, check_choice, gpu_policy, model_device,
+                           resolve_precision)
 from advkit.folding import conv_bn_pairs, fold_batchnorm, fold_into
 
 COMPILE_MODES = (False, True, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -32,10 +33,11 @@ CUDA graphs on CUDA (on CPU it compiles without them)."""
 
 
 def resolve_fold_bn(fold_bn: bool | None, device: torch.device) -> bool:
-    """None: fold on CUDA only (CPU results stay those of the plain model); True/False force."""
+    """None: fold under the GPU policy only (`gpu_policy`: on CUDA; CPU results stay those of the
+    plain model); True/False force."""
     if fold_bn is not None and not isinstance(fold_bn, bool):
         raise ValueError(f"fold_bn must be None, True or False, got {fold_bn!r}")
-    return device.type == "cuda" if fold_bn is None else fold_bn
+    return gpu_policy(device) if fold_bn is None else fold_bn
 
 
 # --- the folded copy, cached per model ----------------------------------------------------------
@@ -155,21 +157,22 @@ _compiled: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDiction
 def compiled(module: nn.Module, compile: bool | str = True) -> Callable[[torch.Tensor], torch.Tensor]:
     """`torch.compile(module, mode=...)`, cached per module and mode (shares its parameters); a
     folded copy keeps its own (a compiled module holds its module, so a weak-key entry for it would
-    never be freed: the models given to attacks stay cached for the session, as before)."""
+    never be freed: the models given to attacks stay cached for the session, as before). Where the
+    compilation fails the module runs eagerly, with one warning (`CompiledOrEager`)."""
     check_choice("compile", compile, COMPILE_MODES)
     mode = "default" if compile is True else compile
     cache = module.__dict__.get("_attack_compiled")
     if cache is None:
         cache = _compiled.setdefault(module, {})
     if mode not in cache:
-        cache[mode] = torch.compile(module, mode=None if mode == "default" else mode)
+        cache[mode] = CompiledOrEager(module, mode=None if mode == "default" else mode)
     return cache[mode]
 
 
 def forward_fn(model: nn.Module, compile: bool | str = False, fold_bn: bool | None = False,
                probe: torch.Tensor | None = None, precision: str | None = None) -> Forward:
     """The callable an attack differentiates: `model`, its BatchNorm-folded copy (`fold_bn`:
-    True; None: on CUDA, lazily, see `folded_model`, which checks a new copy on `probe`, the
+    True; None: under the GPU policy, lazily, see `folded_model`, which checks a new copy on `probe`, the
     attack's first images; eval-mode models only; with bf16 `precision` its copy with bf16
     conv/linear weights), each optionally `torch.compile`d (`compile`: see COMPILE_MODES).
     All are cached per model."""
@@ -188,6 +191,9 @@ def forward_fn(model: nn.Module, compile: bool | str = False, fold_bn: bool | No
 def check_logits(logits: torch.Tensor, y: torch.Tensor) -> None:
     """The model must give finite logits of shape (N, K) (NaN weights would otherwise reach the
     attack's arithmetic) and y must be class indices in [0, K). One host sync."""
+    if not isinstance(logits, torch.Tensor):
+        raise ValueError(f"the model must return a tensor of logits (N, K), got a {type(logits).__name__}: "
+                         "wrap a model with several outputs in one that returns the logits")
     if logits.dim() != 2:
         raise ValueError(f"the model must return logits of shape (N, K), got {tuple(logits.shape)}")
     k = logits.shape[1]

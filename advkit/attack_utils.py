@@ -3,7 +3,7 @@
 Every attack in `advkit.attacks`, `advkit.apgd` and `advkit.stadv` (and the inner maximization
 of the training objectives) is built from these, so they all treat the model the same way:
 gradients taken with `torch.autograd.grad` w.r.t. the input only (nothing accumulates in
-`param.grad`), one precision vocabulary (`advkit._torch.PRECISIONS`), channels_last on CUDA, and
+`param.grad`), one precision vocabulary (`advkit._torch.PRECISIONS`), channels_last under the GPU policy, and
 no host-device synchronisation in step loops. The attacks run the model in eval mode
 (`advkit._torch.eval_mode`); argument checks are `advkit._torch`'s. The callable an attack
 differentiates (BatchNorm folded, compiled, its first output checked) is `advkit.attack_model`'s.
@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from advkit._torch import Forward, autocast, check_choice, check_number
+from advkit._torch import Forward, autocast, check_choice, check_number, gpu_policy
 from advkit.attack_model import CheckedForward, check_logits, forward_fn  # noqa: F401 (re-exported)
 
 NORMS = ("linf", "l2")
@@ -36,13 +36,18 @@ def check_eps(eps: float, norm: str, x: torch.Tensor) -> None:
     check_number("eps", eps, 0.0, 1.0 if norm == "linf" else math.sqrt(x[0].numel()))
 
 
-def check_images(x: torch.Tensor, y: torch.Tensor | None = None) -> None:
-    """x: float (N, C, H, W) in [0, 1]; y: int64 labels (N,). One sync for the range check."""
+def check_images(x: torch.Tensor, y: torch.Tensor | None = None, model: torch.nn.Module | None = None) -> None:
+    """x: float (N, C, H, W) in [0, 1], of the dtype of `model`'s weights; y: int64 labels (N,).
+    One sync for the range check."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"x must be a 4-D tensor (N, C, H, W), got {getattr(x, 'shape', type(x))}")
     if not x.is_floating_point():
         raise ValueError(f"x must be float images in [0, 1], got dtype {x.dtype} "
                          "(convert uint8 with advkit.data.to_float)")
+    weight = next((p for p in model.parameters() if p.is_floating_point()), None) if model is not None else None
+    if weight is not None and weight.dtype != x.dtype:
+        raise ValueError(f"x has dtype {x.dtype} but the model's weights are {weight.dtype}: "
+                         f"pass x.to({weight.dtype}) (or convert the model)")
     if x.numel() and not bool(((x >= 0) & (x <= 1)).all()):  # NaN fails both comparisons
         n_nan = int(x.isnan().sum())
         if n_nan:
@@ -73,10 +78,10 @@ def _autocast(device: torch.device, precision: str | None) -> contextlib.Abstrac
 
 
 def prepare(x: torch.Tensor, channels_last: bool | None = None) -> torch.Tensor:
-    """Detached copy of x, channels_last on CUDA when `channels_last` is None or True."""
+    """Detached copy of x, channels_last when `channels_last` is True, or None under the GPU policy."""
     x = x.detach()
     if channels_last is None:
-        channels_last = x.is_cuda
+        channels_last = gpu_policy(x.device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x
@@ -150,7 +155,8 @@ def loss_and_grad(forward: Forward, x: torch.Tensor, objective: AttackObjective,
 @torch.no_grad()
 def logits_at(forward: Forward, x: torch.Tensor, precision: str | None = "auto") -> torch.Tensor:
     with _autocast(x.device, precision):
-        return forward(x).float()
+        logits = forward(x)
+    return logits.float() if isinstance(logits, torch.Tensor) else logits  # anything else: check_logits names it
 
 
 def _expand(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

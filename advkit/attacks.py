@@ -54,7 +54,7 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 25
     """Fast gradient sign method, x + eps * sign(grad_x CE(f(x), y)), clipped to [0, 1]
     (Goodfellow et al. 2015, Eq. 3). Targeted: y are target classes and the step descends CE.
     copies: as `pgd`'s (stacked copies of a batch); FGSM draws nothing at random, so it only checks it."""
-    check_images(x, y)
+    check_images(x, y, model)
     check_eps(eps, "linf", x)
     _check_copies(x, copies)
     check_precision(precision)
@@ -88,7 +88,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255
     weight points at once, `advkit.landscape.robust`): each random start is drawn for one copy
     and repeated, so every copy starts where a call on that copy alone would.
     """
-    check_images(x, y)
+    check_images(x, y, model)
     check_eps(eps, norm, x)
     check_int("steps", steps)
     check_int("restarts", restarts)
@@ -134,7 +134,7 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 
       suite incl. FAB-T and Square), when the torchattacks package is installed.
     Points no attack breaks are returned as APGD-CE left them (a high-loss point in the ball).
     """
-    check_images(x, y)
+    check_images(x, y, model)
     check_eps(eps, norm, x)
     check_choice("version", version, AUTOATTACK_VERSIONS)
     check_int("steps", steps)

@@ -33,6 +33,7 @@ from advkit.attacks import get_attack
 from advkit.data import Batcher
 from advkit.evaluate import XU2019
 from advkit.objectives import Adversarial
+from advkit.progress import LoopProgress
 from advkit.runs import Run, as_stored, atomic_path, cache_is_current, load_torch, read_json, write_json
 
 XU_ATTACKS = tuple(XU2019.attacks)  # ("fgsm", "pgd", "stadv")
@@ -73,12 +74,15 @@ def adversarial_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, att
         params["generator"] = make_generator(device, seed)
     out = torch.empty(x.shape, dtype=torch.uint8 if dtype == "uint8" else torch.float32, device=device)
     correct_float = torch.zeros((), dtype=torch.int64, device=device)  # before rounding to uint8
-    for s in tqdm(list(chunks(len(y), batch_size)), desc=f"augment {attack}", disable=not progress):
+    batches = list(chunks(len(y), batch_size))
+    steps = LoopProgress(f"augment {attack}", "batch", len(batches))  # the driver's log (advkit.progress)
+    for k, s in enumerate(tqdm(batches, desc=f"augment {attack}", disable=not progress), 1):
         xb, yb = to_float(x[s].to(device)), y[s].to(device)
         x_adv = fn(model, xb, yb, **params).detach()
         out[s] = _quantize(x_adv) if dtype == "uint8" else x_adv.float()
         with torch.no_grad(), eval_mode(model):
             correct_float += (model(x_adv).argmax(1) == yb).sum()
+        steps.step(k)
     stats = {"clean_accuracy": loss_and_accuracy(model, x, y, batch_size=batch_size, precision="fp32").accuracy,
              "fooled_float": 1 - correct_float.item() / len(y),
              "fooled_stored": 1 - loss_and_accuracy(model, out, y, batch_size=batch_size, precision="fp32").accuracy}

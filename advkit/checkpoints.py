@@ -7,6 +7,7 @@ anything is allocated. `advkit.runs` re-exports these names.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -83,8 +84,10 @@ def check_model_spec(spec: Any, source: str | Path = "spec") -> dict[str, Any]:
     for key in ("mean", "std"):
         value = full.get(key)
         if value is not None and (not isinstance(value, (list, tuple)) or not 1 <= len(value) <= full["in_channels"]
-                                  or not all(isinstance(v, (int, float)) for v in value)):
-            raise ValueError(f"{source}: {key}={value!r}; allowed: None or one number per input channel")
+                                  or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                             and math.isfinite(v) and (key == "mean" or v > 0) for v in value)):
+            allowed = "finite numbers" if key == "mean" else "positive finite numbers (the images are divided by them)"
+            raise ValueError(f"{source}: {key}={value!r}; allowed: None or one number per input channel, {allowed}")
     try:
         with torch.device("meta"):
             n = sum(p.numel() for p in get_model(arch, full["num_classes"], full["in_channels"], **kwargs).parameters())
@@ -102,7 +105,7 @@ def load_model(path: str | Path, arch: str | None = None, device: str | torch.de
 
     The file's checksum is verified and its architecture spec bounded (`check_model_spec`)
     before the model is built."""
-    from advkit.models import get_model
+    from advkit.models import check_finite_weights, get_model
 
     payload = load_checkpoint(path)
     if arch is not None and arch != payload["arch"]:
@@ -116,4 +119,5 @@ def load_model(path: str | Path, arch: str | None = None, device: str | torch.de
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as err:
         raise ValueError(f"{path}: weights do not fit architecture {payload['arch']!r}: {err}") from err
+    check_finite_weights(model, path)
     return model.to(device).eval()

@@ -26,7 +26,8 @@ DATASETS = ("digits", "cifar10")
 
 @dataclass(frozen=True)
 class Dataset:
-    """Train and test images (uint8, N x C x H x W), integer labels and class names."""
+    """Train and test images (uint8, N x C x H x W), integer labels and class names; `source` says which
+    files they were read from (e.g. a JPEG copy of CIFAR-10, whose pixels differ from the original)."""
 
     name: str
     x_train: torch.Tensor
@@ -34,6 +35,7 @@ class Dataset:
     x_test: torch.Tensor
     y_test: torch.Tensor
     classes: list[str]
+    source: str = ""  # empty for a Dataset built by hand
 
     @property
     def num_classes(self) -> int:
@@ -82,7 +84,7 @@ def _digits() -> Dataset:
     test, train = order[:n_test], order[n_test:]
     return Dataset("digits", torch.from_numpy(images[train]), torch.from_numpy(labels[train]),
                    torch.from_numpy(images[test]), torch.from_numpy(labels[test]),
-                   [str(i) for i in range(10)])
+                   [str(i) for i in range(10)], "scikit-learn's digits (8x8, 17 grey levels)")
 
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
@@ -102,7 +104,7 @@ def _cifar10(data_dir: Path, download: bool) -> Dataset:
     if root is not None or (data_dir / "cifar-10-batches-py").is_dir():
         arrays, reason = _read_cache(cache, key)
         if arrays is not None:
-            return Dataset("cifar10", classes=CIFAR10_CLASSES, **arrays)
+            return Dataset("cifar10", classes=CIFAR10_CLASSES, source=_cifar10_source(data_dir, root), **arrays)
         if reason is not None:
             print(f"advkit.data: rebuilding {cache}: {reason}")
     if root is not None:
@@ -111,7 +113,38 @@ def _cifar10(data_dir: Path, download: bool) -> Dataset:
         arrays = _torchvision_cifar10(data_dir, download)
         key = source_key(sources)  # the download created them
     _save_npz(cache, {**{k: v.numpy() for k, v in arrays.items()}, "source_key": np.array(key)})
-    return Dataset("cifar10", classes=CIFAR10_CLASSES, **arrays)
+    return Dataset("cifar10", classes=CIFAR10_CLASSES, source=_cifar10_source(data_dir, root), **arrays)
+
+
+def _cifar10_source(data_dir: Path, root: Path | None) -> str:
+    """What `_cifar10` read: torchvision's original files, or an ImageFolder copy (its image format and,
+    for JPEG, the quality of its first test image: a lossy copy's pixels differ from the original)."""
+    if root is None:
+        return f"CIFAR-10, torchvision's original files in {data_dir / 'cifar-10-batches-py'}"
+    first = next((p for p in sorted((root / "test" / CIFAR10_CLASSES[0]).iterdir()) if p.is_file()), None)
+    if first is None or first.suffix.lower() not in (".jpg", ".jpeg"):
+        return f"CIFAR-10 ImageFolder copy ({first.suffix if first else 'no'} files) in {root}"
+    quality = jpeg_quality(first)
+    return (f"CIFAR-10 JPEG copy ({'quality ' + str(quality) if quality else 'non-standard tables'}; lossy: "
+            f"pixels differ from the original CIFAR-10) in {root}")
+
+
+def jpeg_quality(path: str | Path) -> int | None:
+    """The libjpeg quality (1-100) whose quantization tables Pillow writes equal those of the JPEG file at
+    `path`; None when no quality gives them (tables not made by libjpeg's quality scaling)."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(path) as im:
+        tables = im.quantization
+    for quality in range(1, 101):
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(buffer, "JPEG", quality=quality)
+        with Image.open(buffer) as probe:
+            if probe.quantization == tables:
+                return quality
+    return None
 
 
 def source_key(folders: list[Path]) -> str:

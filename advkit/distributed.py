@@ -16,8 +16,10 @@ rows (`surfaces`) or the run's models (`flatness`) are dealt out in rounds, one 
 writes the file after every round, atomically, as one process writes it after every row or
 model. So the file is the one a single process writes, bit for bit the same values (each row
 is computed by the same code on the same inputs), and a killed job resumes from the complete
-rounds on disk, with any number of processes. NCCL when the ranks use GPUs (each on
-cuda:LOCAL_RANK), gloo on CPUs. Without torchrun the command runs in one process.
+rounds on disk, with any number of processes. Ranks started with other parameters (or finding
+other files) stop with an error naming them, before anything is computed (`advkit.ranks.agree`).
+NCCL when the ranks use GPUs (each on cuda:LOCAL_RANK), gloo on CPUs. Without torchrun the
+command runs in one process.
 """
 
 from __future__ import annotations
@@ -91,12 +93,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.simplefilter("ignore", StaleCacheWarning)
     writer, start = ranks.is_writer(), time.perf_counter()
     try:
+        ranks.agree("parameters", {"commands": args.command, **values})
         for command in args.command:
             line = compute(command, values)
             if writer:
                 print(f"{command}: {line}, {time.perf_counter() - start:.1f} s; notebook {COMMANDS[command]} "
                       "now finds them complete", flush=True)
             start = time.perf_counter()
+    except ranks.RanksDisagree as err:  # every rank says so, before anything is computed
+        ranks.finish(wait=False)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except BaseException:
         ranks.finish(wait=False)  # torchrun then stops the other ranks
         raise

@@ -8,6 +8,7 @@ evaluation loop; with `attack=` for the robust numbers), one host sync per call.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -20,6 +21,7 @@ from torch import nn
 
 from advkit._torch import check_int, check_number, check_precision, loss_and_accuracy, make_generator, to_float
 from advkit.attacks import get_attack
+from advkit.progress import LoopProgress
 
 AttackLike = str | Callable[..., torch.Tensor]
 
@@ -61,9 +63,14 @@ def _batch_attack(attack: AttackLike, seed: int | None, precision: str,
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024,
              precision: str = "auto") -> float:
-    """Top-1 accuracy of model on (x, y), eval mode (restored after), in large batches."""
+    """Top-1 accuracy of model on (x, y), eval mode (restored after), in large batches. A model with
+    non-finite logits (NaN weights) is an error, as for the robust metrics, not a chance-level accuracy."""
     _check(x, y, batch_size)
-    return loss_and_accuracy(model, x, y, batch_size=batch_size, precision=precision).accuracy
+    result = loss_and_accuracy(model, x, y, batch_size=batch_size, precision=precision)
+    if len(y) and not math.isfinite(result.loss):
+        raise ValueError("the model returned non-finite logits (NaN or inf) on x, so its accuracy means nothing: "
+                         "check its weights (e.g. a diverged training run)")
+    return result.accuracy
 
 
 def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: AttackLike = "pgd",
@@ -229,10 +236,11 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (XU2019, STUTZ2021)}
 
 def evaluate_attacks(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                      attacks: Preset | Mapping[str, AttackSpec | AttackLike], batch_size: int = 512, *,
-                     ssim: bool = True, seed: int | None = 0) -> dict[str, dict[str, float]]:
+                     ssim: bool = True, seed: int | None = 0, name: str = "model") -> dict[str, dict[str, float]]:
     """Clean accuracy and, per attack, robust accuracy, robust loss and 1 - SSIM, in one pass per
     attack. Returns {"accuracy": {"clean": .., name: ..}, "loss": {..}, "ssim_distance": {..}}
-    (pd.DataFrame(result) gives one row per attack); a Preset also selects its first n_test images."""
+    (pd.DataFrame(result) gives one row per attack); a Preset also selects its first n_test images.
+    `name`: the model's, in the driver's progress lines (advkit.progress)."""
     if isinstance(attacks, Preset):
         if attacks.n_test is not None:
             x, y = x[:attacks.n_test], y[:attacks.n_test]
@@ -243,10 +251,12 @@ def evaluate_attacks(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         result["ssim_distance"] = {"clean": 0.0}
     clean = loss_and_accuracy(model, x, y, batch_size=batch_size)
     result["accuracy"]["clean"], result["loss"]["clean"] = clean.accuracy, clean.loss
-    for label, attack in attacks.items():
+    steps = LoopProgress(f"attacks on {name}", "attack", len(attacks))
+    for i, (label, attack) in enumerate(attacks.items(), 1):
         metrics = robust_metrics(model, x, y, attack, batch_size, ssim=ssim, seed=seed)
         for key, value in metrics.items():
             result[key][label] = value
+        steps.step(i, f"{label} accuracy {result['accuracy'][label]:.3f}")
     return result
 
 
@@ -257,7 +267,7 @@ def attack_tables(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Ten
     attack) and mean 1 - SSIM of each attack's examples; one row per model."""
     accuracy_rows, ssim_rows = {}, {}
     for name, model in models.items():
-        result = evaluate_attacks(model, x, y, attacks, batch_size, ssim=True, seed=seed)
+        result = evaluate_attacks(model, x, y, attacks, batch_size, ssim=True, seed=seed, name=name)
         accuracy_rows[name] = result["accuracy"]
         ssim_rows[name] = {k: v for k, v in result["ssim_distance"].items() if k != "clean"}
     return (pd.DataFrame.from_dict(accuracy_rows, orient="index").rename_axis("model"),

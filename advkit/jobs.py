@@ -131,6 +131,9 @@ def execute_cell(payload: Mapping[str, Any]) -> dict[str, Any]:
         papermill.execute_notebook(str(notebook), payload["output"], parameters=payload["parameters"],
                                    cwd=str(notebook.parent), progress_bar=False, start_timeout=600,
                                    kernel_manager_class=_kernel_manager_class())
+    except KeyboardInterrupt:  # the sweep cancelled the job (submitit's local cancel is SIGINT): stop the kernel
+        _kernel_manager_class().kill_all()
+        raise
     except Exception as err:
         text = f"{getattr(err, 'ename', type(err).__name__)}: {getattr(err, 'evalue', err)}"
         text = " ".join(text.split())  # one line
@@ -165,7 +168,8 @@ def submit_and_wait(executor: Any, groups: list[list[Any]], records: Mapping[str
                      echo: Callable[[str], None]) -> None:
     """Submit the groups of cells (all at once as a SLURM array; locally at most `in_flight` jobs at a
     time) and record each cell's result in `records` (status, job id, log, error) as its job ends;
-    `save` writes them down after every change. Interrupted: cancels the jobs in flight."""
+    `save` writes them down after every change, `echo` tells each cell's state as it changes
+    (submitted, running, done, failed). Interrupted: cancels the jobs in flight."""
     queue, running = list(groups), []
 
     def submit(batch: list[list[Any]]) -> None:
@@ -176,6 +180,7 @@ def submit_and_wait(executor: Any, groups: list[list[Any]], records: Mapping[str
                 r = records[c.name]
                 r.status, r.job_id, r.log = "submitted", str(job.job_id), str(job.paths.stdout)
                 r.history.append(f"job {job.job_id}")
+                echo(f"[advkit] cell {c.name} submitted (job {job.job_id})")
             running.append((job, g))
 
     try:
@@ -186,6 +191,13 @@ def submit_and_wait(executor: Any, groups: list[list[Any]], records: Mapping[str
                 queue = queue[room:]
                 save()
             finished = [(j, g) for j, g in running if j.done()]
+            started = []  # submitted cells whose job has started (a SLURM job may wait in the queue)
+            for job, g in running:
+                if (job, g) not in finished and records[g[0].name].status == "submitted" and job.state == "RUNNING":
+                    started += g
+            for c in started:
+                records[c.name].status = "running"
+                echo(f"[advkit] cell {c.name} running")
             for job, g in finished:
                 running.remove((job, g))
                 try:
@@ -199,7 +211,7 @@ def submit_and_wait(executor: Any, groups: list[list[Any]], records: Mapping[str
                     line = f"[advkit] cell {c.name} {r.status}" + (f": {r.error}; see {r.notebook} "
                                                                    f"(job log {r.log})" if r.error else "")
                     echo(line)
-            if finished:
+            if finished or started:
                 save()
             else:
                 time.sleep(poll_s)

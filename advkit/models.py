@@ -8,6 +8,7 @@ implementations (akamaster/pytorch_resnet_cifar10 for the CIFAR ResNets).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -29,6 +30,9 @@ class Normalized(nn.Module):
         super().__init__()
         mean = _per_channel(mean, in_channels, 0.5)
         std = _per_channel(std, in_channels, 0.5)
+        if not all(math.isfinite(v) for v in mean + std) or min(std) <= 0:
+            raise ValueError(f"normalization mean={mean}, std={std}: the means must be finite and the standard "
+                             f"deviations positive and finite (the images are divided by them)")
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
 
@@ -258,9 +262,34 @@ def load_akamaster_checkpoint(path: str | Path, depth: int = 32) -> nn.Module:
     Its weights were trained on inputs normalized with ImageNet statistics and saved from
     `nn.DataParallel` (keys prefixed `module.`); both are handled here.
     """
-    raw = torch.load(path, map_location="cpu", weights_only=True)
-    state = raw.get("state_dict", raw)
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no akamaster checkpoint at {path}")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types (EOFError, IndexError, UnpicklingError) for bad bytes
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint (empty, truncated or another format): "
+                         f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}") from None
+    state = raw.get("state_dict", raw) if isinstance(raw, dict) else raw
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise ValueError(f"{path} holds no state dict of weights (akamaster's files hold {{'state_dict': ...}})")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     model = CifarResNet(depth, num_classes=10, in_channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        blocks = {k.split(".")[1] for k in state if k.startswith("layer1.")}
+        found = f" (it holds a ResNet-{6 * len(blocks) + 2})" if blocks else ""
+        raise ValueError(f"{path} does not fit a ResNet-{depth}{found}: pass its depth, e.g. "
+                         f"load_akamaster_checkpoint(path, depth=...); {' '.join(str(err).split())[:300]}") from None
+    check_finite_weights(model, path)
     return model
+
+
+def check_finite_weights(model: nn.Module, source: str | Path = "model") -> None:
+    """Every floating-point weight and buffer of `model` is finite: NaN weights (a diverged run)
+    would make every logit NaN downstream."""
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"{source}: {len(bad)} tensor(s) hold NaN or inf values ({', '.join(bad[:5])}"
+                         f"{', ...' if len(bad) > 5 else ''}): a diverged training run or a damaged file")

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from advkit._checks import check_choice, check_int, check_number
+from advkit._checks import check_choice, check_int, check_number, shown
 
 # Registries of the package, copied so that validation does not import torch; tests/test_params.py
 # asserts that they equal advkit's own. OPTIMIZERS and SCHEDULES are the originals (advkit.train imports them).
@@ -51,6 +51,13 @@ NUM_CLASSES = 10  # both datasets
 # points and needs a forward pass over n_images per point; 1000^2 points (8 MB per quantity) is
 # already weeks of compute, 100000^2 would need 74.5 GiB per quantity.
 MAX_GRID_POINTS = 10**6
+# Image side of each dataset in pixels: stAdv's flow bound cannot exceed it (advkit.evaluate.stadv_flow_sweep).
+IMAGE_SIDES = {"digits": 8, "cifar10": 32}
+MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit; torch takes these too
+# File-name parts: a component holds 255 bytes; the kit adds up to 40 around a name (`.<name>.<pid>.<random>.tmp`
+# of atomic writes, `.sha256` sidecars), and a model's name holds its variant and `_eNNN` besides model_suffix.
+FILE_NAME_BYTES = 255 - 40
+MAX_SUFFIX_BYTES = 100
 
 
 @dataclass(frozen=True)
@@ -95,17 +102,24 @@ def choice(values: Sequence[str], optional: bool = False) -> Param:
 
 def _check_text(name: str, value: Any) -> None:
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{name}={value!r} must be a non-empty string")
+        raise ValueError(f"{name}={shown(value)} must be a non-empty string")
 
 
-def text(optional: bool = False, allowed: str = "a non-empty string") -> Param:
-    """A non-empty string (a name, a path; `allowed` says which)."""
-    return Param(str, _or_none(allowed, optional), _check_text, optional)
+def text(optional: bool = False, allowed: str = "a non-empty string", max_bytes: int | None = None) -> Param:
+    """A non-empty string (a name, a path; `allowed` says which) of at most `max_bytes` in UTF-8
+    (a file name's part)."""
+    def check(name: str, value: Any) -> None:
+        _check_text(name, value)
+        if max_bytes is not None and len(value.encode("utf-8", "surrogateescape")) > max_bytes:
+            raise ValueError(f"{name}={shown(value)} is {len(value.encode('utf-8', 'surrogateescape'))} bytes long: "
+                             f"a file name's part holds at most {max_bytes}")
+    words = allowed + (f" of at most {max_bytes} bytes" if max_bytes is not None else "")
+    return Param(str, _or_none(words, optional), check, optional)
 
 
 def _check_flag(name: str, value: Any) -> None:
     if not isinstance(value, bool):
-        raise ValueError(f"{name} must be true or false, got {value!r}")
+        raise ValueError(f"{name} must be true or false, got {shown(value)}")
 
 
 def flag() -> Param:
@@ -126,7 +140,7 @@ def _grid(max_points: float, dims: int, lo: int = 3) -> Param:
 def _check_device(name: str, value: Any) -> None:
     if not (isinstance(value, str) and (value in ("auto", "cpu", "cuda")
                                         or (value.startswith("cuda:") and value[5:].isdigit()))):
-        raise ValueError(f"{name}={value!r} is not a device: use auto, cpu, cuda or cuda:N")
+        raise ValueError(f"{name}={shown(value)} is not a device: use auto, cpu, cuda or cuda:N")
 
 
 def _check_robust_resolution(name: str, value: Any) -> None:
@@ -140,18 +154,22 @@ _SUFFIX = re.compile(r"[A-Za-z0-9_.+-]*")
 
 def _check_suffix(name: str, value: Any) -> None:
     if not isinstance(value, str) or not _SUFFIX.fullmatch(value) or value.startswith("."):
-        raise ValueError(f"{name}={value!r} must be letters, digits and _ . + - (a file-name suffix; may be empty)")
+        raise ValueError(f"{name}={shown(value)} must be letters, digits and _ . + - "
+                         f"(a file-name suffix; may be empty)")
+    if len(value) > MAX_SUFFIX_BYTES:
+        raise ValueError(f"{name}={shown(value)} is {len(value)} characters long: a file-name suffix holds at most "
+                         f"{MAX_SUFFIX_BYTES}")
 
 
 EPS = number(0, 1)  # a budget in [0, 1] pixel space
 STEPS = integer(1, 100_000)
 PARAMS: dict[str, Param] = {
     # shared
-    "run": text(),
+    "run": text(allowed="a run name (a folder name)", max_bytes=FILE_NAME_BYTES),
     "dataset": choice(DATASETS),
     "data_dir": text(optional=True),
     "device": Param(str, "auto, cpu, cuda or cuda:N", _check_device),
-    "seed": integer(0),
+    "seed": integer(0, MAX_SEED),
     "threads": integer(1, optional=True),
     # 01 base model
     "model": choice(MODELS),
@@ -172,7 +190,7 @@ PARAMS: dict[str, Param] = {
     "stadv_tau": number(0),
     "stadv_steps": STEPS,
     "stadv_max_flow": number(0, lo_open=True, optional=True),
-    "stadv_flow_grid": listof(number(0, lo_open=True)),  # pixels; each <= the image side (stadv_flow_sweep checks)
+    "stadv_flow_grid": listof(number(0, lo_open=True)),  # pixels; each <= the image side (RULES)
     "n_autoattack": integer(1),
     "aa_eps": EPS,
     "aa_steps": STEPS,
@@ -202,11 +220,12 @@ PARAMS: dict[str, Param] = {
     "early_stop_steps": STEPS,
     "keep_epochs": listof(integer(1), min_len=0),
     "zoo_parts": listof(choice(ZOO_PARTS)),
-    "model_suffix": Param(str, "letters, digits and _ . + - (may be empty)", _check_suffix),
+    "model_suffix": Param(str, f"letters, digits and _ . + - (may be empty), at most {MAX_SUFFIX_BYTES}",
+                          _check_suffix),
     # 04 landscapes
     "n_images": integer(1),
     "landscape_split": choice(SPLITS),
-    "direction_seed": integer(0),
+    "direction_seed": integer(0, MAX_SEED),
     "normalization": choice(NORMS),
     "span": number(0, lo_open=True),
     "resolution": _grid(MAX_GRID_POINTS, 2),
@@ -231,7 +250,7 @@ PARAMS: dict[str, Param] = {
     "curvature_images": integer(1),  # advkit.curvature: first images of the landscape subset for the eigenvalue maps
     "eigen_map_resolution": _grid(MAX_GRID_POINTS, 2),
     "eigen_map_steps": integer(2, 1000),
-    "eigen_map_models": listof(text(), min_len=0),
+    "eigen_map_models": listof(text(allowed="a model of the run"), min_len=0),  # advkit.pipeline.check_environment
     "overwrite": flag(),
     # 05 flatness and correlation
     "n_subset": integer(1),
@@ -328,8 +347,16 @@ def _pretrained(checkpoint, dataset, model):
     return f"pretrained_checkpoint (akamaster's CIFAR-10 ResNets) needs dataset='cifar10' and model in {list(AKAMASTER_MODELS)}"
 
 
+def _flow_bounds(grid, max_flow, dataset):
+    """stAdv's flow bounds (pixels) cannot exceed the image side (advkit.evaluate.stadv_flow_sweep)."""
+    side = IMAGE_SIDES.get(dataset)
+    over = [f for f in [*(grid or []), max_flow] if side is not None and isinstance(f, (int, float)) and f > side]
+    return f"stAdv flow bounds {shown(over)} exceed the {dataset} image side of {side} pixels" if over else None
+
+
 AKAMASTER_MODELS = ("resnet20", "resnet32", "resnet44", "resnet56")
 RULES: list[Rule] = [
+    Rule(("stadv_flow_grid", "stadv_max_flow", "dataset"), _flow_bounds),
     Rule(("pretrained_checkpoint", "dataset", "model"), _pretrained),
     _at_most("n_autoattack", "n_eval"),
     _at_most("robust_n_images", "n_images"),
@@ -403,13 +430,13 @@ def check(name: str, value: Any, decl: Param) -> None:
         decl.check(name, value)
         return
     if not isinstance(value, (list, tuple)):
-        raise ValueError(f"{name}={value!r} must be {decl.allowed}")
+        raise ValueError(f"{name}={shown(value)} must be {decl.allowed}")
     if len(value) < decl.min_len:
-        raise ValueError(f"{name}={list(value)!r} is empty: must be {decl.allowed}")
+        raise ValueError(f"{name}=[] is empty: must be {decl.allowed}")
     for i, v in enumerate(value):
         check(f"{name}[{i}]", v, decl.item)
     if decl.item.kind is str and len(set(value)) < len(value):
-        raise ValueError(f"{name}={list(value)!r} repeats an element")
+        raise ValueError(f"{name}={shown(list(value))} repeats an element")
 
 
 def check_value(name: str, value: Any, decl: Param) -> str | None:
@@ -459,9 +486,9 @@ def validate(values: Mapping[str, Any], declared: Mapping[str, Mapping[str, Any]
     known = {name for params in declared.values() for name in params}
     for name, value in values.items():
         if name not in known:
-            raise ValueError(f"unknown parameter {name!r}; the notebooks take: {', '.join(sorted(known))}")
+            raise ValueError(f"unknown parameter {shown(name)}; the notebooks take: {', '.join(sorted(known))}")
         if name not in PARAMS:
-            raise ValueError(f"parameter {name!r} has no declaration in advkit/params.py (PARAMS)")
+            raise ValueError(f"parameter {shown(name)} has no declaration in advkit/params.py (PARAMS)")
         problem = check_value(name, value, PARAMS[name])
         if problem:
             raise ValueError(f"parameter {problem}")
@@ -470,7 +497,7 @@ def validate(values: Mapping[str, Any], declared: Mapping[str, Mapping[str, Any]
         if all(n in full for n in rule.names):
             problem = rule.check(*[full[n] for n in rule.names])
             if problem:
-                given = ", ".join(f"{n}={full[n]!r}" for n in rule.names)
+                given = ", ".join(f"{n}={shown(full[n])}" for n in rule.names)
                 raise ValueError(f"parameters {given}: {problem}")
     return full
 

@@ -19,13 +19,14 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from advkit import params
+from advkit import params, progress
+from advkit._checks import MAX_SHOWN, shown
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
 NOTEBOOKS = ("01_train", "02_attack", "03_finetune", "04_visualize", "05_flatness_correlation")
@@ -59,7 +60,7 @@ SWEEP_SECTION = "sweep"  # a profile's job settings for `python -m advkit sweep`
 
 def _profile_document(name: str) -> dict[str, Any]:
     if name not in available_profiles():
-        raise ValueError(f"profile={name!r} does not exist; choose one of {available_profiles()}")
+        raise ValueError(f"profile={shown(name)} does not exist; choose one of {available_profiles()}")
     path = PROFILES_DIR / f"{name}.yaml"
     values = _yaml(path.read_text(), f"profile {name!r} ({path})") or {}
     if not isinstance(values, dict):
@@ -68,8 +69,15 @@ def _profile_document(name: str) -> dict[str, Any]:
 
 
 def load_profile(name: str) -> dict[str, Any]:
-    """The parameter values of a profile (its `sweep:` section aside)."""
-    return {k: params.coerce(k, v) for k, v in _profile_document(name).items() if k != SWEEP_SECTION}
+    """The parameter values of a profile (its `sweep:` section aside). A profile sets every parameter
+    of every notebook, so that none silently takes the notebooks' (quick) default."""
+    values = {k: params.coerce(k, v) for k, v in _profile_document(name).items() if k != SWEEP_SECTION}
+    declared = {n for nb in notebook_parameters(notebook_paths()).values() for n in nb}
+    missing = sorted(declared - set(values))
+    if missing:
+        raise ValueError(f"profile {name!r} ({PROFILES_DIR / f'{name}.yaml'}) does not set {', '.join(missing)}: "
+                         f"a profile sets every parameter (python -m advkit params --profile quick lists them)")
+    return values
 
 
 def load_sweep_section(name: str) -> dict[str, Any]:
@@ -102,7 +110,9 @@ def check_variants(specs: Sequence[str]) -> None:
         try:
             parse_variant(spec)
         except ValueError as err:
-            raise ValueError(f"parameter at_variants={list(specs)!r}: at_variants[{i}]={spec!r} is invalid: {err}") from None
+            why = str(err) if len(str(err)) <= 2 * MAX_SHOWN else str(err)[:2 * MAX_SHOWN - 3] + "..."
+            raise ValueError(f"parameter at_variants={shown(list(specs))}: at_variants[{i}]={shown(spec)} "
+                             f"is invalid: {why}") from None
 
 
 def check_environment(values: dict[str, Any]) -> None:
@@ -110,11 +120,12 @@ def check_environment(values: dict[str, Any]) -> None:
     pretrained_checkpoint, a confidence_model the run will have (or has), a present GPU for
     device=cuda, a valid run name (advkit.runs.check_run_name)."""
     data_dir = values.get("data_dir")
-    if data_dir is not None and not Path(os.path.expanduser(data_dir)).is_dir():
-        raise ValueError(f"parameter data_dir={data_dir!r} is not a folder")
+    # os.path's tests answer False for a name too long or holding a NUL byte, where pathlib's raise
+    if data_dir is not None and not os.path.isdir(os.path.expanduser(data_dir)):
+        raise ValueError(f"parameter data_dir={shown(data_dir)} is not a folder")
     checkpoint = values.get("pretrained_checkpoint")
-    if checkpoint is not None and not Path(os.path.expanduser(checkpoint)).is_file():
-        raise ValueError(f"parameter pretrained_checkpoint={checkpoint!r} is not a file")
+    if checkpoint is not None and not os.path.isfile(os.path.expanduser(checkpoint)):
+        raise ValueError(f"parameter pretrained_checkpoint={shown(checkpoint)} is not a file")
     device = values.get("device", "auto")
     if device.startswith("cuda"):
         import torch
@@ -127,25 +138,101 @@ def check_environment(values: dict[str, Any]) -> None:
     from advkit import runs  # imports torch
 
     folder = runs.run_dir(runs.check_run_name(values.get("run", "quick")), create=False)  # names run= itself
-    model = values.get("confidence_model")
-    if model is not None and model not in params.expected_models(values):
+    wanted = {"confidence_model": [values.get("confidence_model")], "eigen_map_models": values.get("eigen_map_models")}
+    for param, models in wanted.items():
+        unknown = [m for m in models or [] if m is not None and m not in params.expected_models(values)]
+        if not unknown:
+            continue
         from advkit.variants import parse_variant
 
         expected = params.expected_models(values, name=lambda spec: parse_variant(spec).name)
         present = sorted(p.stem for p in (folder / "models").glob("*.pt")) if (folder / "models").is_dir() else []
-        if model not in expected + present:
-            raise ValueError(f"parameters confidence_model={model!r}, xu_attacks={values.get('xu_attacks')!r}, "
-                             f"at_variants={values.get('at_variants')!r}, keep_epochs={values.get('keep_epochs')!r}: "
-                             f"confidence_model must be one of the run's models {sorted(set(expected + present))}")
+        unknown = [m for m in unknown if m not in expected + present]
+        if unknown:
+            raise ValueError(f"parameters {param}={shown(values.get(param))}, "
+                             f"xu_attacks={shown(values.get('xu_attacks'))}, "
+                             f"at_variants={shown(values.get('at_variants'))}, "
+                             f"keep_epochs={shown(values.get('keep_epochs'))}: {param} must name the run's models "
+                             f"{sorted(set(expected + present))}; {shown(unknown)} is not one")
 
 
-def _yaml(text: str, where: str) -> Any:
+MAX_YAML_NODES = 10_000
+"""Values a YAML document may expand to: aliases share nodes, so ten nested lists of nine aliases
+(`&a0 [x, x, ...]`, `&a1 [*a0, *a0, ...]`, ...) are 9**10 values, which no parameter needs."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader refusing a mapping that repeats a key (the last would silently win)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                if key.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {shown(key.value)} is repeated (first on line "
+                        f"{seen[key.value].line + 1}): the last one would silently win", key.start_mark)
+                seen[key.value] = key.start_mark
+        return super().construct_mapping(node, deep)
+
+
+def _expanded_nodes(node: yaml.Node, budget: int) -> int:
+    """Nodes of the document under `node` as its aliases expand, counted up to `budget` + 1."""
+    count, stack = 0, [node]
+    while stack and count <= budget:
+        n = stack.pop()
+        count += 1
+        if isinstance(n, yaml.SequenceNode):
+            stack.extend(n.value)
+        elif isinstance(n, yaml.MappingNode):
+            stack.extend(part for pair in n.value for part in pair)
+    return count
+
+
+_NULL, _STR = "tag:yaml.org,2002:null", "tag:yaml.org,2002:str"
+
+
+def _read_as_text(node: yaml.Node, name: str) -> None:
+    """Plain scalars of a text parameter (or a list of texts) read as the text written: `run=no` is
+    the run "no", not False; `run=2024-01-01` not a date. A null stays None."""
+    decl = params.PARAMS.get(name)
+    if decl is None:
+        return
+    if decl.kind is str:
+        scalars = [node]
+    elif decl.item is not None and decl.item.kind is str and isinstance(node, yaml.SequenceNode):
+        scalars = node.value
+    else:
+        return
+    for n in scalars:
+        if isinstance(n, yaml.ScalarNode) and n.style is None and n.tag != _NULL:
+            n.tag = _STR
+
+
+def _yaml(text: str, where: str, parameter: str | None = None) -> Any:
+    """A YAML document: a `parameter`'s value, or (None) a profile mapping parameters to values. Refuses
+    repeated keys and documents expanding to more than MAX_YAML_NODES values; text parameters read as text."""
+    loader = _StrictLoader(text)
     try:
-        return yaml.safe_load(text)
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_nodes(node, MAX_YAML_NODES) > MAX_YAML_NODES:
+            raise ValueError(f"{where} is refused: its YAML aliases make it expand to more than {MAX_YAML_NODES} "
+                             f"values")
+        if parameter is not None:
+            _read_as_text(node, parameter)
+        elif isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode):
+                    _read_as_text(value, key.value)
+        return loader.construct_document(node)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
         raise ValueError(f"{where} is not valid YAML{at}: {getattr(err, 'problem', None) or err}") from None
+    finally:
+        loader.dispose()
 
 
 def parse_assignments(items: Sequence[str]) -> dict[str, Any]:
@@ -154,12 +241,12 @@ def parse_assignments(items: Sequence[str]) -> dict[str, Any]:
     out = {}
     for item in items:
         if "=" not in item:
-            raise ValueError(f"-p {item!r}: expected name=value")
+            raise ValueError(f"-p {shown(item)}: expected name=value")
         name, raw = item.split("=", 1)
         name = name.strip()
         if not name:
-            raise ValueError(f"-p {item!r}: the parameter name is empty; expected name=value")
-        value = _yaml(raw, f"-p {item!r}") if raw.strip() else ""
+            raise ValueError(f"-p {shown(item)}: the parameter name is empty; expected name=value")
+        value = _yaml(raw, f"-p {shown(item)}", name) if raw.strip() else ""
         out[name] = params.coerce(name, value, raw)
     return out
 
@@ -210,7 +297,8 @@ def _kernel_manager_class():
 
         @classmethod
         def kill_all(cls, grace: float = 3.0) -> None:
-            """SIGTERM each kernel's process group, SIGKILL what is left after `grace` seconds."""
+            """SIGTERM each kernel's process group, SIGKILL what is left after `grace` seconds, then
+            remove the IPC socket files and the connection file each kernel leaves in the temp folder."""
             groups = [getattr(km.provisioner, "pgid", None) or getattr(km.provisioner, "pid", None)
                       for km in list(cls.live) if km.provisioner is not None]
             for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -224,6 +312,9 @@ def _kernel_manager_class():
                     alive = [g for g in alive if _group_alive(g)]
                     time.sleep(0.05)
                 groups = alive
+            for km in list(cls.live):
+                km.cleanup_ipc_files()
+                km.cleanup_connection_file()
 
     return QuietKernelManager
 
@@ -294,38 +385,67 @@ def resolve_paths(values: dict[str, Any]) -> dict[str, Any]:
             for k, v in values.items()}
 
 
+@contextlib.contextmanager
+def default_environment(name: str, value: str) -> Iterator[str]:
+    """`os.environ[name]` (inherited by the kernels) set to `value` unless it is already set, and
+    removed again afterwards; yields the value in force."""
+    if os.environ.get(name):
+        yield os.environ[name]
+        return
+    os.environ[name] = value
+    try:
+        yield value
+    finally:
+        os.environ.pop(name, None)
+
+
 def run(profile: str = "quick", only: Sequence[str] | None = None, overrides: dict[str, Any] | None = None,
-        log_output: bool = False) -> Path:
-    """Validate the parameters, then execute the notebooks in order into `runs/<run>/notebooks/`."""
+        log_output: bool = False, plan: Any = None) -> Path:
+    """Validate the parameters, print the run's plan (`plan`: an advkit.plan.Request; None: no plan), then
+    execute the notebooks in order into `runs/<run>/notebooks/`."""
     values = {**load_profile(profile), **(overrides or {})}
     declared = notebook_parameters(notebook_paths())
     paths = notebook_paths(only)
     validate(values, declared)  # against every notebook, so a profile stays valid with --only
-    from advkit.runs import environment_info, resolve_environment_paths, run_dir, update_manifest  # torch: after validation
+    if plan is not None:  # its total before the first notebook; ValueError above plan.budget_h
+        plan.announce([resolve_paths(values)], only)
+    from advkit.runs import (Run, environment_info, one_at_a_time, resolve_environment_paths,  # torch: after validation
+                             run_dir, update_manifest)
 
     # Relative folders resolve once, against the caller's directory: kernels start in notebooks/.
     resolve_environment_paths()
     values = resolve_paths(values)
     run_name = str(values.get("run", profile))
-    out_dir = run_dir(run_name) / "notebooks"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    update_manifest(out_dir.parent, "pipeline", {"profile": profile, "parameters": values,
-                                                 "environment": environment_info(values.get("device", "auto"))})
-    for path in paths:
-        nb_params = {k: v for k, v in values.items() if k in declared[path.stem]}
-        t0 = time.perf_counter()
-        print(f"[advkit] {path.stem} started -> {out_dir / path.name}", flush=True)
-        try:
-            _execute(path, out_dir / path.name, nb_params, log_output)
-        except Interrupted as err:
-            print(f"[advkit] {path.stem} interrupted ({err}) after {time.perf_counter() - t0:.0f} s; "
-                  f"its kernel was shut down", flush=True)
-            raise
-        except Exception:
-            print(f"[advkit] {path.stem} failed after {time.perf_counter() - t0:.0f} s; "
-                  f"see {out_dir / path.name}", flush=True)
-            raise
-        print(f"[advkit] {path.stem} done in {time.perf_counter() - t0:.0f} s", flush=True)
+    root = run_dir(run_name)
+    # a run's figures go to runs/<run>/figures/ unless ADVKIT_FIGURES_DIR says otherwise: running the
+    # pipeline never rewrites the committed figures/ (`make notebooks` refreshes those)
+    with (one_at_a_time(Run(root).lock, "python -m advkit run"),  # a second run of it is refused
+          default_environment("ADVKIT_FIGURES_DIR", str(root / "figures"))):
+        out_dir = root / "notebooks"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        update_manifest(out_dir.parent, "pipeline", {"profile": profile, "parameters": values,
+                                                     "environment": environment_info(values.get("device", "auto"))})
+        log = out_dir.parent / "log.txt"  # these lines and the notebooks' progress lines (advkit.progress)
+
+        def say(text: str) -> None:
+            print(f"[advkit] {text}", flush=True)
+            progress.append(log, "advkit", text)
+
+        for path in paths:
+            nb_params = {k: v for k, v in values.items() if k in declared[path.stem]}
+            t0 = time.perf_counter()
+            say(f"{path.stem} started -> {out_dir / path.name}")
+            try:
+                # the kernel's progress lines (advkit.progress) go to log.txt and are printed as they come
+                with progress.following(log, path.stem, lambda line: print(f"[advkit] {line}", flush=True)):
+                    _execute(path, out_dir / path.name, nb_params, log_output)
+            except Interrupted as err:
+                say(f"{path.stem} interrupted ({err}) after {time.perf_counter() - t0:.0f} s; its kernel was shut down")
+                raise
+            except Exception:
+                say(f"{path.stem} failed after {time.perf_counter() - t0:.0f} s; see {out_dir / path.name}")
+                raise
+            say(f"{path.stem} done in {time.perf_counter() - t0:.0f} s")
     return out_dir.parent
 
 
@@ -350,6 +470,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p_run.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
                        help="override a parameter (repeatable)")
     p_run.add_argument("--log-output", action="store_true", help="stream notebook output")
+    from advkit.plan import Request, add_arguments
+
+    add_arguments(p_run)  # --budget, --reference
     p_params = sub.add_parser("params", help="list the notebooks' parameters and a profile's values")
     p_params.add_argument("--profile", default="quick")
     p_refresh = sub.add_parser("refresh", help="re-execute notebooks in place (maintainers; nbval outputs)")
@@ -369,7 +492,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.command == "refresh":
             refresh_notebooks(only)
             return
-        out = run(args.profile, only, parse_assignments(args.param), args.log_output)
+        out = run(args.profile, only, parse_assignments(args.param), args.log_output,
+                  Request(args.budget, args.reference))
         print(f"[advkit] run directory: {out}")
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -377,3 +501,36 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (Interrupted, KeyboardInterrupt) as err:
         print(f"[advkit] stopped ({err or 'SIGINT'})", file=sys.stderr)
         sys.exit(143 if str(err) == "SIGTERM" else 130)
+
+
+def plan_main(argv: Sequence[str] | None = None) -> None:
+    """`python -m advkit plan`: print the run's plan, notebook by notebook; exit 2 on a bad argument or a
+    plan above --budget."""
+    from advkit.plan import add_arguments, budget_table, check_budget, costs_for, plan_text, project
+
+    p = argparse.ArgumentParser(prog="python -m advkit plan",
+                                description="the run's cost before it starts, notebook by notebook (advkit.plan)")
+    p.add_argument("--profile", default="quick", help=f"one of {available_profiles()}")
+    p.add_argument("--only", default=None, help="comma-separated notebook numbers, e.g. 01,02")
+    p.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="override a parameter (repeatable)")
+    p.add_argument("--table", action="store_true", help="print every item as a Markdown table too")
+    p.add_argument("--fresh", action="store_true",
+                   help="measure again rather than reuse this device's cached costs")
+    add_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        values = {**load_profile(args.profile), **parse_assignments(args.param)}
+        params.validate(values, notebook_parameters(notebook_paths()))  # torch-free
+        only = parse_only(args.only)
+        if only is not None:
+            notebook_paths(only)  # names existing notebooks
+        costs = costs_for(values, only, args.reference, args.fresh)
+        items = project(values, costs, only)
+        print(plan_text(items, costs, [values["model"], values["at_model"] or values["model"]]))
+        if args.table:
+            print("\n" + budget_table(items))
+        check_budget(items, args.budget)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
-from advkit.data import DATASETS
+from advkit.data import DATASETS, Dataset
 from advkit.runs import Run, split_seed
 
 XU = "Xu, Yap & Prabhu 2019"
@@ -287,20 +287,25 @@ def _sources(run: Run, claim: str) -> tuple[pd.DataFrame | None, str]:
     return _stutz_values(run), "history/"
 
 
-def compare(run: Run | str | Path, claim: str, *, dataset: str = "cifar10",
+def compare(run: Run | str | Path, claim: str, *, dataset: str | Dataset = "cifar10",
             models: Sequence[str] | None = None) -> pd.DataFrame:
     """One claim's table: published value, this run's value, difference (run - published) and notes.
 
     On a dataset other than CIFAR-10 the published values are shown for reference only: the
-    difference is NaN and the note says so. The ordering claim adds rows with Kendall's tau and the
-    pairwise agreement of the run's ordering (rank 1 = sharpest) with the published one. `models`
-    keeps only those rows (e.g. ["base"] before the fine-tunes exist).
+    difference is NaN and the note says so. On CIFAR-10 given as the loaded `Dataset`, every note names
+    the files it came from (`Dataset.source`): on a JPEG copy the difference includes the copy's shift
+    from the original pixels the papers measured on. The ordering claim adds rows with Kendall's tau
+    and the pairwise agreement of the run's ordering (rank 1 = sharpest) with the published one.
+    `models` keeps only those rows (e.g. ["base"] before the fine-tunes exist).
     """
     _check_claim(claim)
+    data_note = f"run data: {dataset.source}" if isinstance(dataset, Dataset) and dataset.source else ""
+    dataset = dataset.name if isinstance(dataset, Dataset) else dataset
     if dataset not in DATASETS:
         raise ValueError(f"dataset={dataset!r} is not available; choose one of {list(DATASETS)}")
     run = Run.of(run)
     comparable = dataset == "cifar10"
+    data_note = data_note if comparable else ""  # elsewhere the reference note below names the dataset
     table, source = _sources(run, claim)
     table, replicates = mean_over_replicates(table)
     budgets = _budget_notes(run) if claim in ("xu_table1", "xu_table2") else {}
@@ -328,7 +333,7 @@ def compare(run: Run | str | Path, claim: str, *, dataset: str = "cifar10",
                     else "no flatness.csv row for this model (notebook 05)")
         elif claim == "stutz_table1" and not note:
             note = "run: PGD RErr on notebook 03's fixed test subset"
-        reference = "" if comparable else f"published value is CIFAR-10; this run: {dataset} (for reference)"
+        reference = data_note if comparable else f"published value is CIFAR-10; this run: {dataset} (for reference)"
         note = "; ".join(n for n in (note, replicates.get(p.model, "")) if n)
         diff = value - p.value if comparable or claim == "xu_sharpness_order" else np.nan
         rows.append({"claim": claim, "row": p.row, "column": p.column, "model": p.model, "published": p.value,
@@ -344,14 +349,17 @@ def compare(run: Run | str | Path, claim: str, *, dataset: str = "cifar10",
         for stat in ("kendall_tau", "pairwise_agreement"):
             rows.append({"claim": claim, "row": "ordering", "column": stat, "model": "", "published": 1.0,
                          "reproduced": agreement[stat], "difference": agreement[stat] - 1.0,
-                         "unit": "", "source": f"{XU}, Sec. 3, Fig. 1, FGSM > PGD > stAdv > clean", "note": note})
+                         "unit": "", "source": f"{XU}, Sec. 3, Fig. 1, FGSM > PGD > stAdv > clean",
+                         "note": "; ".join(n for n in (note, data_note) if n)})
     return pd.DataFrame(rows)
 
 
-def reported_vs_reproduced(run: Run | str | Path, claims: Sequence[str] | str, *, dataset: str = "cifar10",
-                           models: Sequence[str] | None = None, write: bool = True) -> pd.DataFrame:
+def reported_vs_reproduced(run: Run | str | Path, claims: Sequence[str] | str, *,
+                           dataset: str | Dataset = "cifar10", models: Sequence[str] | None = None,
+                           write: bool = True) -> pd.DataFrame:
     """The tables of `claims` for one run (rows of `models` only, if given), concatenated; each is also
-    written atomically to `run.reported(claim)` (the notebooks' one call)."""
+    written atomically to `run.reported(claim)` (the notebooks' one call, given the loaded Dataset so
+    that the notes name the data, `compare`)."""
     run = Run.of(run)
     claims = [claims] if isinstance(claims, str) else list(claims)
     for claim in claims:

@@ -8,12 +8,14 @@ every result of the round (`all_gather_object`), in item order. Rank 0 is the **
 writes after each round, atomically, what one process would have written after those items; a
 killed job leaves only complete rounds on disk and resumes from them, with any number of ranks.
 An exception on one rank is raised on every rank (no rank waits for a result that never comes).
+Before computing, the ranks check that they agree on what they compute (`agree`): ranks started
+with other settings raise, on every rank, before any file is touched.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -99,6 +101,26 @@ def gather(value: T) -> list[T]:
     out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, value)
     return out
+
+
+def agree(what: str, values: Mapping[str, Any]) -> None:
+    """Raise on every rank, naming the differing entries, unless every rank holds rank 0's
+    `values` (e.g. a surface's settings and cache key): ranks started with other parameters
+    would otherwise compute parts of different results into one file. Nothing happens alone."""
+    if world_size() == 1:
+        return
+    every = gather(dict(values))  # not a broadcast: rank 0 too must learn that another rank differs
+    shown = lambda d, k: repr(d[k]) if k in d else "nothing"  # noqa: E731 (repr: exact floats, NaN equal to NaN)
+    differing = [f"rank {r} has {k}={shown(mine, k)} where rank 0 has {shown(every[0], k)}"
+                 for r, mine in enumerate(every) for k in sorted(set(mine) | set(every[0]), key=str)
+                 if shown(mine, k) != shown(every[0], k)]
+    if differing:
+        raise RanksDisagree(f"the ranks disagree on the {what}: {'; '.join(differing)}. Start every rank with "
+                            "the same command, parameters and files (none of it is computed or written)")
+
+
+class RanksDisagree(ValueError):
+    """The ranks of one job were given different settings (see `agree`)."""
 
 
 class RankFailed(RuntimeError):

@@ -8,6 +8,7 @@ checksummed (`advkit.artifacts`), model files are `advkit.checkpoints`; this mod
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
@@ -15,7 +16,7 @@ import re
 import subprocess
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -25,9 +26,9 @@ import torch
 from torch import nn
 
 from advkit import params
-from advkit.artifacts import (CHECKSUM_SUFFIX, CorruptArtifactError, as_stored, atomic_path,  # noqa: F401
-                              atomic_write_text, checksum_path, clean_stale_temp_files, file_sha256, read_json,
-                              verified, write_json, writer_hint, writer_of)
+from advkit.artifacts import (CHECKSUM_SUFFIX, CorruptArtifactError, LockHeld, as_stored, atomic_path,  # noqa: F401
+                              atomic_write_text, checksum_path, clean_stale_temp_files, file_lock, file_sha256,
+                              read_json, update_json, verified, write_json, writer_hint, writer_of)
 from advkit.checkpoints import (MAX_PARAMETERS, SPEC_LIMITS, check_model_spec, load_checkpoint,  # noqa: F401
                                 load_model, load_torch, save_model)
 
@@ -76,20 +77,34 @@ def check_run_name(name: str | int) -> str:
     return name
 
 
+def check_folder(path: Path, what: str) -> Path:
+    """`path`, when it is a folder or can be made one; a ValueError naming `what` and the file in the
+    way when it, or a folder above it, is a file."""
+    for existing in (path, *path.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                why = "is a file, not a folder" if existing == path else f"cannot be a folder: {existing} is a file"
+                raise ValueError(f"{what}: {path} {why}; move the file away or choose another folder")
+            break
+    return path
+
+
 def runs_root() -> Path:
     """`$ADVKIT_RUNS_DIR` (made absolute), else `runs/` in the repository."""
     resolve_environment_paths()
-    return Path(os.environ.get("ADVKIT_RUNS_DIR") or repo_root() / "runs")
+    value = os.environ.get("ADVKIT_RUNS_DIR")
+    return check_folder(Path(value), "ADVKIT_RUNS_DIR") if value else repo_root() / "runs"
 
 
 def run_dir(name: str | int = "quick", create: bool = True) -> Path:
     """`$ADVKIT_RUNS_DIR/<name>` (default `runs/<name>` in the repository).
 
     `name` must be a plain folder name (`check_run_name`), so a run never writes outside the
-    runs folder. With `create`, the folder is made and temporary files left by killed atomic
-    writes are removed (`clean_stale_temp_files`).
+    runs folder, and a file where the folder goes is a ValueError naming it. With `create`, the
+    folder is made and temporary files left by killed atomic writes are removed
+    (`clean_stale_temp_files`).
     """
-    path = runs_root() / check_run_name(name)
+    path = check_folder(runs_root() / check_run_name(name), f"run={name}")
     if create:
         path.mkdir(parents=True, exist_ok=True)
         clean_stale_temp_files(path)
@@ -99,7 +114,7 @@ def run_dir(name: str | int = "quick", create: bool = True) -> Path:
 def figures_dir() -> Path:
     """`$ADVKIT_FIGURES_DIR` (made absolute), else `figures/` in the repository."""
     resolve_environment_paths()
-    path = Path(os.environ.get("ADVKIT_FIGURES_DIR") or repo_root() / "figures")
+    path = check_folder(Path(os.environ.get("ADVKIT_FIGURES_DIR") or repo_root() / "figures"), "ADVKIT_FIGURES_DIR")
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -153,12 +168,29 @@ def environment_info(device: str | torch.device | None = None) -> dict[str, Any]
 
 
 def update_manifest(run: "str | Path | Run", section: str, entry: dict[str, Any]) -> None:
-    """Merge `entry` under `section` of `run/manifest.json` (written atomically)."""
-    path = Run.of(run).manifest
-    manifest = read_json(path) if path.exists() else {}
-    manifest.setdefault(section, {}).update(entry)
-    manifest["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    write_json(path, manifest)
+    """Merge `entry` under `section` of `run/manifest.json` (written atomically, under the run folder's
+    lock, so notebooks, the driver and a sweep's jobs updating it at once lose nothing)."""
+
+    def merge(manifest: dict[str, Any]) -> dict[str, Any]:
+        manifest.setdefault(section, {}).update(entry)
+        manifest["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        return manifest
+
+    update_json(Run.of(run).manifest, merge, missing={})
+
+
+@contextlib.contextmanager
+def one_at_a_time(path: str | Path, command: str) -> Iterator[None]:
+    """Hold the lock file `path` (`file_lock`) while one `command` uses a run: a second is refused
+    with a ValueError naming the holder's pid (`python -m advkit run` holds `Run.lock`, a sweep
+    `sweep/sweep.lock`)."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(file_lock(path, wait=False))
+        except LockHeld as err:
+            raise ValueError(f"another {command} (pid {err.pid if err.pid is not None else 'unknown'}) holds {path}: "
+                             f"one {command} per run at a time; wait for it to finish, or choose another run") from None
+        yield
 
 
 # --- the one cache policy --------------------------------------------------------------------------
@@ -261,6 +293,11 @@ class Run(os.PathLike):
     def manifest(self) -> Path:
         """manifest.json: profile, parameters, seeds, versions (`update_manifest`)."""
         return self.root / "manifest.json"
+
+    @property
+    def lock(self) -> Path:
+        """run.lock: held by the `python -m advkit run` using this run (`one_at_a_time`)."""
+        return self.root / "run.lock"
 
     def model(self, name: str) -> Path:
         """models/<name>.pt: final weights (01 writes `base`, 03 the others)."""

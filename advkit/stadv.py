@@ -108,7 +108,7 @@ def stadv(model: nn.Module, x: torch.Tensor, y: torch.Tensor, tau: float = 0.05,
     example the successful flow with the smallest L_flow seen during the optimization, else the
     final flow.
     """
-    check_images(x, y)
+    check_images(x, y, model)
     check_number("tau", tau)
     check_int("steps", steps)
     check_choice("optimizer", optimizer, OPTIMIZERS)

@@ -14,18 +14,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
+import hashlib
 import itertools
+import math
 import re
+import signal
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
-from advkit import params, pipeline
-from advkit._checks import check_choice
+from advkit import params, pipeline, progress
+from advkit._checks import check_choice, shown
 from advkit.jobs import EXECUTORS, JobSettings, execute_cell, in_flight, make_executor, submit_and_wait
 
 NOTEBOOK = "03_finetune"
@@ -62,28 +63,43 @@ def parse_axes(items: Sequence[str], declared: Mapping[str, Any]) -> dict[str, l
         name, sep, raw = item.partition("=")
         name = name.strip()
         if not sep or not raw.strip():
-            raise ValueError(f"-g {item!r}: expected name=value1,value2,...")
+            raise ValueError(f"-g {shown(item)}: expected name=value1,value2,...")
         if name not in declared:
-            raise ValueError(f"-g {item!r}: {name!r} is not a parameter of notebook {NOTEBOOK}; "
+            raise ValueError(f"-g {shown(item)}: {shown(name)} is not a parameter of notebook {NOTEBOOK}; "
                              f"an axis is one of {', '.join(sorted(set(declared) - set(CELL_PARAMETERS)))}")
         if name in CELL_PARAMETERS:
-            raise ValueError(f"-g {item!r}: the sweep sets {name} itself (use --run for the run)")
+            raise ValueError(f"-g {shown(item)}: the sweep sets {name} itself (use --run for the run)")
         if name in axes:
-            raise ValueError(f"-g {item!r}: axis {name} is given twice")
+            raise ValueError(f"-g {shown(item)}: axis {name} is given twice")
+        texts = split_values(raw)
+        if len(texts) > MAX_CELLS:
+            raise ValueError(f"-g {shown(item)}: {len(texts)} values; a sweep runs at most {MAX_CELLS} cells")
         values = []
-        for text in split_values(raw):
+        for text in texts:
             value = pipeline.parse_assignments([f"{name}={text}"])[name]
             kind = params.PARAMS[name].kind if name in params.PARAMS else None
             values.append([value] if kind is list and not isinstance(value, list) else value)
-        if any(values.count(v) > 1 for v in values):
-            raise ValueError(f"-g {item!r}: a value repeats")
+        if len({repr(v) for v in values}) < len(values):
+            raise ValueError(f"-g {shown(item)}: a value repeats")
         axes[name] = values
     return axes
 
 
+MAX_TAG = 40  # characters of one axis value in a cell's name and model suffix (longer: cut, with a hash)
+MAX_CELLS = 10_000  # cells of one grid
+MAX_CELL_NAME = 120  # characters of a cell's name (its notebook's file name)
+
+
+def _shortened(text: str, limit: int) -> str:
+    """`text`, or its first characters and a hash of the whole when it is longer than `limit`."""
+    if len(text) <= limit:
+        return text
+    return text[:limit - 9] + "-" + hashlib.sha1(text.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+
+
 def _tag(name: str, value: Any) -> str:
     text = "-".join(map(str, value)) if isinstance(value, list) else str(value)
-    return re.sub(r"[^A-Za-z0-9_.+-]", "-", TAGS.get(name, name) + text)
+    return _shortened(re.sub(r"[^A-Za-z0-9_.+-]", "-", TAGS.get(name, name) + text), MAX_TAG)
 
 
 def cell_parts(axes: Mapping[str, Any], fixed: Mapping[str, Any]) -> list[str]:
@@ -108,13 +124,17 @@ class Cell:
 
 
 def plan(profile: str, axes: Mapping[str, list[Any]], fixed: Mapping[str, Any], run: str) -> list[Cell]:
-    """Every cell of the grid, each validated as a profile is (advkit.pipeline.validate), before any job."""
+    """Every cell of the grid, each validated as it will run (advkit.pipeline.validate: the profile's value
+    of an axis is never checked, each cell's is), before any job; the run name, device and files once."""
     from advkit.variants import parse_variant
 
     base = {**pipeline.load_profile(profile), **fixed, "run": run}
     declared = pipeline.notebook_parameters(pipeline.notebook_paths())
     parts = cell_parts(axes, fixed)
-    pipeline.validate(base, declared)  # the run name, device, files: once
+    count = math.prod(len(v) for v in axes.values())
+    if count > MAX_CELLS:
+        raise ValueError(f"the grid has {count} cells ({' x '.join(f'{k}: {len(v)}' for k, v in axes.items())}); "
+                         f"a sweep runs at most {MAX_CELLS}")
     cells, owner = [], {}
     for combo in itertools.product(*axes.values()):
         chosen = dict(zip(axes, combo))
@@ -122,10 +142,11 @@ def plan(profile: str, axes: Mapping[str, list[Any]], fixed: Mapping[str, Any], 
         suffix = "".join("_" + t for t in tags)  # the seed last: <name>_s<seed> (advkit.runs.split_seed)
         values = {**base, **chosen, "zoo_parts": parts, "model_suffix": suffix}
         name = "_".join([_tag("", v) for k in NAMING_AXES if k in chosen for v in chosen[k]] + tags) or "cell"
+        name = _shortened(name, MAX_CELL_NAME)
         try:
             pipeline.validate(values, declared, environment=False)
         except ValueError as err:
-            raise ValueError(f"sweep cell {name} ({chosen}): {err}") from None
+            raise ValueError(f"sweep cell {name} ({shown(chosen)}): {err}") from None
         models = [m for m in params.expected_models(values, name=lambda s: parse_variant(s).name) if m != "base"]
         for m in models:
             if m in owner:
@@ -133,6 +154,8 @@ def plan(profile: str, axes: Mapping[str, list[Any]], fixed: Mapping[str, Any], 
                                  f"add the axis that tells them apart to the model names")
             owner[m] = name
         cells.append(Cell(name, {k: values[k] for k in [*chosen, "zoo_parts", "model_suffix"]}, tuple(models)))
+    values = params.effective_values(base, declared)  # the machine's checks of what notebook 03 uses
+    pipeline.check_environment({k: v for k, v in values.items() if k in declared[NOTEBOOK]})
     return cells
 
 
@@ -164,17 +187,6 @@ def cell_is_done(run: Any, cell: Cell) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ValueError(f"another sweep holds {path}: one sweep per run at a time") from None
-        yield
-
-
 def check_prerequisites(run: Any, profile: str) -> None:
     """Notebooks 01 and 02 made the base model and the attack budgets (checksums verified)."""
     from advkit.artifacts import CorruptArtifactError, verified
@@ -196,7 +208,7 @@ def sweep(profile: str, axes: Mapping[str, list[Any]], fixed: Mapping[str, Any] 
     """Validate every cell, check notebooks 01-02's results, skip finished cells, submit the rest
     (`settings.jobs_per_gpu` cells per job) and wait; returns the state written to sweep.json.
     Failed cells are reported by name with their executed notebook; see `main` for the exit status."""
-    from advkit.runs import Run, resolve_environment_paths, update_manifest
+    from advkit.runs import Run, one_at_a_time, resolve_environment_paths, update_manifest
 
     fixed = dict(fixed or {})
     run = str(run or fixed.pop("run", None) or pipeline.load_profile(profile)["run"])
@@ -209,7 +221,13 @@ def sweep(profile: str, axes: Mapping[str, list[Any]], fixed: Mapping[str, Any] 
     folder = out / "sweep"
     base = pipeline.resolve_paths({**pipeline.load_profile(profile), **fixed, "run": run})
     declared = pipeline.notebook_parameters(pipeline.notebook_paths())[NOTEBOOK]
-    with _lock(folder / "sweep.lock"):
+    with one_at_a_time(folder / "sweep.lock", "sweep"):
+        terminal = echo
+
+        def echo(line: str) -> None:  # the terminal and the run's log.txt
+            terminal(line)
+            progress.append(out / "log.txt", "sweep", line.removeprefix("[advkit] "))
+
         state = {"profile": profile, "run": run, "executor": executor, "axes": dict(axes), "fixed": fixed,
                  "settings": asdict(settings), "cells": {}}
         records = {c.name: Record(c.values, list(c.models), str(folder / f"{c.name}.ipynb")) for c in cells}
@@ -236,7 +254,9 @@ def sweep(profile: str, axes: Mapping[str, list[Any]], fixed: Mapping[str, Any] 
         def payload(c: Cell) -> dict[str, Any]:
             values = {**base, **c.values}
             return {"name": c.name, "notebook": str(pipeline.notebooks_dir() / f"{NOTEBOOK}.ipynb"),
-                    "output": records[c.name].notebook, "environment": environment,
+                    "output": records[c.name].notebook,
+                    "environment": {**environment, progress.LOG_VARIABLE: str(out / "log.txt"),  # epochs in log.txt
+                                    progress.LABEL_VARIABLE: f"{NOTEBOOK} {c.name}"},
                     "parameters": {k: v for k, v in values.items() if k in declared},
                     "models": [str(out.model(m)) for m in c.models]}
 
@@ -265,8 +285,33 @@ def summary(state: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+class Stopped(KeyboardInterrupt):
+    """The sweep got SIGTERM or SIGHUP: it stops as on SIGINT (the jobs in flight are cancelled, their
+    cells marked in sweep.json), rather than leaving its jobs and their kernels running."""
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _stop(signum: int, frame: Any) -> None:
+    raise Stopped(signal.Signals(signum).name)
+
+
+def cell_values(profile: str, axes: Mapping[str, list[Any]], fixed: Mapping[str, Any], run: str | None) -> list[dict]:
+    """The parameter values of each cell of a sweep, every cell counted (finished ones too), after the
+    sweep's own checks: its cells (`plan`) and notebooks 01-02's results in the run."""
+    base = {**pipeline.load_profile(profile), **fixed}
+    run = str(run or fixed.get("run") or base["run"])
+    cells = plan(profile, axes, fixed, run)
+    from advkit.runs import Run
+
+    check_prerequisites(Run.named(run, create=False), profile)
+    return [pipeline.resolve_paths({**base, **c.values}) for c in cells]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m advkit sweep`: exit 0 when every cell is done, 1 when one failed, 2 on a bad argument."""
+    """`python -m advkit sweep`: exit 0 when every cell is done, 1 when one failed, 2 on a bad argument,
+    128 + the signal's number when stopped by SIGINT, SIGTERM or SIGHUP (130, 143, 129)."""
     p = argparse.ArgumentParser(prog="python -m advkit sweep", description=__doc__.splitlines()[0])
     p.add_argument("--profile", default="quick", help=f"one of {pipeline.available_profiles()}")
     p.add_argument("-g", "--grid", action="append", default=[], metavar="NAME=V1,V2",
@@ -282,7 +327,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--mem", default=None, help="per job, e.g. 32G")
     p.add_argument("--jobs-per-gpu", type=int, default=None, help="cells packed into one job, sharing its GPU")
     p.add_argument("--max-parallel", type=int, default=None, help="jobs at once")
+    from advkit.plan import Request, add_arguments
+
+    add_arguments(p)  # --budget, --reference
     args = p.parse_args(argv)
+    previous = {sig: signal.signal(sig, _stop) for sig in STOP_SIGNALS}
     try:
         if not args.grid:
             raise ValueError("give at least one axis, e.g. -g at_variants=pgd_at,trades -g seed=0,1")
@@ -292,14 +341,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         settings = JobSettings.of(pipeline.load_sweep_section(args.profile), partition=args.partition,
                                   gpus_per_job=args.gpus_per_job, cpus_per_job=args.cpus_per_job, time=args.time,
                                   mem=args.mem, jobs_per_gpu=args.jobs_per_gpu, max_parallel=args.max_parallel)
+        Request(args.budget, args.reference).announce(cell_values(args.profile, axes, fixed, args.run), [NOTEBOOK[:2]])
         state = sweep(args.profile, axes, fixed, args.run, args.executor, settings)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("[advkit] sweep stopped (SIGINT); the jobs in flight were cancelled, sweep.json says which; "
+    except KeyboardInterrupt as err:
+        name = err.args[0] if isinstance(err, Stopped) else "SIGINT"
+        print(f"[advkit] sweep stopped ({name}); the jobs in flight were cancelled, sweep.json says which; "
               "the same command resumes", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(128 + signal.Signals[name].value)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     print(summary(state))
     if failures(state):
         print(f"[advkit] {len(failures(state))} cell(s) failed; re-run the same command to retry them "

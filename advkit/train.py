@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import io
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -23,12 +24,13 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 from tqdm.auto import tqdm
 
-from advkit._torch import (autocast, check_choice, check_number, check_precision, loss_and_accuracy, model_device,
-                           train_mode)
+from advkit._torch import (autocast, check_choice, check_number, check_precision, gpu_policy, loss_and_accuracy,
+                           model_device, train_mode)
 from advkit.attack_model import COMPILE_MODES, forward_fn
 from advkit.data import Batcher
 from advkit.objectives import Objective, get_objective
 from advkit.params import OPTIMIZERS, RECIPES, SCHEDULES, check_fields, declared
+from advkit.progress import LoopProgress
 from advkit.runs import EARLY_SUFFIX, Run, as_stored, atomic_path, load_checkpoint, save_model
 
 __all__ = ["EARLY_SUFFIX", "FAST_RECIPE", "FitResult", "PAPER_TRAINING", "TrainConfig", "apply_recipe", "fast_config",
@@ -108,10 +110,11 @@ def _lr_lambda(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
 
 
 def _make_optimizer(model: nn.Module, config: TrainConfig, steps_per_epoch: int, device: torch.device | str):
-    """The optimizer and its schedule; on CUDA the fused implementation (one kernel per step for all
-    parameters instead of several per tensor), elsewhere torch's default (CPU results unchanged)."""
+    """The optimizer and its schedule; under the GPU policy (`gpu_policy`: on CUDA) the fused implementation
+    (one kernel per step for all parameters instead of several per tensor), elsewhere torch's default
+    (CPU results unchanged)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    impl = {"fused": True} if torch.device(device).type == "cuda" else {}
+    impl = {"fused": True} if gpu_policy(device) else {}
     if config.optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, **impl,
                               nesterov=config.nesterov and config.momentum > 0, weight_decay=config.weight_decay)
@@ -123,6 +126,9 @@ def _make_optimizer(model: nn.Module, config: TrainConfig, steps_per_epoch: int,
     else:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config, total))
     return opt, sched
+
+
+HISTORY_FORMAT = "%.6g"  # the numbers of history/<name>.csv, which a resumed fit reads back
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -144,7 +150,8 @@ def fit(model: nn.Module, train: Batcher, config: TrainConfig, *,
       (robust loss, robust error, ...) to each history row.
     - `run`/`name`: write `history/<name>.csv`, `models/<name>.pt` and the resumable state
       `checkpoints/<name>.state.pt` under the run directory (`Run`); an existing state is resumed
-      (its config and its Batcher's settings must equal these).
+      (its config and its Batcher's settings must equal these). FitResult.history is then the
+      CSV's numbers (6 significant digits), so a fresh and a resumed fit plot the same figure.
     - `select`: a history column to minimize (e.g. "val_robust_loss"): early stopping. The final
       weights stay the result (`models/<name>.pt`, FitResult.model); the best epoch's weights are
       kept as well (`models/<name>_early.pt`, FitResult.early), so both can be compared.
@@ -154,7 +161,7 @@ def fit(model: nn.Module, train: Batcher, config: TrainConfig, *,
     device = model_device(model)
     if isinstance(objective, str):
         objective = _named_objective(objective, config.label_smoothing)
-    if device.type == "cuda" and config.channels_last:
+    if gpu_policy(device) and config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt, sched = _make_optimizer(model, config, len(train), device)
     step_model = forward_fn(model, compile=config.compile)  # the model, or its compiled form (same parameters)
@@ -182,6 +189,7 @@ def fit(model: nn.Module, train: Batcher, config: TrainConfig, *,
 
     epochs = range(start + 1, config.epochs + 1)
     bar = tqdm(epochs, desc=f"train {name}", disable=not progress, initial=start, total=config.epochs)
+    steps = LoopProgress(f"train {name}", "epoch", config.epochs, start)  # the driver's log (advkit.progress)
     for epoch in bar:
         if stop_after is not None and epoch > stop_after:
             break
@@ -209,10 +217,11 @@ def fit(model: nn.Module, train: Batcher, config: TrainConfig, *,
                 best = (row[select], epoch, {k: v.detach().clone() for k, v in eval_model.state_dict().items()})
         bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k.endswith(("loss", "acc"))})
         if run is not None:
-            run.write_table(run.history(name), pd.DataFrame(history), index=False, float_format="%.6g")
+            run.write_table(run.history(name), pd.DataFrame(history), index=False, float_format=HISTORY_FORMAT)
             if epoch in keep_epochs:
                 save_model(run.epoch_model(name, epoch), eval_model, recorded, epoch=epoch)
             _save_state(run.training_state(name), model, opt, sched, averaged, recorded, epoch, best)
+        steps.step(epoch, ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k.endswith(("loss", "acc"))))
 
     final = averaged.module if averaged is not None else model
     early = None
@@ -227,7 +236,10 @@ def fit(model: nn.Module, train: Batcher, config: TrainConfig, *,
             files["early"] = save_model(run.early_model(name), early, recorded, epoch=best[1],
                                         early_stopped=True, select=select)
         files["history"] = run.history(name)
-    return FitResult(final, pd.DataFrame(history), best[1] if best else None, start, files, early)
+    table = pd.DataFrame(history)
+    if run is not None and history:  # as history/<name>.csv holds it: a fresh and a resumed fit return the same
+        table = pd.read_csv(io.StringIO(table.to_csv(index=False, float_format=HISTORY_FORMAT)))
+    return FitResult(final, table, best[1] if best else None, start, files, early)
 
 
 def _named_objective(name: str, label_smoothing: float) -> Objective:
@@ -258,7 +270,7 @@ def _train_one_epoch(model, step_model, train, objective, opt, sched, averaged, 
     total = torch.zeros((), device=device)
     with train_mode(model, True):
         for x, y in train:
-            if device.type == "cuda" and config.channels_last:
+            if gpu_policy(device) and config.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device, config.precision):
                 loss = objective(step_model, x, y)
@@ -290,7 +302,7 @@ _ADDED_FIELDS: dict[str, Any] = {"recipe": "paper", "compile": False}
 
 
 def _load_optimizer(opt: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
-    """Load a saved optimizer state but keep this optimizer's implementation (fused on CUDA, torch's
+    """Load a saved optimizer state but keep this optimizer's implementation (fused under the GPU policy, torch's
     default elsewhere), so a training state moves between devices; Adam's step counters follow it."""
     impl = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in opt.param_groups]
     opt.load_state_dict(saved)

@@ -42,6 +42,7 @@ from advkit.evaluate import STUTZ2021
 from advkit.flatness import avg_case_flatness, relative_flatness, worst_case_flatness
 from advkit.hessian import HessianOperator, adversarial_inputs, hessian_eigenvalues, hessian_trace
 from advkit.params import XU_ATTACKS, check_fields, declared
+from advkit.progress import LoopProgress
 from advkit.runs import Run, cache_is_current, file_sha256, is_epoch_name, load_checkpoint, load_model
 
 ZOO_VERSION = 2  # bump when a metric's definition changes: cached rows are then recomputed
@@ -278,10 +279,13 @@ def flatness_table(run: Run | str | Path, data: Dataset, settings: ZooSettings, 
     # writes flatness.csv after each round, so an interrupted call resumes.
     bar = tqdm(total=len(names), initial=len(names) - len(todo), desc="models",
                disable=not progress or not ranks.is_writer())
+    steps = LoopProgress("flatness", "model", len(names), len(names) - len(todo))  # the driver's log
     for measured in ranks.in_rounds(todo, measure):
         for (name, _), row in measured:
             rows[name] = row
         bar.update(len(measured))
+        if ranks.is_writer():
+            steps.step(len(rows), ", ".join(n for (n, _), _ in measured))
         if ranks.is_writer():
             run.write_table(run.flatness, _attach(_file_rows(cache, available, rows), results))
     bar.close()

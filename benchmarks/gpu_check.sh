@@ -129,7 +129,9 @@ if [ "$SMOKE" = 1 ]; then
        -p n_images=16 -p resolution=7 -p line_resolution=9 -p radius=0.5 -p robust_n_images=8 -p robust_resolution=0
        -p sensitivity_resolution=5 -p "sensitivity_radii=[0.5]" -p "sensitivity_none_radii=[0.05]"
        -p n_subset=16 -p pgd_steps=2 -p pgd_restarts=1 -p flatness_samples=2 -p worst_steps=2 -p hessian_iters=3
-       -p hessian_samples=4 -p n_resamples=100)
+       -p hessian_samples=4 -p n_resamples=100
+       -p direction_replicates=2 -p replicate_resolution=3 -p replicate_n_images=16 -p curvature_images=16
+       -p eigen_map_resolution=3 -p eigen_map_steps=3 -p invariance_images=16)
 else
   MODE="paper profile, reduced epochs and counts"
   P01=(-p epochs=10)
@@ -140,7 +142,7 @@ else
        -p n_images=2000 -p resolution=21 -p line_resolution=21 -p robust_n_images=200 -p robust_resolution=0
        -p sensitivity_resolution=11
        -p n_subset=500 -p pgd_steps=10 -p flatness_samples=5 -p worst_steps=5 -p hessian_iters=10
-       -p hessian_samples=20 -p n_resamples=1000)
+       -p hessian_samples=20 -p n_resamples=1000 -p invariance_images=500)
 fi
 EXTRA=()
 if [ -n "${ADVKIT_GPU_CHECK_PARAMS:-}" ]; then read -r -a EXTRA <<< "$ADVKIT_GPU_CHECK_PARAMS"; fi

@@ -16,7 +16,7 @@ and the correctness check beside it:
 - train: ResNet-32 with the fast recipe, stopped at 92.5 % test accuracy or after --train-seconds,
   beside the paper recipe's 160 epochs (batch 128) projected from two timed epochs
   (`train_speed.measure_training`);
-- paper: the paper profile projected from this run's unit costs (`paper_budget.project`), notebook
+- paper: the paper profile projected from this run's unit costs (`advkit.plan.project`), notebook
   by notebook, against the 1 h goal; a ResNet-18 PGD-7 training step and a robust line (PGD-20 at
   8 points, 1,000 images) are timed for it.
 
@@ -49,12 +49,13 @@ import torch
 from common import (RESULTS, append_results, load_images, profile_kernels, recalibrate_batchnorm, results_entry,
                     run_header, timed)  # first: puts the repository root on sys.path
 
-import paper_budget
 from advkit import landscape as L
-from advkit._torch import autocast
+from advkit import plan
+from advkit._torch import autocast, gpu_policy
 from advkit.attacks import pgd
 from advkit.directions import random_directions
 from advkit.models import get_model
+from advkit.pipeline import load_profile
 from advkit.runs import resolve_device
 
 ROWS = ("surface", "pgd", "hessian", "train", "paper")
@@ -128,7 +129,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace, sizes: Sizes):
         self.args, self.sizes = args, sizes
         self.device = resolve_device(args.device)
-        self.cuda = self.device.type == "cuda"
+        self.gpu = gpu_policy(self.device)  # the choices made for a GPU (also on a CPU under ADVKIT_GPU_POLICY=1)
         torch.backends.cudnn.benchmark = True
         torch.manual_seed(args.seed)
         n = max(sizes.n_surface, sizes.n_pgd, sizes.n_hessian)
@@ -212,8 +213,8 @@ def pgd_row(b: Bench) -> list[Row]:
     from attack_speed import TORCHATTACKS, VARIANTS, measure_pgd
 
     s = b.sizes
-    model = copy.deepcopy(b.model)  # channels_last on CUDA helps both sides (as attack_speed.py)
-    if b.cuda:
+    model = copy.deepcopy(b.model)  # channels_last on a GPU helps both sides (as attack_speed.py)
+    if b.gpu:
         model = model.to(memory_format=torch.channels_last)
     default = next(name for name in VARIANTS if name.startswith("advkit pgd default"))
     compiled = next((name for name in VARIANTS if "compile" in name), None)
@@ -335,24 +336,30 @@ def paper_row(b: Bench) -> tuple[Row, str]:
         return Row("paper profile, projected", "needs the rows surface, pgd, hessian, train", "-", None, "< 1 h",
                    None, f"missing unit costs: {', '.join(missing)}", None), ""
     model = get_model(s.at_arch, 10, 3).to(dev)
-    if b.cuda:  # as fit trains (TrainConfig.channels_last)
+    if b.gpu:  # as fit trains (TrainConfig.channels_last)
         model = model.to(memory_format=torch.channels_last)
     xb = b.x[:s.at_batch].to(dev)
     yb = b.y[:s.at_batch].to(dev)
-    at = get_objective("pgd_at", steps=paper_budget.MEASURED_AT_STEPS)
+    values = load_profile("paper")
+    at = get_objective("pgd_at", steps=values["at_steps"])
     at_steps = _steps_per_second(model, lambda m, x, y: at(m, x, y), xb, yb, s.timed_steps, dev)
     b.units["at_epoch"] = math.ceil(50_000 / s.at_batch) / at_steps
     b.units["robust_image_step"] = _robust_image_step(b)
-    r18 = b.units["at_epoch"] / (paper_budget.MEASURED_AT_STEPS + 1) / b.units["clean_epoch"]
-    units = paper_budget.UnitCosts(resnet18_factor=r18, **{k: b.units[k] for k in (
-        "clean_epoch", "at_epoch", "clean_point", "attack_image_step", "hvp", "robust_image_step")})
-    items = paper_budget.project(paper_budget.profile_values("paper"), units)
+    r32 = plan.UnitCosts(train=b.units["clean_epoch"] / 50_000, attack=b.units["attack_image_step"],
+                         point=b.units["clean_point"] / 10_000, hvp=b.units["hvp"] / 1000,
+                         stadv=b.units["attack_image_step"])  # stAdv iteration: counted as a PGD step
+    r18 = b.units["at_epoch"] / (values["at_steps"] + 1) / b.units["clean_epoch"]  # ResNet-18 over ResNet-32
+    units = {"resnet32": r32, values["at_model"]: plan.UnitCosts(
+        **{k: getattr(r32, k) * r18 for k in plan.KINDS}, at={"pgd_at": b.units["at_epoch"] / 50_000})}
+    costs = plan.Costs(b.device.type, "this run", "cifar10", units, {})
+    items = plan.project(values, costs)
     total = sum(it.seconds for it in items)
-    per_nb = ", ".join(f"{nb}: {sec / 3600:.2f} h" for nb, sec in paper_budget.by_notebook(items).items())
-    unit_text = ", ".join(f"{k} {v:.3g}" for k, v in dataclasses.asdict(units).items())
+    per_nb = ", ".join(f"{nb}: {sec / 3600:.2f} h" for nb, sec in plan.by_notebook(items).items())
+    unit_text = (", ".join(f"{k} {getattr(r32, k):.3g}" for k in plan.KINDS)
+                 + f"; ResNet-18 x {r18:.3g}; robust image-step {b.units['robust_image_step']:.3g}")
     row = Row("paper profile (advkit/profiles/paper.yaml), projected", f"{total / 3600:.2f} h ({per_nb})", "-",
-              None, "< 1 h", total < 3600, f"unit costs (s): {unit_text}", None)
-    return row, paper_budget.budget_table(items)
+              None, "< 1 h", total < 3600, f"unit costs (s per image): {unit_text}", None)
+    return row, plan.budget_table(items)
 
 
 # --- the run ---------------------------------------------------------------------------------------------
@@ -392,7 +399,7 @@ def run(args: argparse.Namespace) -> tuple[str, str, list[str]]:
               f"wall {time.perf_counter() - start:.0f} s for the whole table (data loading included)")
     body = table(rows)
     if budget:
-        body += "\n\nPaper profile, projected from this run's unit costs (benchmarks/paper_budget.py):\n\n" + budget
+        body += "\n\nPaper profile, projected from this run's unit costs (advkit.plan):\n\n" + budget
     for title, prof in b.profiles:
         body += f"\n\nProfile of {title}:\n\n{prof}"
     return header, body, failed

@@ -34,7 +34,7 @@ import torch
 
 from common import add_output_args, publish, run_header  # first: repository root on sys.path
 
-from advkit._torch import loss_and_accuracy, resolve_precision
+from advkit._torch import gpu_policy, loss_and_accuracy, resolve_precision
 from advkit.data import Batcher, get_dataset
 from advkit.models import get_model
 from advkit.runs import resolve_device
@@ -121,7 +121,7 @@ def measure_training(device: torch.device | str, data_dir: str | None, recipe: s
     later = [r["epoch_s"] for r in log[1:]] or [log[0]["epoch_s"]]
     hit = next((i for i, r in enumerate(log) if target_acc is not None and r["test_acc"] >= target_acc), None)
     return {"model": model, "recipe": recipe, "batch_size": batch_size, "compile": config.compile,
-            "fused": device.type == "cuda", "precision": resolve_precision(config.precision, device),
+            "fused": gpu_policy(device), "precision": resolve_precision(config.precision, device),
             "data": what, "n_train": len(y), "schedule_epochs": config.epochs, "epochs_run": len(log),
             "first_epoch_s": log[0]["epoch_s"], "epoch_s": statistics.median(later),
             "images_per_s": len(y) / statistics.median(later), "train_s": clock["train"], "wall_s": wall,

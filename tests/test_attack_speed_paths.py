@@ -5,8 +5,9 @@ into the attack's first forward; CIFAR-shaped inputs and a ResNet-20 with BatchN
 Folding changes float rounding only, but a pre-activation within rounding of 0 switches its
 ReLU, and PGD's sign steps turn the changed input gradient into flipped pixels that later steps
 build on (ResNet-20, 5 steps: 2-5 % of pixels differ; channels_last alone: up to 1 %), so x_adv
-are compared by the share of equal pixels (>= 95 %), robust accuracy (equal) and adversarial
-loss (mean within 2 %).
+are compared by the share of equal pixels (>= 95 %), robust accuracy (equal; within one image
+for FGSM, APGD and AutoAttack, whose result on a CPU's other kernels may flip an image at the
+margin) and adversarial loss (mean within 2 %).
 """
 
 import pytest
@@ -60,11 +61,12 @@ def robust_accuracy_and_loss(model, x_adv, y):
     return (logits.argmax(1) == y).float().mean().item(), F.cross_entropy(logits, y).item()
 
 
-def assert_same_attack(model, a, b, y):
+def assert_same_attack(model, a, b, y, flips=0):
+    """>= 95 % equal pixels, robust accuracies within `flips` images, losses within 2 %."""
     assert (a == b).float().mean() >= 0.95
     acc_a, loss_a = robust_accuracy_and_loss(model, a, y)
     acc_b, loss_b = robust_accuracy_and_loss(model, b, y)
-    assert acc_a == acc_b
+    assert abs(acc_a - acc_b) <= flips / len(y) + 1e-9
     assert abs(loss_a - loss_b) <= 0.02 * abs(loss_a)
 
 
@@ -98,7 +100,7 @@ def test_fgsm_apgd_and_autoattack_with_folded_batchnorm_match_plain(model, data)
     for attack, kw in [(fgsm, {}), (apgd, {"steps": 4}), (autoattack, {"steps": 4, "n_target_classes": 2})]:
         plain = attack(model, x, y, EPS, fold_bn=False, **kw)
         folded = attack(model, x, y, EPS, fold_bn=True, **kw)
-        assert_same_attack(model, plain, folded, y)
+        assert_same_attack(model, plain, folded, y, flips=1)  # an image at the margin may flip on another CPU
 
 
 def test_cpu_default_is_the_plain_model(model, data):
@@ -229,6 +231,7 @@ def test_nan_weights_and_bad_labels_still_raise(data, attack, fold_bn):
 # --- torch.compile (slow on CPU: one small model, one test) -----------------------------------------------
 
 
+@pytest.mark.gpu_policy
 def test_compiled_folded_pgd_matches_plain():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
@@ -239,8 +242,9 @@ def test_compiled_folded_pgd_matches_plain():
     net.eval()
     with torch.no_grad():
         y = net(x).argmax(1)
-    plain = pgd(net, x, y, 4 / 255, steps=4, keep_best=False, fold_bn=False)
-    compiled = pgd(net, x, y, 4 / 255, steps=4, keep_best=False, fold_bn=True, compile="reduce-overhead")
+    plain = pgd(net, x, y, 4 / 255, steps=4, keep_best=False, fold_bn=False, precision="fp32")
+    compiled = pgd(net, x, y, 4 / 255, steps=4, keep_best=False, fold_bn=True, compile="reduce-overhead",
+                   precision="fp32")  # fp32 also under ADVKIT_GPU_POLICY=1 (whose "auto" is bf16)
     assert_same_attack(net, plain, compiled, y)
     assert "reduce-overhead" in folded_model(net).__dict__["_attack_compiled"]  # the folded copy was compiled
     assert net not in attack_model._compiled

@@ -373,3 +373,37 @@ def test_labels_outside_the_classes_are_rejected(name, bad, random_model, random
     kwargs = {} if name == "fgsm" else {"steps": 1}
     with pytest.raises(ValueError, match=r"y must be class indices in \[0, 9\]"):
         get_attack(name)(random_model, x, y, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["fgsm", "pgd", "apgd-ce", "apgd-t", "autoattack", "stadv"])
+def test_attacks_name_a_dtype_mismatch_and_a_model_without_logits(name, random_model, random_data):
+    x, y = random_data
+    attack = get_attack(name)
+    with pytest.raises(ValueError, match="x has dtype torch.float64 but the model's weights are torch.float32"):
+        attack(random_model, x.double(), y)
+
+    class TwoOutputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = random_model
+
+        def forward(self, x):
+            return self.inner(x), x
+
+    with pytest.raises(ValueError, match="must return a tensor of logits .* got a tuple"):
+        attack(TwoOutputs().eval(), x, y)
+
+
+def test_accuracy_of_a_model_with_nan_weights_is_an_error(random_model, random_data):
+    import copy
+
+    from advkit.evaluate import accuracy as top1
+
+    x, y = random_data
+    broken = copy.deepcopy(random_model)
+    with torch.no_grad():
+        for p in broken.parameters():
+            p.fill_(float("nan"))
+    assert 0 <= top1(random_model, x, y) <= 1
+    with pytest.raises(ValueError, match="non-finite logits"):
+        top1(broken, x, y)

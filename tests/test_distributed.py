@@ -7,7 +7,9 @@ as the test process (tests/conftest.py), so that the float path is the same."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import json
 import math
 import os
@@ -104,7 +106,41 @@ def _surfaces_and_an_error(folder: Path) -> None:
         (folder / f"error_{ranks.rank()}.txt").write_text(type(err).__name__)
 
 
-JOBS = {"surfaces": _surfaces_and_an_error, "flatness": flatness, "killed": _killed_grid, "resumed": _resumed_grid}
+def _disagreeing_ranks(folder: Path) -> None:
+    """Rank 0 asks for a 5 x 5 grid, rank 1 for a 7 x 7 one, into the same file: the agreement on
+    the surface's settings refuses; without it, the writer's check of each received row does; the
+    torchrun command refuses ranks started with other parameters. Each rank records what it saw."""
+    from advkit.distributed import main
+
+    model, x, y = tiny_inputs()
+    d2 = random_directions(model, 2, seed=0)
+    rank = ranks.rank()  # kept: the failed command ends the process group
+    resolution = GRID_ROWS if rank == 0 else GRID_ROWS + 2
+    seen = {}
+
+    def attempt(step, compute):
+        try:
+            seen[step] = f"finished: {compute()!r}"
+        except Exception as err:  # noqa: BLE001 - recorded for the test
+            seen[step] = f"{type(err).__name__}: {err}"
+
+    grid = lambda: compute_surface(model, d2, x, y, SurfaceSettings(resolution=resolution),  # noqa: E731
+                                   path=folder / "grid.nc")
+    attempt("settings", grid)
+    agree, ranks.agree = ranks.agree, lambda what, values: None  # as before the agreement existed
+    try:
+        attempt("rows", grid)
+    finally:
+        ranks.agree = agree
+    command = ["surfaces", "--run-name", "disagree", "-p", f"resolution={4 * resolution + 1}"]  # 21 or 29: valid
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        attempt("command", lambda: main(command))
+    seen["command"] += " " + err.getvalue()
+    (folder / f"seen_{rank}.json").write_text(json.dumps(seen))
+
+
+JOBS = {"surfaces": _surfaces_and_an_error, "flatness": flatness, "killed": _killed_grid, "resumed": _resumed_grid,
+        "disagree": _disagreeing_ranks}
 
 
 def _rank(rank: int, world: int, rendezvous: str, job: str, folder: str) -> None:
@@ -114,7 +150,8 @@ def _rank(rank: int, world: int, rendezvous: str, job: str, folder: str) -> None
     try:
         JOBS[job](Path(folder))
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # the torchrun command ends the group itself when it fails
+            dist.destroy_process_group()
 
 
 def spawn(job: str, folder: Path, tmp_path: Path, world: int = 2) -> None:
@@ -140,6 +177,7 @@ def assert_same_surface(a: Path, b: Path) -> None:
 def test_outside_torchrun_there_is_one_rank_and_nothing_is_sent():
     assert not ranks.active() and ranks.rank() == 0 and ranks.world_size() == 1 and ranks.is_writer()
     assert ranks.gather(3) == [3] and ranks.broadcast("x") == "x"
+    ranks.agree("settings", {"resolution": 5})  # alone there is no one to disagree with
     assert [r for r in ranks.in_rounds([1, 2, 3], lambda i: i * i)] == [[(1, 1)], [(2, 4)], [(3, 9)]]
     with pytest.raises(ZeroDivisionError):
         list(ranks.in_rounds([0], lambda i: 1 / i))
@@ -170,6 +208,24 @@ def test_a_killed_two_rank_surface_resumes_from_the_rounds_on_disk(tmp_path):
     assert len(calls) == math.ceil((GRID_ROWS - rows_done) / 2)  # only the missing rows, two per round
     assert calls[-1] == GRID_ROWS ** 2
     assert_same_surface(tmp_path / "one" / "grid.nc", tmp_path / "two" / "grid.nc")
+
+
+def test_ranks_with_other_settings_stop_before_writing_and_leave_no_wrong_points(tmp_path):
+    folder = tmp_path / "two"
+    folder.mkdir()
+    spawn("disagree", folder, tmp_path)
+    seen = [json.loads((folder / f"seen_{r}.json").read_text()) for r in (0, 1)]
+    for rank_seen in seen:  # every rank stops, with the error naming the setting
+        assert rank_seen["settings"].startswith("RanksDisagree: the ranks disagree on the surface grid.nc")
+        assert "rank 1 has resolution=7 where rank 0 has 5" in rank_seen["settings"]
+        assert rank_seen["command"].startswith("finished: 2 error: the ranks disagree on the parameters")
+        assert "rank 1 has resolution=29 where rank 0 has 21" in rank_seen["command"]
+    assert seen[0]["rows"].startswith("ValueError: rank 1 sent 7 point(s)")  # 7 x 7's second row, refused
+    assert seen[1]["rows"].startswith("ValueError: rank 0 sent 5 point(s)")
+    assert not (folder / "grid.nc").exists()  # not one point of the wrong grid was written
+    surfaces(folder, only_grid=True)  # a correct one-process run then equals a clean one
+    surfaces(tmp_path / "clean", only_grid=True)
+    assert_same_surface(tmp_path / "clean" / "grid.nc", folder / "grid.nc")
 
 
 def _zoo(folder: Path) -> Run:

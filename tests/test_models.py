@@ -78,3 +78,48 @@ def test_every_model_takes_grey_digits(name):
     """A CIFAR architecture on 1-channel 8x8 digits: no RGB statistics forced on one channel."""
     model = get_model(name, 10, in_channels=1).eval()
     assert model(torch.rand(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_bad_akamaster_files_are_errors_naming_the_file(tmp_path):
+    import os
+
+    (tmp_path / "random.th").write_bytes(os.urandom(4096))
+    (tmp_path / "empty.th").write_bytes(b"")
+    for name in ("random.th", "empty.th"):
+        with pytest.raises(ValueError, match=f"{tmp_path / name} is not a readable PyTorch checkpoint"):
+            load_akamaster_checkpoint(tmp_path / name)
+    state = {"module." + k: v for k, v in get_model("resnet20", 10, 3).state_dict().items()}
+    torch.save({"state_dict": state}, tmp_path / "resnet20.th")
+    with pytest.raises(ValueError, match=r"resnet20.th does not fit a ResNet-32 \(it holds a ResNet-20\)"):
+        load_akamaster_checkpoint(tmp_path / "resnet20.th", depth=32)
+    load_akamaster_checkpoint(tmp_path / "resnet20.th", depth=20)
+    state["module.linear.weight"] = torch.full_like(state["module.linear.weight"], float("nan"))
+    torch.save({"state_dict": state}, tmp_path / "nan.th")
+    with pytest.raises(ValueError, match=r"nan.th: 1 tensor\(s\) hold NaN or inf values \(linear.weight\)"):
+        load_akamaster_checkpoint(tmp_path / "nan.th", depth=20)
+
+
+@pytest.mark.parametrize("kwargs", [{"std": [0]}, {"std": [-0.2]}, {"mean": [float("nan")]}, {"std": [float("inf")]}])
+def test_normalization_constants_must_be_finite_and_positive(kwargs):
+    with pytest.raises(ValueError, match="standard deviations positive and finite"):
+        get_model("small_cnn", 10, 1, **kwargs)
+
+
+@pytest.mark.filterwarnings("ignore:.*has no recorded checksum")  # the hand-edited files
+def test_saved_models_with_bad_normalization_or_nan_weights_are_refused(tmp_path):
+    from advkit.checkpoints import load_model, save_model
+
+    model = get_model("small_cnn", 10, 1)
+    path = save_model(tmp_path / "m.pt", model)
+    for key, value in (("std", [0.0]), ("mean", [float("nan")])):
+        payload = torch.load(path, weights_only=True)
+        payload["spec"] = {**payload["spec"], "model_kwargs": {**payload["spec"].get("model_kwargs", {}), key: value}}
+        bad = tmp_path / f"{key}.pt"
+        torch.save(payload, bad)
+        with pytest.raises(ValueError, match=f"{bad}: {key}="):
+            load_model(bad)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    save_model(tmp_path / "nan.pt", model)
+    with pytest.raises(ValueError, match=r"nan.pt: 1 tensor\(s\) hold NaN"):
+        load_model(tmp_path / "nan.pt")

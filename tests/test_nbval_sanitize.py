@@ -1,4 +1,4 @@
-"""nbval_sanitize.cfg: outputs that differ only in measurements compare equal; structure and counts still differ."""
+"""nbval_sanitize.cfg: orderings, booleans, padding and addresses are masked; numbers and structure are not."""
 
 from pathlib import Path
 
@@ -17,16 +17,14 @@ def sanitize(text: str) -> str:
     return text
 
 
-# Pairs seen between two CPUs' executions of the quick profile (notebooks 02, 04, 05).
+# Pairs seen between two CPUs' executions of the quick profile (notebooks 04, 05); decimals are left to
+# tools/nbval_tolerance.py (tests/test_nbval_tolerance.py).
 SAME = [
-    ("base   0.972  0.519  0.431    0.0", "base   0.972  0.511  0.422    0.0"),
-    ("robust_gap   -0.089  3.421", "robust_gap    0.012  3.421"),                     # sign changes the width
-    ("<td>0.519</td>", "<td>0.511</td>"),
-    ("max_flow  accuracy\n0.1    0.7167", "max_flow  accuracy\n0.1    0.7208"),          # four decimals too
-    ("p = 5.5e-08, n = 200", "p = 1.2e-07, n = 200"),
+    ("robust_gap   -0.089  3.421", "robust_gap  -0.089    3.421"),                     # padding
     ("curvature filter 0.10 base > stadv > pgd > fgsm > trades > trades_ea... 1.000 True",
-     "curvature filter 0.10 base > stadv > fgsm > pgd > trades 0.852 False"),
+     "curvature filter 0.10 base > stadv > fgsm > pgd > trades 1.000 False"),
     ("<td>base &gt; stadv &gt; pgd</td>", "<td>base &gt; pgd &gt; stadv</td>"),
+    ("<function f at 0x7f3a2c1d0e50>", "<function f at 0x7f12aa0b1c10>"),
 ]
 DIFFERENT = [
     ("n = 12 models", "n = 11 models"),                                    # counts are structure
@@ -36,11 +34,13 @@ DIFFERENT = [
     ("eps 0.0627\nsteps 10", "eps 0.0627\nsteps 20"),
     ("pgd_alpha None", "pgd_alpha 0.0157"),                                # a missing value is structure
     ("python 3.11.7", "python 3.11.8"),                                    # not a number: a version
+    ("base   0.972  0.519", "base   0.972  0.511"),                        # numbers reach the tolerance
+    ("<Figure size 900x320 with 2 Axes>", "<Figure size 900x330 with 2 Axes>"),  # not an address
 ]
 
 
 @pytest.mark.parametrize("a, b", SAME)
-def test_measurements_compare_equal(a, b):
+def test_masked_parts_compare_equal(a, b):
     assert a != b and sanitize(a) == sanitize(b)
 
 

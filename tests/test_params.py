@@ -59,7 +59,7 @@ def test_notebook_defaults_are_the_quick_profile(declared, notebook):
     assert not differ, f"{stem}'s parameters cell differs from advkit/profiles/quick.yaml: {{name: (cell, yaml)}} {differ}"
 
 
-@pytest.mark.parametrize("profile", ["quick", "paper"])
+@pytest.mark.parametrize("profile", ["quick", "paper", "study"])
 def test_each_profile_sets_every_declared_parameter_and_no_other(declared, profile):
     """A profile is one file holding all its values: none comes from another profile (the paper
     profile would otherwise inherit the notebooks' quick defaults) and none lacks a declaration."""
@@ -122,7 +122,8 @@ def test_validation_does_not_import_torch():
             "    else:\n        raise SystemExit(f'accepted {bad}')\n"
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('advkit')))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-    assert out.stdout.strip() == "['advkit', 'advkit._checks', 'advkit.params', 'advkit.pipeline']", out.stdout
+    assert out.stdout.strip() == ("['advkit', 'advkit._checks', 'advkit.params', 'advkit.pipeline', "
+                                  "'advkit.progress']"), out.stdout
 
 
 @pytest.mark.parametrize("notebook", ["01", "02", "03", "04", "05"])

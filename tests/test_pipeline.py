@@ -178,20 +178,25 @@ def _running(pid: int) -> bool:
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
 def test_killed_driver_stops_its_kernel(tmp_path):
+    temp = tmp_path / "tmp"  # the driver's temporary folder: the kernel's IPC sockets and connection file
+    temp.mkdir()
     env = {**os.environ, "ADVKIT_RUNS_DIR": str(tmp_path / "runs"), "ADVKIT_FIGURES_DIR": str(tmp_path / "fig"),
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1", "TMPDIR": str(temp)}
     proc = subprocess.Popen([sys.executable, "-m", "advkit", "run", "--only", "01", "-p", "epochs=500",
                              "-p", "run=killed"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        assert "01_train started" in proc.stdout.readline()
+        assert any("01_train started" in line for line in iter(proc.stdout.readline, ""))
         history = tmp_path / "runs" / "killed" / "history" / "base.csv"
         deadline = time.monotonic() + 120
         while not history.exists() and time.monotonic() < deadline:  # the kernel is training
             time.sleep(0.5)
         kernels = [k for k in _children(proc.pid) if _running(k)]
         assert history.exists() and kernels
+        kernel_files = sorted(temp.glob(f"advkit-kernel-{proc.pid}-*")) + sorted(temp.glob("tmp*.json"))
+        assert len(kernel_files) == 6  # five sockets and the connection file
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 143
+        assert not any(f.exists() for f in kernel_files)  # removed by the driver on its way out
         time.sleep(3)
         assert not any(_running(k) for k in kernels)
         size = history.stat().st_size
@@ -224,14 +229,112 @@ def test_refresh_executes_the_notebooks_in_place_with_their_defaults(monkeypatch
     assert [(p.stem, o == p, par) for p, o, par in calls] == [("02_attack", True, {}), ("04_visualize", True, {})]
 
 
-def test_pipeline_runs_notebook_01(tmp_run, capfd):
+def test_pipeline_runs_notebook_01(tmp_run, capfd, monkeypatch):
+    monkeypatch.delenv("ADVKIT_FIGURES_DIR")  # as `make run`: the figures go into the run
+    committed = {p: p.stat().st_mtime_ns for p in (Path(pipeline.__file__).parent.parent / "figures").glob("*")}
     out = pipeline.run("quick", only=["01"], overrides={"epochs": 2, "run": "smoke"})
     printed = capfd.readouterr()  # the kernel's stderr too
     assert "without encryption" not in printed.err and "KeyboardInterrupt" not in printed.err, printed.err
     assert f"01_train started -> {out / 'notebooks' / '01_train.ipynb'}" in printed.out
     assert "01_train done in" in printed.out
     assert (out / "notebooks" / "01_train.ipynb").exists() and (out / "models" / "base.pt").exists()
-    assert (tmp_run / "figures" / "01_learning_curves.png").exists()
+    assert (out / "figures" / "01_learning_curves.png").exists()
+    assert {p: p.stat().st_mtime_ns for p in committed} == committed  # the checkout's figures/ untouched
     import json
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["pipeline"]["parameters"]["epochs"] == 2 and manifest["pipeline"]["environment"]["versions"]["torch"]
+
+
+def test_a_run_draws_its_figures_into_the_run_and_never_into_the_committed_figures(tmp_run, monkeypatch):
+    """Without ADVKIT_FIGURES_DIR (as `make run`), the kernels get runs/<run>/figures/, so running the
+    pipeline leaves the checkout clean; a folder given is kept; the variable is restored afterwards."""
+    seen = []
+    monkeypatch.setattr(pipeline, "_execute", lambda *args, **kwargs: seen.append(os.environ.get("ADVKIT_FIGURES_DIR")))
+    monkeypatch.delenv("ADVKIT_FIGURES_DIR")
+    out = pipeline.run("quick", only=["01", "03"], overrides={"run": "clean_tree"})
+    assert seen == [str(out / "figures")] * 2 and out == tmp_run / "runs" / "clean_tree"
+    assert "ADVKIT_FIGURES_DIR" not in os.environ
+    monkeypatch.setenv("ADVKIT_FIGURES_DIR", str(tmp_run / "mine"))
+    pipeline.run("quick", only=["01"], overrides={"run": "clean_tree"})
+    assert seen[-1] == str(tmp_run / "mine") and os.environ["ADVKIT_FIGURES_DIR"] == str(tmp_run / "mine")
+
+
+# ---------------------------------------------------------------- hostile values
+def _alias_bomb(depth: int) -> str:
+    """A YAML list of `depth` + 1 anchored lists, each of nine aliases of the one before: 9**depth values."""
+    levels = ["&a0 [" + ",".join(["lol"] * 9) + "]"]
+    levels += [f"&a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, depth + 1)]
+    return "[" + ", ".join(levels) + "]"
+
+
+@pytest.mark.parametrize("name", ["run", "eps_grid", "at_variants"])
+def test_a_yaml_alias_bomb_is_refused_with_a_short_message(name, capsys):
+    for depth in (5, 9):  # 9**5 values already made a message of megabytes; 9**9 never ended
+        with pytest.raises(ValueError, match="expand to more than 10000 values") as err:
+            parse_assignments([f"{name}={_alias_bomb(depth)}"])
+        assert len(str(err.value)) < 500
+    with pytest.raises(SystemExit) as exit_:
+        pipeline.main(["run", "-p", f"{name}={_alias_bomb(9)}"])
+    printed = capsys.readouterr().err
+    assert exit_.value.code == 2 and printed.startswith("error: -p ") and len(printed) < 500
+
+
+def test_long_values_are_cut_in_messages(declared):
+    with pytest.raises(ValueError) as err:
+        validate({"eps_grid": [0.1] * 5000 + [2.0]}, declared)
+    assert "eps_grid[5000] must be a finite number" in str(err.value)
+    for values in ({"dataset": ["x"] * 5000}, {"run": ["x" * 10_000]}, {"x" * 10_000: 1}):
+        with pytest.raises(ValueError) as err:
+            validate(values, declared)
+        assert len(str(err.value)) < 2000, values.keys()
+
+
+def test_text_parameters_are_read_as_the_text_written(tmp_path, monkeypatch):
+    assert parse_assignments(["run=2024-01-01"]) == {"run": "2024-01-01"}
+    assert parse_assignments(["run=no"]) == {"run": "no"}
+    assert parse_assignments(["eigen_map_models=[no, 2024-01-01, base]", "data_dir=null", "at_model=null"]) == \
+        {"eigen_map_models": ["no", "2024-01-01", "base"], "data_dir": None, "at_model": None}
+    assert parse_assignments(["log_scale=no", "seed=7"]) == {"log_scale": False, "seed": 7}  # others keep YAML's types
+    text = (pipeline.PROFILES_DIR / "quick.yaml").read_text()
+    (tmp_path / "dated.yaml").write_text(text.replace("run: quick", "run: 2024-01-01"))
+    monkeypatch.setattr(pipeline, "PROFILES_DIR", tmp_path)
+    assert load_profile("dated")["run"] == "2024-01-01"
+
+
+@pytest.mark.parametrize("assignment, names", [
+    ("seed=4294967296", ["seed"]),  # numpy's seeds are 32-bit
+    ("direction_seed=4294967296", ["direction_seed"]),
+    ("run=" + "r" * 300, ["run", "bytes"]),  # a folder name: 255 bytes at most
+    ("model_suffix=_" + "x" * 200, ["model_suffix"]),
+    ("stadv_flow_grid=[0.2, 100]", ["stadv_flow_grid", "dataset", "8 pixels"]),  # stAdv's bound <= the image side
+    ("stadv_max_flow=9", ["stadv_max_flow", "dataset"]),
+    ("eigen_map_models=[base, bogus]", ["eigen_map_models", "'bogus'"]),  # notebook 04 dropped unknown names
+    ("data_dir=" + "d" * 300, ["data_dir", "is not a folder"]),  # pathlib raised OSError: File name too long
+])
+def test_values_that_failed_inside_a_notebook_are_refused_before_it(tmp_run, declared, assignment, names):
+    with pytest.raises(ValueError) as err:
+        validate({**load_profile("quick"), **parse_assignments([assignment])}, declared)
+    assert all(n in str(err.value) for n in names), str(err.value)
+
+
+def test_eigen_map_models_may_name_the_models_the_run_has(tmp_run, declared):
+    validate({**load_profile("quick"), "eigen_map_models": ["base", "trades_e004", "pgd_at"]}, declared)
+    with pytest.raises(ValueError, match="eigen_map_models"):
+        validate({**load_profile("quick"), "eigen_map_models": ["mine"]}, declared)
+    models = tmp_run / "runs" / "quick" / "models"
+    models.mkdir(parents=True)
+    (models / "mine.pt").write_bytes(b"")
+    validate({**load_profile("quick"), "eigen_map_models": ["mine"]}, declared)
+
+
+def test_a_profile_sets_every_parameter_once(tmp_path, monkeypatch):
+    text = (pipeline.PROFILES_DIR / "quick.yaml").read_text()
+    (tmp_path / "partial.yaml").write_text("run: partial\nepochs: 3\nmodel: resnet20\n")
+    (tmp_path / "twice.yaml").write_text(text + "\nepochs: 7\n")
+    (tmp_path / "whole.yaml").write_text(text)
+    monkeypatch.setattr(pipeline, "PROFILES_DIR", tmp_path)
+    assert load_profile("whole")["run"] == "quick"
+    with pytest.raises(ValueError, match=r"profile 'partial' .* does not set .*batch_size.*every parameter"):
+        load_profile("partial")
+    with pytest.raises(ValueError, match=r"profile 'twice' .*line \d+.*key 'epochs' is repeated \(first on line \d+\)"):
+        load_profile("twice")

@@ -29,7 +29,7 @@ def test_atomic_path_records_a_checksum_that_verified_checks(tmp_path):
     target = tmp_path / "f.txt"
     with atomic_path(target) as tmp:
         tmp.write_text("content")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.txt", "f.txt.sha256"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".advkit.lock", "f.txt", "f.txt.sha256"]  # the commit's lock
     assert (tmp_path / "f.txt.sha256").read_text().split() == [file_sha256(target), "f.txt"]  # sha256sum -c format
     assert verified(target) == target
     target.write_text("contenT")
@@ -113,7 +113,8 @@ def test_write_table_is_atomic_and_read_table_verifies(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         run.write_table(path, Breaks())
     pd.testing.assert_frame_equal(run.read_table(path, index_col="model"), table)
-    assert sorted(p.name for p in path.parent.iterdir()) == ["table1_accuracy.csv", "table1_accuracy.csv.sha256"]
+    assert sorted(p.name for p in path.parent.iterdir()) == [".advkit.lock", "table1_accuracy.csv",
+                                                             "table1_accuracy.csv.sha256"]
     path.write_text(path.read_text().replace("0.25", "0.75"))  # edited behind the kit's back
     with pytest.raises(CorruptArtifactError, match=r"table1_accuracy.csv is corrupt.*notebook 02_attack"):
         run.read_table(path)

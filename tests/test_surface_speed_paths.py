@@ -128,6 +128,7 @@ def test_fp32_is_strict_and_tf32_allows_tf32_on_cuda_and_is_fp32_elsewhere(recwa
     assert L.SurfaceSettings(precision="tf32").precision == "tf32"
 
 
+@pytest.mark.gpu_policy
 def test_compiled_surface_equals_the_plain_one():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),

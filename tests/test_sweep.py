@@ -7,6 +7,7 @@ same bookkeeping with a placeholder job payload instead of papermill.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
@@ -72,7 +73,7 @@ def test_axes_read_like_parameters_and_cells_name_their_models(tmp_run):
     (["bogus=1,2"], {}, "'bogus' is not a parameter of notebook 03"),
     (["run=a,b"], {}, "sets run itself"),
     (["seed=0,0"], {}, "repeats"),
-    (["seed=0,-1"], {}, r"sweep cell s-1 .*seed must be an integer >= 0"),
+    (["seed=0,-1"], {}, r"sweep cell s-1 .*seed must be an integer in \[0, 4294967295\], got -1"),
     (["at_epochs=1,2"], {}, r"keep_epochs .* beyond at_epochs"),  # a cross-parameter rule, per cell
     (["at_variants=pgd_at,bogus"], {}, r"at_variants\[0\]='bogus'"),
     (["at_eps=0.01,0.02"], {"zoo_parts": ["at", "report"]}, "'report' is the whole zoo's"),
@@ -225,3 +226,93 @@ def test_jobs_per_gpu_packs_cells_into_one_job(tmp_run):
     ids = [c["job_id"] for c in state["cells"].values()]
     assert ids[0] == ids[1] != ids[2] and submitted(run) == 2
     assert {c["status"] for c in state["cells"].values()} == {"done"}
+
+
+# ---------------------------------------------------------------- hostile grids and signals
+def test_cells_are_validated_as_they_will_run(tmp_run):
+    """Every cell sets keep_epochs itself, so the profile's own [2, 4] beyond at_epochs=2 does not count."""
+    declared = pipeline.notebook_parameters(pipeline.notebook_paths())["03_finetune"]
+    cells = sweep.plan("quick", sweep.parse_axes(["keep_epochs=[1],[2]"], declared), {"at_epochs": 2}, "x")
+    assert [c.values["keep_epochs"] for c in cells] == [[1], [2]]
+    with pytest.raises(ValueError, match=r"sweep cell keep_epochs3 .*keep_epochs \[3\] lie beyond at_epochs"):
+        sweep.plan("quick", sweep.parse_axes(["keep_epochs=[1],[3]"], declared), {"at_epochs": 2}, "x")
+
+
+def test_hostile_axis_values_give_short_names_and_messages(tmp_run):
+    declared = pipeline.notebook_parameters(pipeline.notebook_paths())["03_finetune"]
+    levels = ["&a0 [" + ",".join(["lol"] * 9) + "]"] + [f"&a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]"
+                                                        for i in range(1, 10)]
+    with pytest.raises(ValueError, match="expand to more than 10000 values") as err:
+        sweep.parse_axes(["at_variants=[" + ", ".join(levels) + "]"], declared)
+    assert len(str(err.value)) < 500
+    long = [0.001 + i * 1e-12 for i in range(40)]  # 40 budgets as one list value: a long tag
+    cells = sweep.plan("quick", {"eps_grid": [long, long[:39]], "seed": [0]}, {"at_variants": ["pgd_at"]}, "x")
+    names = [c.name for c in cells]
+    assert len(set(names)) == 2 and all(len(n) <= sweep.MAX_CELL_NAME for n in names)
+    assert all(n.endswith("_s0") and len(c.values["model_suffix"]) <= 100 for n, c in zip(names, cells))
+    with pytest.raises(ValueError, match="the grid has 20000 cells"):
+        sweep.plan("quick", {"seed": list(range(200)), "at_eps": [i / 1000 for i in range(100)]}, {}, "x")
+    with pytest.raises(ValueError) as err:
+        sweep.plan("quick", {"seed": [0]}, {"at_variants": ["x" * 10_000]}, "x")
+    assert len(str(err.value)) < 1000
+
+
+SLOW_CELL = '''
+from advkit import jobs
+
+def cell(payload):
+    """notebook 03's job, on a notebook that records its kernel's process id and then sleeps"""
+    return jobs.execute_cell({**payload, "notebook": NOTEBOOK, "parameters": {"mark": MARK}})
+'''
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="POSIX signals")
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_a_terminated_sweep_cancels_its_jobs_and_their_kernels(tmp_run, sig, code):
+    """SIGTERM or SIGHUP (a scheduler or a closed terminal) stops the sweep as SIGINT does: its local job
+    and the job's notebook kernel stop, the cell is marked in sweep.json, the exit status says which signal."""
+    import json
+    import os
+
+    from advkit.artifacts import write_json
+
+    run = Run.named("term")
+    run.model("base").parent.mkdir(parents=True, exist_ok=True)
+    write_json(run.model("base"), {})
+    write_json(run.attack_table("budgets", ".json"), {})
+    mark = tmp_run / "kernel.pid"
+    cells = [{"cell_type": "code", "metadata": {"tags": ["parameters"]}, "source": "mark = ''",
+              "outputs": [], "execution_count": None},
+             {"cell_type": "code", "metadata": {}, "outputs": [], "execution_count": None,
+              "source": "import os, pathlib, time\npathlib.Path(mark).write_text(str(os.getpid()))\ntime.sleep(600)"}]
+    notebook = tmp_run / "slow.ipynb"
+    notebook.write_text(json.dumps({"cells": cells, "nbformat": 4, "nbformat_minor": 5, "metadata": {
+        "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"}}}))
+    (tmp_run / "slowcell.py").write_text(f"NOTEBOOK, MARK = {str(notebook)!r}, {str(mark)!r}\n" + SLOW_CELL)
+    code_ = ("import functools, sys\nimport slowcell\nfrom advkit import sweep\n"
+             "sweep.sweep = functools.partial(sweep.sweep, cell_function=slowcell.cell)\nsweep.main(sys.argv[1:])\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_run), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", code_, "-g", "seed=0", "-p", "at_variants=[pgd_at]",
+                             "-p", "keep_epochs=[]", "--run", "term"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        deadline = time.monotonic() + 180
+        while not (mark.exists() and mark.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        kernel = psutil.Process(int(mark.read_text()))
+        job = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.pid != kernel.pid]
+        assert kernel.is_running() and job
+        proc.send_signal(sig)
+        assert proc.wait(timeout=60) == code
+        assert f"sweep stopped ({signal.Signals(sig).name})" in proc.stderr.read()
+        gone, alive = psutil.wait_procs([kernel, *job], timeout=30)
+        assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
+        state = run.read_json(run / "sweep" / "sweep.json")
+        assert state["cells"]["s0"]["status"] == "failed" and "cancelled" in state["cells"]["s0"]["error"]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if mark.exists() and mark.read_text():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(int(mark.read_text())).kill()

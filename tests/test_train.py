@@ -54,6 +54,27 @@ def test_interrupted_run_resumes_to_identical_weights(digits, tmp_path, kw):
     a = pd.read_csv(tmp_path / "a" / "history" / "m.csv")
     b = pd.read_csv(tmp_path / "b" / "history" / "m.csv")
     pd.testing.assert_frame_equal(a.drop(columns="time_s"), b.drop(columns="time_s"))
+    # the returned histories too: the resumed one's first epochs come from the CSV
+    pd.testing.assert_frame_equal(once.history.drop(columns="time_s"), resumed.history.drop(columns="time_s"))
+
+
+def test_a_fresh_and_a_resumed_fit_return_and_plot_the_same_history(digits, tmp_path):
+    """The history of a run is the CSV's numbers, fresh or resumed, so `make run` twice draws
+    the same learning curves, byte for byte."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from advkit.plots import learning_curves, save_figure
+
+    results = [fit(get_model("small_cnn", 10, 1), _batcher(*_small(digits, 128)), _config(epochs=2),
+                   test=(digits.x_test[:64], digits.y_test[:64]), run=tmp_path, name="m", progress=False)
+               for _ in range(2)]  # the second finds the training complete and reads it back
+    assert results[1].resumed_from == 2
+    pd.testing.assert_frame_equal(results[0].history, results[1].history, check_exact=True)
+    pd.testing.assert_frame_equal(results[0].history, pd.read_csv(tmp_path / "history" / "m.csv"), check_exact=True)
+    figures = [save_figure(learning_curves(r.history), "curves", tmp_path / f"figures_{i}")
+               for i, r in enumerate(results)]
+    assert [p.read_bytes() for p in figures[0]] == [p.read_bytes() for p in figures[1]]
 
 
 def test_resume_with_other_config_names_the_setting(digits, tmp_path):

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Do the notebooks' nbval checks hold on another CPU? Re-execute them under other float paths (SIMD
-# kernels of ATen, oneDNN, MKL and OpenBLAS; thread counts) and compare with nbval and its sanitizers.
+# kernels of ATen, oneDNN, MKL and OpenBLAS; thread counts) and compare with nbval, its sanitizers and
+# the tolerance for decimals (tools/nbval_tolerance.py; a notebook folder outside the repository does
+# not see conftest.py, hence -p).
 #
 #   tools/check_float_paths.sh                   # committed notebooks vs. every setting below
 #   tools/check_float_paths.sh generic           # one setting
@@ -42,7 +44,7 @@ for n in "${names[@]}"; do
   echo "== $n: ${SETTINGS[$n]}"
   # shellcheck disable=SC2086
   if env ${SETTINGS[$n]} ADVKIT_RUNS_DIR="$work/$n" ADVKIT_FIGURES_DIR="$work/$n-figures" \
-      "$PY" -m pytest -c pyproject.toml --rootdir "$PWD" -p no:cacheprovider -q --nbval \
+      "$PY" -m pytest -c pyproject.toml --rootdir "$PWD" -p no:cacheprovider -p tools.nbval_tolerance -q --nbval \
       --nbval-sanitize-with "$CFG" "$nbdir"/0*.ipynb; then
     echo "== $n: PASS"
   else

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
-from advkit._torch import Attack, WithParams, autocast, chunks, eval_mode, model_device, train_mode
+from advkit._torch import Attack, CompiledOrEager, WithParams, autocast, chunks, eval_mode, model_device, train_mode
 from advkit.directions import Directions, perturbable_state
 from advkit.folding import conv_bn_pairs, folded_copy
 from advkit.landscape.robust import ATTACK_EXAMPLES_PER_CALL, PointsModule, attack_points, takes_copies
@@ -75,7 +75,8 @@ class Engine:
         self._many = vmap(self.forward, in_dims=(0, None))  # P points: stacked weights, shared images
         # compile=True: the 1-point forward and the vmapped P-point forward, each its own graph
         # (dynamic=False: one graph per batch shape and precision, recompiled on a new one)
-        self._compiled = ((torch.compile(self.forward, dynamic=False), torch.compile(self._many, dynamic=False))
+        # (eager where compiling fails: `CompiledOrEager`)
+        self._compiled = ((CompiledOrEager(self.forward, dynamic=False), CompiledOrEager(self._many, dynamic=False))
                           if compile else None)
 
     def _fold_statically(self, center: dict[str, torch.Tensor], vectors: list[dict[str, torch.Tensor]]
@@ -102,7 +103,7 @@ class Engine:
     def _flatten(self, center: dict[str, torch.Tensor], vectors: list[dict[str, torch.Tensor]],
                  keys: list[str]) -> None:
         """One flat buffer for theta* and one row per direction: a point's weights are one addmm,
-        and every tensor of the state is a view (channels_last-strided for 4-D weights on CUDA)."""
+        and every tensor of the state is a view (channels_last-strided for 4-D weights with channels_last)."""
         self.layout = []
         offset = 0
         for k in keys:

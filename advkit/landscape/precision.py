@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from advkit._torch import check_int, check_number, check_precision, loss_and_accuracy, model_device, resolve_precision
+from advkit._torch import (check_int, check_number, check_precision, gpu_policy, loss_and_accuracy, model_device,
+                           resolve_precision)
 
 if TYPE_CHECKING:
     from advkit.landscape.engine import Engine
@@ -39,14 +40,15 @@ def choose_precision(model: nn.Module, x: torch.Tensor, y: torch.Tensor, precisi
     """Resolve `precision` at the model's own weights only (the centre of a surface); also return
     the measured bf16 error. Surfaces use `choose_surface_precision` (all probe points).
 
-    "auto" uses bf16 autocast only on CUDA (`check_on_cpu` applies the rule on CPU too) and only
+    "auto" uses bf16 autocast only under the GPU policy (`advkit._torch.gpu_policy`: on CUDA;
+    `check_on_cpu` applies the rule on any device too) and only
     if it changes the loss on the first `n_check` examples by less than `tolerance` relative.
     """
     check_precision(precision)
     check_number("tolerance", tolerance, low_open=True)
     if precision in ("fp32", "tf32"):
         return resolve_precision(precision, model_device(model)), None
-    if precision == "auto" and model_device(model).type != "cuda" and not check_on_cpu:
+    if precision == "auto" and not gpu_policy(model_device(model)) and not check_on_cpu:
         return "fp32", None
     err = autocast_error(model, x[:n_check], y[:n_check])
     if precision == "bf16":
@@ -88,15 +90,16 @@ def choose_surface_precision(engine: Engine, coeffs: torch.Tensor, x: torch.Tens
     The error of a precision p is max over the points of |L_p - L_fp32| / L_fp32 on the first
     `n_check` images, both through `engine.fixed` (strict fp32 as reference). "auto" takes bf16
     if its error is under `tolerance`, else on CUDA "tf32" under the same rule, else "fp32"; off
-    CUDA it is "fp32" unchecked unless `check_on_cpu`. "bf16"/"tf32" are kept (error measured,
-    for the record; "tf32" is "fp32" off CUDA), "fp32" measures nothing.
+    the GPU policy (`advkit._torch.gpu_policy`) it is "fp32" unchecked unless `check_on_cpu`.
+    "bf16"/"tf32" are kept (error measured, for the record; "tf32" is "fp32" off CUDA), "fp32"
+    measures nothing.
     """
     check_precision(precision)
     check_number("tolerance", tolerance, low_open=True)
     check_int("n_check", n_check)
-    cuda = engine.device.type == "cuda"
+    cuda = engine.device.type == "cuda"  # TF32 is a CUDA feature: the only other candidate there
     resolved = precision if precision == "auto" else resolve_precision(precision, engine.device)
-    if resolved == "fp32" or (resolved == "auto" and not cuda and not check_on_cpu):
+    if resolved == "fp32" or (resolved == "auto" and not gpu_policy(engine.device) and not check_on_cpu):
         return PrecisionChoice("fp32", {}, 0, 0)
     x, y = x[:n_check], y[:n_check]
     reference = _losses(engine, coeffs, x, y, "fp32")

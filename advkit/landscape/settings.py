@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from advkit._torch import check_choice, check_int, check_precision
+from advkit._torch import check_choice, check_int, check_precision, gpu_policy
 from advkit.runs import describe_callable
 
 QUANTITIES = ("loss", "accuracy", "robust_loss", "robust_accuracy")
@@ -57,17 +57,18 @@ def _span(name: str, span: Any) -> Span:
 
 KNOB = {"key": False}  # field metadata: recorded in the file, not part of its cache key
 
-IMAGE_FORWARDS_PER_LAUNCH = 16_384  # what one forward should carry on CUDA (points x images)
+IMAGE_FORWARDS_PER_LAUNCH = 16_384  # what one forward should carry on a GPU (points x images)
 MAX_POINTS_PER_FORWARD = 16
 
 
 def auto_points_per_forward(device: torch.device | str, n_images: int, batch_size: int, bn_mode: str = "eval") -> int:
-    """Points per forward for points_per_forward=None: 1 off CUDA and for bn_mode="recalibrate";
-    on CUDA enough that points x images per batch reach about IMAGE_FORWARDS_PER_LAUNCH
-    (1,000 images: 16 points; 10,000: 1), at most MAX_POINTS_PER_FORWARD."""
+    """Points per forward for points_per_forward=None: 1 for bn_mode="recalibrate" and off the GPU
+    policy (`advkit._torch.gpu_policy`: on CUDA); under it enough that points x images per batch
+    reach about IMAGE_FORWARDS_PER_LAUNCH (1,000 images: 16 points; 10,000: 1), at most
+    MAX_POINTS_PER_FORWARD."""
     check_int("n_images", n_images)
     check_int("batch_size", batch_size)
-    if torch.device(device).type != "cuda" or bn_mode == "recalibrate":
+    if not gpu_policy(device) or bn_mode == "recalibrate":
         return 1
     per_batch = min(n_images, batch_size)
     return max(1, min(MAX_POINTS_PER_FORWARD, IMAGE_FORWARDS_PER_LAUNCH // per_batch))
@@ -89,9 +90,9 @@ class SurfaceSettings:
       them at every point on training images, in batches of `bn_batch_size`.
     - `precision`: "auto", "bf16", "tf32" or "fp32"; the file records what "auto" resolved to
       (`advkit.landscape.precision.choose_surface_precision`: checked at the surface's own points).
-    - speed only (not in the cache key): `batch_size` (None: 10,000 on CUDA, 1024 elsewhere),
-      `attack_batch_size` (None: `batch_size`), `points_per_forward` (vmap; None:
-      `auto_points_per_forward`, 1 off CUDA), `channels_last` (None: on CUDA), `fold_bn` (fold
+    - speed only (not in the cache key): `batch_size` (None: 10,000 under the GPU policy, i.e. on
+      CUDA, 1024 elsewhere), `attack_batch_size` (None: `batch_size`), `points_per_forward` (vmap;
+      None: `auto_points_per_forward`, 1 off the GPU policy), `channels_last` (None: under it), `fold_bn` (fold
       eval-mode BatchNorm into the convolutions), `compile` (`torch.compile` the per-point forward).
     """
 
@@ -178,8 +179,8 @@ class SurfaceSettings:
                                                                  if robust != "none" else ()))
         if robust == "none" and any(q.startswith("robust") for q in quantities):
             raise ValueError("robust quantities need attack=... (re-run at each point) or x_adv=... (fixed examples)")
-        cuda = torch.device(device).type == "cuda"
-        batch_size = self.batch_size or (10_000 if cuda else 1024)
+        gpu = gpu_policy(device)
+        batch_size = self.batch_size or (10_000 if gpu else 1024)
         ppf = self.points_per_forward or auto_points_per_forward(device, n_images or batch_size, batch_size,
                                                                  self.bn_mode)
         return self.replace(
@@ -188,7 +189,7 @@ class SurfaceSettings:
             beta_span=(self.beta_span or self.span) if dims == 2 else None,
             beta_resolution=(self.beta_resolution or self.resolution) if dims == 2 else None,
             batch_size=batch_size,
-            channels_last=cuda if self.channels_last is None else bool(self.channels_last),
+            channels_last=gpu if self.channels_last is None else bool(self.channels_last),
             fold_bn=bool(self.fold_bn) and self.bn_mode == "eval",
             points_per_forward=1 if self.bn_mode == "recalibrate" else ppf)
 

@@ -31,6 +31,7 @@ from advkit.landscape.precision import AUTOCAST_TOLERANCE, choose_surface_precis
 from advkit.landscape.files import cached_surface, write_surface
 from advkit.landscape.settings import LONG_NAMES, SurfaceSettings, settings_with
 from advkit.landscape.sharpness import check_radius
+from advkit.progress import LoopProgress
 from advkit.runs import Run
 
 SURFACE_KINDS = ("grid", "line", "robust_grid", "interpolation")
@@ -83,6 +84,11 @@ def compute_surface(model: nn.Module, directions: Directions, x: torch.Tensor, y
         engine.precision = choice.precision
         inputs = _inputs(model, directions, x, y, x_adv, bn_x, settings)
         old = cached_surface(path, {**settings.cache_key(), **inputs})
+        # every rank computes the same surface into the same file, from the same resumed points
+        computed = "none" if old is None else tensors_hash([("computed", torch.from_numpy(old["computed"].values))])
+        ranks.agree(f"surface {'in memory' if path is None else Path(path).name}",
+                    {**settings.cache_key(), **inputs, "file": None if path is None else Path(path).name,
+                     "computed_points_sha256": computed})
         if old is not None and old["computed"].values.all():
             return old
         attrs = {
@@ -157,10 +163,16 @@ class _Surface:
         todo = [i for i in range(0, len(points), block) if not flat_mask[i:i + block].all()]
         total, done, n = self.mask.size, int(self.mask.sum()), len(y)
         bar = _progress(total, done, progress and ranks.is_writer(), f"{s.model_name} {s.kind}")
+        per_row = len(self.coords["beta"]) if dims == 2 else 1  # the driver's log counts rows (2D) or points (1D)
+        steps = LoopProgress(f"surface {s.model_name} {s.kind}", "row" if dims == 2 else "point",
+                             total // per_row, done // per_row)
 
-        def compute(first: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        def missing(first: int) -> np.ndarray:
             idx = np.arange(first, min(first + block, len(points)))
-            idx = idx[~flat_mask[idx]]
+            return idx[~flat_mask[idx]]
+
+        def compute(first: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+            idx = missing(first)
             results: dict[str, list[torch.Tensor]] = {q: [] for q in s.quantities}
             for g in range(0, len(idx), k):
                 c = coeffs_all[idx[g:g + k]]
@@ -174,12 +186,14 @@ class _Surface:
                         c, x, y, attack, s.attack_batch_size or s.batch_size)
                 for q in s.quantities:
                     results[q].append(measured[q] / n)
-            # one device->host transfer per block
-            return idx, {q: torch.cat(results[q]).double().cpu().numpy() for q in s.quantities}
+            # one device->host transfer per block; the coordinates let the receivers check the block
+            return idx, points[idx], {q: torch.cat(results[q]).double().cpu().numpy() for q in s.quantities}
 
         start = time.perf_counter()
         for blocks in ranks.in_rounds(todo, compute):
-            for _, (idx, values) in blocks:
+            for sender, (first, block_values) in enumerate(blocks):  # the whole round, before any of it is kept
+                _check_block(block_values, missing(first), points, s.quantities, sender)
+            for _, (idx, _, values) in blocks:
                 for q in s.quantities:
                     self.values[q].reshape(-1)[idx] = values[q]
                 flat_mask[idx] = True
@@ -189,10 +203,26 @@ class _Surface:
             start = time.perf_counter()
             if path is not None and ranks.is_writer():
                 write_surface(self.dataset(), path)
+            if ranks.is_writer():
+                steps.step(done // per_row)
             if callback is not None:
                 callback(done, total)
         bar.close()
         ranks.barrier()  # the file is complete before any rank reads it again
+
+
+def _check_block(received: tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]], expected: np.ndarray,
+                 points: np.ndarray, quantities: tuple[str, ...], sender: int) -> None:
+    """Refuse a block whose points, coordinates or number of values are not the ones this
+    surface's grid expects (a rank computing another grid): a ValueError, nothing written."""
+    idx, coords, values = received
+    lengths = {q: len(values.get(q, ())) for q in quantities}
+    if (len(idx) != len(expected) or not np.array_equal(idx, expected) or not np.array_equal(coords, points[expected])
+            or set(values) != set(quantities) or any(n != len(expected) for n in lengths.values())):
+        first = lambda c: np.asarray(c)[:1].tolist()  # noqa: E731 (the block's first point)
+        raise ValueError(f"rank {sender} sent {len(idx)} point(s) from {first(coords)} with {lengths} value(s) "
+                         f"where this surface's grid has {len(expected)} from {first(points[expected])}: the ranks "
+                         "compute different surfaces; this round is not written")
 
 
 def _long_name(q: str, robust: str) -> str:
