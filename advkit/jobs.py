@@ -222,4 +222,20 @@ def submit_and_wait(executor: Any, groups: list[list[Any]], records: Mapping[str
             for c in g:
                 records[c.name].status, records[c.name].error = "failed", "cancelled: the sweep was interrupted"
         save()
+        stop_descendants()
         raise
+
+
+def stop_descendants(grace_s: float = 5.0) -> None:
+    """Stop what a cancel left running among this process's descendants (local jobs and their kernels):
+    `grace_s` seconds to end by themselves, then SIGTERM, then SIGKILL."""
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        procs = psutil.Process().children(recursive=True)
+        _, alive = psutil.wait_procs(procs, timeout=grace_s)
+        for stop in ("terminate", "kill"):
+            for proc in alive:
+                with contextlib.suppress(psutil.Error):
+                    getattr(proc, stop)()
+            _, alive = psutil.wait_procs(alive, timeout=3.0)

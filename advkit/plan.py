@@ -562,6 +562,8 @@ def costs_for(values: Mapping[str, Any], only: Sequence[str] | None = None, refe
 
 def check_budget(items: Sequence[Item], budget_h: float | None) -> None:
     """ValueError naming the three largest items when the plan's total exceeds `budget_h` hours."""
+    if budget_h is not None and not (math.isfinite(budget_h) and budget_h > 0):
+        raise ValueError(f"--budget {budget_h:g}: give a number of hours > 0")
     total = sum(it.seconds for it in items)
     if budget_h is not None and total > budget_h * 3600:
         top = "; ".join(f"{it.notebook} {it.work}: {hours(it.seconds)}" for it in largest(items))
@@ -579,8 +581,7 @@ class Request:
     def announce(self, runs: Sequence[Mapping[str, Any]], only: Sequence[str] | None, echo=print) -> list[Item]:
         """Plan one or more runs of notebooks `only` (a sweep's cells), print one line with the total and
         the hours per notebook, and refuse (ValueError) a plan above `budget_h` hours."""
-        if self.budget_h is not None and not (math.isfinite(self.budget_h) and self.budget_h > 0):
-            raise ValueError(f"--budget {self.budget_h:g}: give a number of hours > 0")
+        check_budget([], self.budget_h)  # a bad --budget is refused before anything is measured
         items: list[Item] = []
         for values in runs:
             items += project(values, costs_for(values, only, self.reference), only)

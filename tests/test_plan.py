@@ -133,6 +133,12 @@ def test_budget_refuses_a_run_naming_its_largest_items(tmp_run, monkeypatch, cap
     assert exit_.value.code == 2 and err.startswith("error: --budget 1 h")
     assert err.count("; ") >= 2 and "replicates robust" in err  # the three largest, the largest first
     assert not (tmp_run / "runs").exists()
+    for bad in ("-3", "nan", "inf"):  # refused by `plan` as by `run`
+        for command in (["run", "--profile", "paper"], ["plan", "--profile", "paper"]):
+            with pytest.raises(SystemExit) as exit_:
+                main = pipeline.plan_main if command[0] == "plan" else pipeline.main
+                main([*command[command[0] == "plan":], "--reference", "h200", "--budget", bad])
+            assert exit_.value.code == 2 and "give a number of hours > 0" in capsys.readouterr().err
 
 
 def test_a_sweep_plans_after_its_checks(tmp_run, monkeypatch, capsys):
