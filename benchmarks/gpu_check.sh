@@ -130,7 +130,7 @@ if [ "$SMOKE" = 1 ]; then
        -p sensitivity_resolution=5 -p "sensitivity_radii=[0.5]" -p "sensitivity_none_radii=[0.05]"
        -p n_subset=16 -p pgd_steps=2 -p pgd_restarts=1 -p flatness_samples=2 -p worst_steps=2 -p hessian_iters=3
        -p hessian_samples=4 -p n_resamples=100
-       -p direction_replicates=2 -p replicate_resolution=3 -p replicate_n_images=16 -p curvature_images=16
+       -p direction_replicates=2 -p replicate_resolution=5 -p replicate_n_images=16 -p curvature_images=16
        -p eigen_map_resolution=3 -p eigen_map_steps=3 -p invariance_images=16)
 else
   MODE="paper profile, reduced epochs and counts"
