@@ -2,14 +2,16 @@
 that names the parameter before any long computation starts.
 
 Torch-free, so that `advkit.params` checks a run's parameters in well under a second with the
-very functions the library's dataclasses and functions use; `advkit._torch` re-exports them.
+very functions the library's dataclasses and functions use; `advkit._torch` re-exports them. The
+library's torch-free facts (optimizer names, Xu et al.'s attacks, the seed range, the device rule,
+the quadratic-fit point rule) are here too, for the same reason.
 """
 
 from __future__ import annotations
 
 import math
 import reprlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -52,3 +54,38 @@ def check_number(name: str, value: Any, low: float = 0.0, high: float = math.inf
         bound = f"> {low:g}" if low_open else f">= {low:g}"
         bound += f" and {'<' if high_open else '<='} {high:g}" if math.isfinite(high) else ""
         raise ValueError(f"{name} must be a finite number {bound}, got {shown(value)}")
+
+
+# ---------------------------------------------------------------- the library's torch-free facts
+# Kept here, torch-free, so that `advkit.params` declares the notebooks' parameters from the library's own
+# names and rules without importing torch; the modules named beside each use them from here.
+OPTIMIZERS = ("sgd", "adam")                                 # advkit.train.TrainConfig.optimizer
+SCHEDULES = ("constant", "multistep", "cosine", "onecycle")  # advkit.train.TrainConfig.schedule
+RECIPES = ("paper", "fast")                                  # advkit.train: as given, or FAST_RECIPE
+XU_ATTACKS = ("fgsm", "pgd", "stadv")  # Xu et al. 2019's fine-tunes, named after their attack (advkit.evaluate.XU2019)
+MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit; torch takes these too
+QUADRATIC_FIT_POINTS = {1: 4, 2: 7}
+"""Grid points within the radius that the sharpness's quadratic fit needs, 1D and 2D
+(advkit.landscape.check_radius)."""
+
+
+def check_seed(name: str, value: Any) -> None:
+    """A seed numpy and torch both take: an integer in [0, MAX_SEED]."""
+    check_int(name, value, 0, MAX_SEED)
+
+
+def check_device(name: str, value: Any) -> None:
+    """A device name: auto, cpu, cuda or cuda:N."""
+    if not (isinstance(value, str) and (value in ("auto", "cpu", "cuda")
+                                        or (value.startswith("cuda:") and value[5:].isdigit()))):
+        raise ValueError(f"{name}={shown(value)} is not a device: use auto, cpu, cuda or cuda:N")
+
+
+def points_within(radius: float, coords: Sequence[float], dims: int) -> int:
+    """Points of the grid `coords`^dims within `radius` of the centre: what the sharpness's quadratic
+    fit has to work with (advkit.landscape.check_radius)."""
+    c = np.asarray(coords, dtype=float)
+    if dims == 1:
+        return int(np.sum(np.abs(c) <= radius + 1e-12))
+    a, b = np.meshgrid(c, c)
+    return int(np.sum(np.hypot(a, b) <= radius + 1e-12))

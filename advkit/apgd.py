@@ -12,7 +12,8 @@ import math
 import torch
 from torch import nn
 
-from advkit._torch import check_choice, check_int, check_number, check_precision, eval_mode, make_generator
+from advkit._torch import check_choice, check_int, check_number, eval_mode, make_generator
+from advkit.attack_model import split_attack_model
 from advkit.attack_utils import (Strongest, ascent_direction, attack_loss, check_eps, check_images,
                                  check_model_output, dlr_targeted, forward_fn, is_fooled, logits_at, loss_and_grad,
                                  prepare, project, random_point)
@@ -32,10 +33,7 @@ def checkpoints(steps: int) -> list[int]:
 
 def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255, steps: int = 100, *,
          norm: str = "linf", loss: str = "ce", target: torch.Tensor | None = None, restarts: int = 1,
-         rho: float = 0.75, momentum: float = 0.75, seed: int | None = 0,
-         generator: torch.Generator | None = None, precision: str = "auto",
-         channels_last: bool | None = None, compile: bool | str = False,
-         fold_bn: bool | None = None) -> torch.Tensor:
+         rho: float = 0.75, momentum: float = 0.75, seed: int | torch.Generator = 0) -> torch.Tensor:
     """APGD (Croce & Hein 2020, Alg. 1). Step size starts at 2*eps (L-inf; 2*eps for L2 too) and is
     halved at checkpoint w_j for the examples where (1) fewer than rho*(w_j - w_{j-1}) steps since
     the last checkpoint increased the loss, or (2) the step size was not halved at the last
@@ -44,8 +42,11 @@ def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 25
 
     loss: "ce" or "dlr" (untargeted, y true labels); with `target` (tensor of classes) the loss is
     the targeted DLR (Eq. 7). Returns, per example, the strongest point visited (misclassified
-    first, then highest loss) over all restarts.
+    first, then highest loss) over all restarts. seed: an integer or a torch.Generator; the model's
+    `AttackRuntime` (`advkit.attack_model.attack_model`) says how it runs.
     """
+    model, runtime = split_attack_model(model)
+    precision = runtime.precision
     check_images(x, y, model)
     check_eps(eps, norm, x)
     check_int("steps", steps)
@@ -53,14 +54,13 @@ def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 25
     check_number("rho", rho, 0.0, 1.0, low_open=True)
     check_number("momentum", momentum, 0.0, 1.0, low_open=True)
     check_choice("loss", loss, APGD_LOSSES)
-    check_precision(precision)
     if target is not None and target.shape != y.shape:
         raise ValueError(f"target must have the shape of y {tuple(y.shape)}, got {tuple(target.shape)}")
     with eval_mode(model):
-        forward = forward_fn(model, compile, fold_bn, probe=x[:2], precision=precision)
-        x = prepare(x, channels_last)
+        forward = forward_fn(model, runtime.compile, runtime.fold_bn, probe=x[:2], precision=precision)
+        x = prepare(x, runtime.channels_last)
         check_model_output(forward, x, y, precision)
-        gen = make_generator(x.device, seed, generator)
+        gen = seed if isinstance(seed, torch.Generator) else make_generator(x.device, seed)
         loss_fn = attack_loss(loss, y) if target is None else (lambda z: dlr_targeted(z, y, target))
         best = Strongest(x)
         _apgd_run(forward, x, y, eps, steps, norm, loss_fn, rho, momentum, gen, precision, best)
@@ -133,36 +133,34 @@ def apgd_dlr(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 
 
 
 def apgd_t(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255, steps: int = 100, *,
-           n_target_classes: int = 9, seed: int | None = 0, precision: str = "auto",
-           channels_last: bool | None = None, compile: bool | str = False, fold_bn: bool | None = None,
-           **kw) -> torch.Tensor:
+           n_target_classes: int = 9, seed: int | torch.Generator = 0, **kw) -> torch.Tensor:
     """APGD-T: APGD with the targeted DLR loss (Eq. 7), once for each of the `n_target_classes`
     classes ranked 2nd, 3rd, ... by the clean logits; each example keeps the strongest result
     (misclassified first, then highest targeted-DLR loss of its run)."""
-    check_images(x, y, model)
+    plain, runtime = split_attack_model(model)
+    precision = runtime.precision
+    check_images(x, y, plain)
     check_eps(eps, kw.get("norm", "linf"), x)
     check_int("steps", steps)
     check_int("n_target_classes", n_target_classes)
-    check_precision(precision)
-    shared = dict(precision=precision, channels_last=channels_last, compile=compile, fold_bn=fold_bn)
-    with eval_mode(model):
-        forward = forward_fn(model, compile, fold_bn, probe=x[:2], precision=precision)
-        check_model_output(forward, prepare(x, channels_last), y, precision)
-        logits = logits_at(forward, prepare(x, channels_last), precision)
+    with eval_mode(plain):
+        forward = forward_fn(plain, runtime.compile, runtime.fold_bn, probe=x[:2], precision=precision)
+        check_model_output(forward, prepare(x, runtime.channels_last), y, precision)
+        logits = logits_at(forward, prepare(x, runtime.channels_last), precision)
         if not 1 <= n_target_classes <= logits.shape[1] - 1 or logits.shape[1] < 4:
             raise ValueError(f"n_target_classes must be in [1, {logits.shape[1] - 1}] and the model needs "
                              f">= 4 classes for targeted DLR, got {n_target_classes} with {logits.shape[1]}")
         ranked = logits.argsort(1, descending=True)
         best = Strongest(x.detach())
         best.fooled = ranked[:, 0] != y  # misclassified already: nothing to attack
-        gen = make_generator(x.device, seed, kw.pop("generator", None))
+        gen = seed if isinstance(seed, torch.Generator) else make_generator(x.device, seed)
         for rank in range(1, n_target_classes + 1):
             # as in AutoAttack, each target run attacks only the points no earlier run has broken
             idx = (~best.fooled).nonzero().squeeze(1)  # one sync per target class, none per step
             if len(idx) == 0:
                 break
             target = ranked[idx, rank]
-            xa = apgd(model, x[idx], y[idx], eps, steps, loss="dlr", target=target, generator=gen, **shared, **kw)
+            xa = apgd(model, x[idx], y[idx], eps, steps, loss="dlr", target=target, seed=gen, **kw)
             z = logits_at(forward, xa, precision)
             sub = Strongest(x[idx])
             sub.update(xa, dlr_targeted(z, y[idx], target), is_fooled(z, y[idx]))

@@ -217,7 +217,7 @@ class CorruptArtifactError(ValueError):
     """A file's bytes differ from the sha256 recorded when the kit wrote it."""
 
 
-# Which notebook makes each artifact of a run directory (README, "Architecture"), for the errors
+# Which notebook makes each artifact of a run directory (docs/run-directory.md), for the errors
 # that name the notebook to re-run. Files of the base model come from 01, other models from 03.
 _BY_NAME = {"flatness.csv": "05_flatness_correlation", "correlations.csv": "05_flatness_correlation",
             "manifest.json": "any (python -m advkit run)"}

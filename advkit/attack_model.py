@@ -9,7 +9,8 @@ of the model changed since (in-place updates bump `tensor._version`, a new tenso
 `num_batches_tracked`; a change through `.data` is not seen); under bf16 autocast a sibling
 with bf16 conv/linear weights saves autocast's weight casts. `CheckedForward`
 checks the attack's first forward (logit shape, finite logits, labels in range) with one host
-sync, so an attack needs no extra forward for its checks.
+sync, so an attack needs no extra forward for its checks. The speed options of every attack are
+one `AttackRuntime`, given to attacks with the model: `attack(attack_model(model, runtime), x, y)`.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ import copy
 import math
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
 
-from advkit._torch import (CompiledOrEager, Forward, WithParams, check_choice, gpu_policy, model_device,
-                           resolve_precision)
+from advkit._torch import (CompiledOrEager, Forward, WithParams, check_choice, check_precision, gpu_policy,
+                           model_device, resolve_precision)
 from advkit.folding import conv_bn_pairs, fold_batchnorm, fold_into
 
 COMPILE_MODES = (False, True, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -38,6 +39,63 @@ def resolve_fold_bn(fold_bn: bool | None, device: torch.device) -> bool:
     if fold_bn is not None and not isinstance(fold_bn, bool):
         raise ValueError(f"fold_bn must be None, True or False, got {fold_bn!r}")
     return gpu_policy(device) if fold_bn is None else fold_bn
+
+
+@dataclass(frozen=True)
+class AttackRuntime:
+    """How an attack runs the model, never what it computes (up to float rounding): `precision`
+    ("auto": bf16 autocast on CUDA, fp32 elsewhere; "bf16"; "fp32"), `channels_last` inputs (None:
+    under the GPU policy), `compile` (see COMPILE_MODES) and `fold_bn` (see `resolve_fold_bn`).
+    The defaults are every attack's defaults."""
+
+    precision: str = "auto"
+    channels_last: bool | None = None
+    compile: bool | str = False
+    fold_bn: bool | None = None
+
+    def __post_init__(self) -> None:
+        check_precision(self.precision)
+        check_choice("compile", self.compile, COMPILE_MODES)
+        if self.fold_bn is not None and not isinstance(self.fold_bn, bool):
+            raise ValueError(f"fold_bn must be None, True or False, got {self.fold_bn!r}")
+        if self.channels_last is not None and not isinstance(self.channels_last, bool):
+            raise ValueError(f"channels_last must be None, True or False, got {self.channels_last!r}")
+
+
+class AttackModel(nn.Module):
+    """`module` with the `AttackRuntime` the attacks run it with (`attack_model`); its forward is
+    the module's own, so anything else that calls it sees the plain model."""
+
+    def __init__(self, module: nn.Module, runtime: AttackRuntime):
+        super().__init__()
+        self.module, self.runtime = module, runtime
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
+def attack_model(model: nn.Module, runtime: AttackRuntime | None = None, **options) -> AttackModel:
+    """`model` as attacks run it: `runtime` (or AttackRuntime(**options)) replaces the one `model`
+    already carries. Every attack takes it as its model: attack(attack_model(model, runtime), x, y)."""
+    module, base = split_attack_model(model)
+    if runtime is not None and options:
+        raise ValueError("give either runtime or its options, not both")
+    if runtime is not None and not isinstance(runtime, AttackRuntime):
+        raise ValueError(f"runtime must be an AttackRuntime, got {type(runtime).__name__}")
+    if options:
+        unknown = sorted(set(options) - {f.name for f in fields(AttackRuntime)})
+        if unknown:
+            raise ValueError(f"unknown runtime options {unknown}; AttackRuntime takes "
+                             f"{[f.name for f in fields(AttackRuntime)]}")
+        runtime = AttackRuntime(**{**base.__dict__, **options})
+    return AttackModel(module, runtime or base)
+
+
+def split_attack_model(model: nn.Module) -> tuple[nn.Module, AttackRuntime]:
+    """(the plain model, its `AttackRuntime`): the defaults for a model not made by `attack_model`."""
+    if isinstance(model, AttackModel):
+        return model.module, model.runtime
+    return model, AttackRuntime()
 
 
 # --- the folded copy, cached per model ----------------------------------------------------------

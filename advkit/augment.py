@@ -11,7 +11,7 @@ for L-inf budgets that are whole grey levels (8/255, 1/255), keeps |x_adv - x| <
 because x sits on a level and the ball's faces do too. What rounding does cost (fractional
 PGD steps rounded away) shows in the stored `fooled_stored` vs `fooled_float` rates; `dtype="float32"`
 keeps them. `RegeneratedAugmentation` is the released code's alternative: the adversarial half made
-anew for every batch against the current model (Xu et al.'s ambiguities as switches: README).
+anew for every batch against the current model (Xu et al.'s ambiguities as switches: docs/api.md).
 """
 
 from __future__ import annotations
@@ -26,17 +26,16 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from advkit import params
+from advkit._checks import XU_ATTACKS, check_number
 from advkit._torch import (check_choice, check_int, chunks, eval_mode, loss_and_accuracy, make_generator,
                            model_device, state_hash, tensors_hash, to_float)
-from advkit.attacks import get_attack
+from advkit.attacks import GENERATOR_SEEDED, get_attack
 from advkit.data import Batcher
 from advkit.evaluate import XU2019
 from advkit.objectives import Adversarial
 from advkit.progress import LoopProgress
 from advkit.runs import Run, as_stored, atomic_path, cache_is_current, load_torch, read_json, write_json
 
-XU_ATTACKS = tuple(XU2019.attacks)  # ("fgsm", "pgd", "stadv")
 DTYPES = ("uint8", "float32")
 
 
@@ -70,8 +69,8 @@ def adversarial_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, att
     except TypeError as err:
         raise ValueError(f"invalid settings for attack {attack!r}: {err}") from err
     device = model_device(model)
-    if "generator" in inspect.signature(fn).parameters:
-        params["generator"] = make_generator(device, seed)
+    if any(fn is a for a in GENERATOR_SEEDED):  # one stream for all batches
+        params["seed"] = make_generator(device, seed)
     out = torch.empty(x.shape, dtype=torch.uint8 if dtype == "uint8" else torch.float32, device=device)
     correct_float = torch.zeros((), dtype=torch.int64, device=device)  # before rounding to uint8
     batches = list(chunks(len(y), batch_size))
@@ -149,7 +148,8 @@ CODE_EPS = 8 / 255  # the L-inf bound of the released code (joycex99/adversarial
 def xu_training_budget(attack: str, budget: dict[str, Any], eps: float | None = None) -> dict[str, Any]:
     """The augmentation budget: `budget` (Table 1's evaluation settings) or, with `eps`, the L-inf attacks
     at `eps` instead (the released code trains at 8/255 for FGSM and PGD; PGD step eps/4); stAdv unchanged."""
-    params.check("eps", eps, params.PARAMS["xu_augment_eps"])  # notebook 03's rule: None or in (0, 1]
+    if eps is not None:
+        check_number("eps", eps, 0, 1, low_open=True)  # an L-inf budget in pixel space
     budget = {k: v for k, v in budget.items() if v is not None}
     if eps is None or attack == "stadv":
         return budget

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
-from advkit.params import XU_ATTACKS  # Xu et al.'s fine-tunes, named after their attack
+from advkit._checks import XU_ATTACKS  # Xu et al.'s fine-tunes, named after their attack
 from advkit.runs import EARLY_SUFFIX, split_seed
 
 METHODS = ("pearson", "spearman", "kendall")

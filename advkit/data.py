@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from advkit._torch import check_int, to_float  # to_float: re-exported (README)
+from advkit._torch import check_int, to_float  # to_float: re-exported (docs/api.md)
 from advkit.artifacts import atomic_path, checksum_path, verified
 
 DATASETS = ("digits", "cifar10")

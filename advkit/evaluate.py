@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from advkit._torch import check_int, check_number, check_precision, loss_and_accuracy, make_generator, to_float
-from advkit.attacks import get_attack
+from advkit.attack_model import AttackModel, attack_model
+from advkit.attacks import ATTACKS, GENERATOR_SEEDED, get_attack
 from advkit.progress import LoopProgress
 
 AttackLike = str | Callable[..., torch.Tensor]
@@ -44,18 +45,22 @@ def _takes(fn: Callable[..., Any], name: str) -> bool:
 
 def _batch_attack(attack: AttackLike, seed: int | None, precision: str,
                   kw: Mapping[str, Any]) -> Callable[..., torch.Tensor]:
-    """attack(model, xb, yb) for `loss_and_accuracy`: the attack with its settings `kw`, the
-    evaluation's precision when it takes one, and one generator seeded with `seed` shared by all
-    batches when it takes a generator (created lazily on the batches' device)."""
+    """attack(model, xb, yb) for `loss_and_accuracy`: the attack with its settings `kw`, a registered
+    attack on the model with the evaluation's precision (`attack_model`; a model that carries its own
+    `AttackRuntime` keeps it), and one generator seeded with `seed` shared by all batches when its
+    `seed` takes one (`GENERATOR_SEEDED`; a callable's `generator`), created on the batches' device."""
     fn = get_attack(attack) if isinstance(attack, str) else attack
+    target = get_attack(fn.attack) if isinstance(fn, AttackSpec) else fn
+    registered = any(target is a for a in ATTACKS.values())
     kw = dict(kw)
-    if _takes(fn, "precision"):
-        kw.setdefault("precision", precision)
-    seeded = seed is not None and "generator" not in kw and _takes(fn, "generator")
+    key = "seed" if any(target is a for a in GENERATOR_SEEDED) else "generator" if _takes(fn, "generator") else None
+    seeded = seed is not None and key is not None and not isinstance(kw.get(key), torch.Generator)
 
     def run(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        if seeded and "generator" not in kw:
-            kw["generator"] = make_generator(xb.device, seed)
+        if seeded and not isinstance(kw.get(key), torch.Generator):
+            kw[key] = make_generator(xb.device, seed)
+        if registered and not isinstance(model, AttackModel):
+            model = attack_model(model, precision=precision)
         return fn(model, xb, yb, **kw)
 
     return run
@@ -90,7 +95,7 @@ def robust_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: A
                    batch_size: int = 512, *, ssim: bool = False, seed: int | None = 0,
                    precision: str = "auto", **kw) -> dict[str, float]:
     """One attack pass giving {"accuracy", "loss" (mean CE), and with ssim=True "ssim_distance"}.
-    `precision` is the evaluation's and the attack's (when it takes one); **kw are the attack's."""
+    `precision` is the evaluation's and a registered attack's (`_batch_attack`); **kw are the attack's."""
     _check(x, y, batch_size)
     check_precision(precision)
     run = _batch_attack(attack, seed, precision, kw)
@@ -223,8 +228,7 @@ STUTZ2021 = Preset(
     name="stutz2021",
     reference="Stutz, Hein & Schiele 2021, Relating adversarially robust generalization to flat minima",
     attacks={
-        "pgd": AttackSpec("pgd", {"eps": 8 / 255, "alpha": 0.007, "steps": 20, "restarts": 10,
-                                  "random_start": True}),
+        "pgd": AttackSpec("pgd", {"eps": 8 / 255, "alpha": 0.007, "steps": 20, "restarts": 10}),
         "autoattack": AttackSpec("autoattack", {"eps": 8 / 255, "version": "standard"}),
     },
     n_test=1000,

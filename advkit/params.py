@@ -1,14 +1,14 @@
 """One declaration per notebook parameter: its type, range, list-element rule and the
 cross-parameter rules it takes part in, so every value is checked before a notebook starts.
 
-A declaration checks with the library's own validators (`advkit._checks`, which `advkit._torch`
-re-exports), and the library's settings dataclasses check their fields with these declarations:
-a field made with `declared("n_subset", default)` is checked by `check_fields` against the
-parameter it names, so a notebook parameter and the setting it feeds share one rule.
+A declaration checks with the library's own validators and is built from the library's own names
+and rules (`advkit._checks`, the torch-free part of the library: optimizers, schedules, recipes,
+Xu et al.'s attacks, the seed range, the device rule, the quadratic-fit point rule); the library's
+settings dataclasses check themselves with the same validators and never import this module.
 
-Torch-free and importing no other advkit module, so every module may use it and `validate`
-fails on a bad value in well under a second. The checks that need the library (variant specs)
-or the machine (run name, device, files) are `advkit.pipeline`'s. `notebook_parameters` reads
+Torch-free: only the pipeline layer (advkit.pipeline and the modules that run it) imports it, and
+`validate` fails on a bad value in well under a second. The checks that need the library (variant
+specs) or the machine (run name, device, files) are `advkit.pipeline`'s. `notebook_parameters` reads
 the notebooks' `parameters` cells with `ast`; tests/test_params.py keeps this table, those
 cells and the profiles in step.
 """
@@ -22,23 +22,20 @@ import math
 import re
 import tokenize
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from advkit._checks import check_choice, check_int, check_number, shown
+from advkit._checks import (MAX_SEED, OPTIMIZERS, QUADRATIC_FIT_POINTS, RECIPES, SCHEDULES, XU_ATTACKS, check_choice,
+                            check_device, check_int, check_number, points_within, shown)
 
-# Registries of the package, copied so that validation does not import torch; tests/test_params.py
-# asserts that they equal advkit's own. OPTIMIZERS and SCHEDULES are the originals (advkit.train imports them).
+# Registries of torch-importing modules, copied so that validation does not import torch; tests/test_params.py
+# asserts that they equal advkit's own.
 MODELS = ("small_cnn", "resnet20", "resnet32", "resnet44", "resnet56", "preact_resnet18", "resnet18")
 DATASETS = ("digits", "cifar10")
-OPTIMIZERS = ("sgd", "adam")                        # TrainConfig.optimizer
-SCHEDULES = ("constant", "multistep", "cosine", "onecycle")  # TrainConfig.schedule
-RECIPES = ("paper", "fast")                         # TrainConfig.recipe: as given, advkit.train.FAST_RECIPE
 NORMS = ("filter", "layer", "weight", "none")       # advkit.directions.NORMS
-XU_ATTACKS = ("fgsm", "pgd", "stadv")               # advkit.augment.XU_ATTACKS
 AUGMENT_MODES = ("static", "regenerate")            # advkit.augment.AUGMENT_MODES
 AUGMENT_DTYPES = ("uint8", "float32")               # advkit.augment.DTYPES
 SPLITS = ("test", "train")
@@ -53,7 +50,6 @@ NUM_CLASSES = 10  # both datasets
 MAX_GRID_POINTS = 10**6
 # Image side of each dataset in pixels: stAdv's flow bound cannot exceed it (advkit.evaluate.stadv_flow_sweep).
 IMAGE_SIDES = {"digits": 8, "cifar10": 32}
-MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit; torch takes these too
 # File-name parts: a component holds 255 bytes; the kit adds up to 40 around a name (`.<name>.<pid>.<random>.tmp`
 # of atomic writes, `.sha256` sidecars), and a model's name holds its variant and `_eNNN` besides model_suffix.
 FILE_NAME_BYTES = 255 - 40
@@ -137,12 +133,6 @@ def _grid(max_points: float, dims: int, lo: int = 3) -> Param:
     return integer(lo, int(round(max_points ** (1 / dims))))
 
 
-def _check_device(name: str, value: Any) -> None:
-    if not (isinstance(value, str) and (value in ("auto", "cpu", "cuda")
-                                        or (value.startswith("cuda:") and value[5:].isdigit()))):
-        raise ValueError(f"{name}={shown(value)} is not a device: use auto, cpu, cuda or cuda:N")
-
-
 def _check_robust_resolution(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value != 0:  # 0: off
         _grid(MAX_GRID_POINTS, 2).check(name, value)
@@ -168,7 +158,7 @@ PARAMS: dict[str, Param] = {
     "run": text(allowed="a run name (a folder name)", max_bytes=FILE_NAME_BYTES),
     "dataset": choice(DATASETS),
     "data_dir": text(optional=True),
-    "device": Param(str, "auto, cpu, cuda or cuda:N", _check_device),
+    "device": Param(str, "auto, cpu, cuda or cuda:N", check_device),
     "seed": integer(0, MAX_SEED),
     "threads": integer(1, optional=True),
     # 01 base model
@@ -308,21 +298,6 @@ def _keep_epochs(keep, epochs):
     return f"keep_epochs {late} lie beyond at_epochs: they would never be saved" if late else None
 
 
-QUADRATIC_FIT_POINTS = {1: 4, 2: 7}
-"""Grid points within the radius that the sharpness's quadratic fit needs, 1D and 2D
-(advkit.landscape.check_radius applies the same numbers)."""
-
-
-def points_within(radius: float, coords: Sequence[float], dims: int) -> int:
-    """Points of the grid `coords`^dims within `radius` of the centre (advkit.landscape.check_radius
-    counts with this function too)."""
-    c = np.asarray(coords, dtype=float)
-    if dims == 1:
-        return int(np.sum(np.abs(c) <= radius + 1e-12))
-    a, b = np.meshgrid(c, c)
-    return int(np.sum(np.hypot(a, b) <= radius + 1e-12))
-
-
 def _radius_rule(res_name: str, dims: int) -> Rule:
     """landscape.check_radius: the quadratic fit needs QUADRATIC_FIT_POINTS[dims] points within `radius`."""
     def check(radius, span, resolution):
@@ -446,27 +421,6 @@ def check_value(name: str, value: Any, decl: Param) -> str | None:
     except ValueError as err:
         return str(err)
     return None
-
-
-def declared(param: str, default: Any) -> Any:
-    """A dataclass field checked by the declaration of notebook parameter `param`
-    (`check_fields`): the setting and the parameter that feeds it share one rule."""
-    if param not in PARAMS:
-        raise KeyError(f"{param!r} is not a declared parameter (advkit.params.PARAMS)")
-    return field(default=default, metadata={"param": param})
-
-
-def check_fields(settings: Any) -> None:
-    """Check every field of the dataclass instance `settings` made with `declared(...)` against its
-    parameter's declaration; the error names the field."""
-    for f in fields(settings):
-        if "param" in f.metadata:
-            check(f.name, getattr(settings, f.name), PARAMS[f.metadata["param"]])
-
-
-def declared_fields(settings_class: type) -> dict[str, str]:
-    """{field: the parameter whose declaration checks it} of a settings dataclass."""
-    return {f.name: f.metadata["param"] for f in fields(settings_class) if "param" in f.metadata}
 
 
 def effective_values(values: Mapping[str, Any], declared: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from threadpoolctl import threadpool_limits
 
-from advkit.params import PARAMS, check
+from advkit._checks import check_int, check_seed
 
 
 def set_reproducible(seed: int, threads: int | None = 1) -> dict:
@@ -27,8 +27,9 @@ def set_reproducible(seed: int, threads: int | None = 1) -> dict:
     libraries' defaults), ask torch for deterministic algorithms (warnings only where none exists) and
     print pandas tables unwrapped and text cells uncut (`display.width`, `display.max_colwidth`); every
     notebook's first code cell calls it."""
-    check("seed", seed, PARAMS["seed"])  # the notebooks' parameters' own rules
-    check("threads", threads, PARAMS["threads"])
+    check_seed("seed", seed)
+    if threads is not None:
+        check_int("threads", threads)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # deterministic cuBLAS; read at its first use
     if threads is not None:
         torch.set_num_threads(threads)

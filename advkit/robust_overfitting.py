@@ -36,8 +36,7 @@ Split = tuple[torch.Tensor, torch.Tensor]
 # (their final evaluation uses 10); a fixed seed gives every epoch the same random starts.
 EPOCH_ATTACK = AttackSpec("pgd", {**STUTZ2021.attacks["pgd"].params, "restarts": 1})
 # Early stopping (Stutz et al. Sec. 3): PGD-7 at 8/255 (their training attack; step 2/255 as PGD-AT).
-EARLY_STOP_ATTACK = AttackSpec("pgd", {"eps": 8 / 255, "alpha": 2 / 255, "steps": 7, "restarts": 1,
-                                       "random_start": True})
+EARLY_STOP_ATTACK = AttackSpec("pgd", {"eps": 8 / 255, "alpha": 2 / 255, "steps": 7, "restarts": 1})
 
 
 def early_stopping_indices(n_test_total: int, n_val: int, n_test: int = 0) -> range:

@@ -1,6 +1,6 @@
 """The run directory: where it is, what it records, and the name of every artifact in it.
 
-A run directory holds every artifact of one pipeline run (README, "Architecture"); notebooks find
+A run directory holds every artifact of one pipeline run (docs/run-directory.md); notebooks find
 it through `Run.named` / `run_dir`, never through the current directory, because papermill and
 nbval start kernels in different folders. `Run` names each artifact; writes are atomic and
 checksummed (`advkit.artifacts`), model files are `advkit.checkpoints`; this module re-exports both.
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from advkit import params
+from advkit._checks import check_device
 from advkit.artifacts import (CHECKSUM_SUFFIX, CorruptArtifactError, LockHeld, as_stored, atomic_path,  # noqa: F401
                               atomic_write_text, checksum_path, clean_stale_temp_files, file_lock, file_sha256,
                               read_json, update_json, verified, write_json, writer_hint, writer_of)
@@ -123,7 +123,7 @@ def resolve_device(device: str = "auto") -> torch.device:
     """`auto`: CUDA when present, else CPU."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    params.check("device", device, params.PARAMS["device"])  # the notebooks' rule: cpu, cuda or cuda:N
+    check_device("device", device)  # cpu, cuda or cuda:N
     return torch.device(device)
 
 
@@ -201,7 +201,7 @@ class StaleCacheWarning(UserWarning):
 
 
 def cache_is_current(path: str | Path, stored: Mapping[str, Any] | None, requested: Mapping[str, Any]) -> bool:
-    """The kit's one cache policy (README, "Caches"): a cached artifact is reused only when every
+    """The kit's one cache policy (docs/run-directory.md, "Caches"): a cached artifact is reused only when every
     setting it was made with equals the request; otherwise it is recomputed and replaced, with a
     StaleCacheWarning naming the file and the first setting that differs. Never silent reuse.
     Settings compare as JSON would store them (tuples equal lists)."""
@@ -246,7 +246,7 @@ def split_seed(name: str) -> tuple[str, int | None]:
 
 
 class Run(os.PathLike):
-    """One run directory and the name of every artifact in it (README, "Architecture").
+    """One run directory and the name of every artifact in it (docs/run-directory.md).
 
     Notebooks, `train`, `augment`, `landscape` and `zoo` build artifact paths through this
     object, never by hand, so the layout lives in one place. Tables and JSON are written

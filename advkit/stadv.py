@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advkit._torch import autocast, check_choice, check_int, check_number, check_precision, eval_mode
+from advkit._torch import autocast, check_choice, check_int, check_number, eval_mode
+from advkit.attack_model import split_attack_model
 from advkit.attack_utils import check_images, check_model_output, forward_fn, is_fooled, margin, prepare
 
 OPTIMIZERS = ("lbfgs", "adam")
@@ -81,7 +82,6 @@ def flow_loss(flow: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 def stadv(model: nn.Module, x: torch.Tensor, y: torch.Tensor, tau: float = 0.05, steps: int = 50, *,
           optimizer: str = "lbfgs", max_flow: float | None = None, kappa: float = 0.0,
           lr: float | None = None, targeted: bool = False, return_flow: bool = False,
-          precision: str = "auto", channels_last: bool | None = None, compile: bool = False,
           ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """stAdv (Xiao et al. 2018): minimize over the flow f, per example,
     L_adv(x_f) + tau * L_flow(f), with L_adv = max(z_y - max_{j!=y} z_j, -kappa) (Eq. 6, CW margin;
@@ -106,8 +106,11 @@ def stadv(model: nn.Module, x: torch.Tensor, y: torch.Tensor, tau: float = 0.05,
 
     Returns x_adv in [0, 1] (and the flow in pixels, (N, 2, H, W), with return_flow=True): per
     example the successful flow with the smallest L_flow seen during the optimization, else the
-    final flow.
+    final flow. The model's `AttackRuntime` (`advkit.attack_model.attack_model`) says how it runs
+    (its BatchNorm is not folded: `fold_bn` does not apply).
     """
+    model, runtime = split_attack_model(model)
+    precision = runtime.precision
     check_images(x, y, model)
     check_number("tau", tau)
     check_int("steps", steps)
@@ -117,10 +120,9 @@ def stadv(model: nn.Module, x: torch.Tensor, y: torch.Tensor, tau: float = 0.05,
         check_number("max_flow", max_flow, 0.0, float(max(x.shape[2:])), low_open=True)
     lr = (1.0 if optimizer == "lbfgs" else 0.01) if lr is None else lr
     check_number("lr", lr, low_open=True)
-    check_precision(precision)
     with eval_mode(model), torch.enable_grad():
-        forward = forward_fn(model, compile)
-        x = prepare(x, channels_last)
+        forward = forward_fn(model, runtime.compile)
+        x = prepare(x, runtime.channels_last)
         check_model_output(forward, x, y, precision)  # NaN weights: a clear error, not a crash
         w = torch.zeros((len(x), 2, *x.shape[2:]), device=x.device, dtype=x.dtype, requires_grad=True)
         sign = -1.0 if targeted else 1.0

@@ -39,6 +39,12 @@ FLATNESS_PARAMETERS = (
     "hessian_iters", "hessian_samples", "hessian_backend", "recompute")
 """Notebook 05's parameters that decide flatness.csv."""
 
+ZOO_SETTINGS_PARAMETERS = {"n_eval": "n_subset", **{name: name for name in (
+    "dataset", "pgd_eps", "pgd_steps", "pgd_alpha", "pgd_restarts", "n_autoattack", "aa_steps", "aa_targets",
+    "flatness_xi", "flatness_samples", "worst_xi", "worst_steps", "hessian_iters", "hessian_samples", "hessian_backend",
+    "seed")}}
+"""{`advkit.zoo.ZooSettings` field: the notebook 05 parameter that sets it}."""
+
 
 def parameters(values: Mapping[str, Any], names: tuple[str, ...], notebook: str) -> dict[str, Any]:
     """{name: value} of `names` from `values`; a missing one is an error naming the notebook."""
@@ -121,12 +127,6 @@ class FlatnessStudy:
 def flatness_study(values: Mapping[str, Any]) -> FlatnessStudy:
     """Notebook 05's inputs from its parameters (`FLATNESS_PARAMETERS`, read from `values`)."""
     p = parameters(values, FLATNESS_PARAMETERS, "notebook 05_flatness_correlation")
-    settings = zoo.ZooSettings(
-        dataset=p["dataset"], n_eval=p["n_subset"], pgd_eps=p["pgd_eps"], pgd_steps=p["pgd_steps"],
-        pgd_alpha=p["pgd_alpha"], pgd_restarts=p["pgd_restarts"], n_autoattack=p["n_autoattack"],
-        aa_steps=p["aa_steps"], aa_targets=p["aa_targets"], flatness_xi=p["flatness_xi"],
-        flatness_samples=p["flatness_samples"], worst_xi=p["worst_xi"], worst_steps=p["worst_steps"],
-        hessian_iters=p["hessian_iters"], hessian_samples=p["hessian_samples"],
-        hessian_backend=p["hessian_backend"], seed=p["seed"])
+    settings = zoo.ZooSettings(**{field: p[name] for field, name in ZOO_SETTINGS_PARAMETERS.items()})
     dev = ranks.device(resolve_device(p["device"]))
     return FlatnessStudy(p, Run.named(p["run"]), dev, get_dataset(p["dataset"], p["data_dir"]), settings)

@@ -24,12 +24,12 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 from tqdm.auto import tqdm
 
-from advkit._torch import (autocast, check_choice, check_number, check_precision, gpu_policy, loss_and_accuracy,
-                           model_device, train_mode)
+from advkit._checks import OPTIMIZERS, RECIPES, SCHEDULES, check_seed
+from advkit._torch import (autocast, check_choice, check_int, check_number, check_precision, gpu_policy,
+                           loss_and_accuracy, model_device, train_mode)
 from advkit.attack_model import COMPILE_MODES, forward_fn
 from advkit.data import Batcher
 from advkit.objectives import Objective, get_objective
-from advkit.params import OPTIMIZERS, RECIPES, SCHEDULES, check_fields, declared
 from advkit.progress import LoopProgress
 from advkit.runs import EARLY_SUFFIX, Run, as_stored, atomic_path, load_checkpoint, save_model
 
@@ -42,27 +42,33 @@ class TrainConfig:
     """The optimization side of a training run (stored with the checkpoint; a resume must match).
     Batch size, augmentation and data order are the Batcher's (`advkit.data.Batcher`)."""
 
-    epochs: int = declared("epochs", 10)  # fields made with declared(...) are checked by notebook 01's rule
-    optimizer: str = declared("optimizer", "sgd")
-    lr: float = declared("lr", 0.1)
+    epochs: int = 10
+    optimizer: str = "sgd"  # OPTIMIZERS
+    lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = True
-    weight_decay: float = declared("weight_decay", 5e-4)
-    schedule: str = declared("schedule", "multistep")
+    weight_decay: float = 5e-4
+    schedule: str = "multistep"  # SCHEDULES
     milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of training, for "multistep"
     gamma: float = 0.1
     label_smoothing: float = 0.0
-    seed: int = declared("seed", 0)  # reseeds torch's global RNG every epoch: the objectives' random starts
+    seed: int = 0  # reseeds torch's global RNG every epoch: the objectives' random starts
     ema_decay: float | None = None  # exponential moving average of the weights
     swa_start: float | None = None  # fraction of training after which SWA averages the weights
     precision: str = "auto"  # advkit._torch.PRECISIONS: auto = bf16 autocast on CUDA, fp32 elsewhere
     channels_last: bool = True  # on CUDA
-    recipe: str = declared("recipe", "paper")  # paper: the fields as given; fast: made by fast_config (FAST_RECIPE)
+    recipe: str = "paper"  # RECIPES: paper: the fields as given; fast: made by fast_config (FAST_RECIPE)
     compile: bool | str = False  # torch.compile the training step's model: True or a mode (COMPILE_MODES)
 
     def __post_init__(self):
         self.milestones = tuple(self.milestones)
-        check_fields(self)  # epochs, optimizer, lr, weight_decay, schedule, seed (advkit.params)
+        check_int("epochs", self.epochs)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_number("lr", self.lr, 0, low_open=True)
+        check_number("weight_decay", self.weight_decay, 0)
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_seed("seed", self.seed)
+        check_choice("recipe", self.recipe, RECIPES)
         check_number("momentum", self.momentum, 0, 1)
         check_number("gamma", self.gamma, 0, low_open=True)
         check_number("label_smoothing", self.label_smoothing, 0, 1, high_open=True)

@@ -35,13 +35,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from advkit import ranks
-from advkit._torch import Attack, check_choice, check_int, loss_and_accuracy, to_float
+from advkit._checks import XU_ATTACKS, check_seed
+from advkit._torch import Attack, check_choice, check_int, check_number, loss_and_accuracy, to_float
 from advkit.attacks import autoattack, pgd
-from advkit.data import Dataset, subset
+from advkit.data import DATASETS, Dataset, subset
 from advkit.evaluate import STUTZ2021
 from advkit.flatness import avg_case_flatness, relative_flatness, worst_case_flatness
 from advkit.hessian import HessianOperator, adversarial_inputs, hessian_eigenvalues, hessian_trace
-from advkit.params import XU_ATTACKS, check_fields, declared
 from advkit.progress import LoopProgress
 from advkit.runs import Run, cache_is_current, file_sha256, is_epoch_name, load_checkpoint, load_model
 
@@ -78,29 +78,43 @@ class ZooSettings:
     trace (`trace_method` Hutch++: about 3x less spread than Hutchinson's at 30).
     """
 
-    # declared(parameter, default): checked by the rule of notebook 05's parameter (advkit.params)
-    dataset: str = declared("dataset", "cifar10")
-    n_eval: int = declared("n_subset", STUTZ2021.n_test)
-    pgd_eps: float = declared("pgd_eps", _STUTZ_PGD["eps"])
-    pgd_steps: int = declared("pgd_steps", _STUTZ_PGD["steps"])
-    pgd_alpha: float | None = declared("pgd_alpha", _STUTZ_PGD["alpha"])
-    pgd_restarts: int = declared("pgd_restarts", _STUTZ_PGD["restarts"])
+    dataset: str = "cifar10"
+    n_eval: int = STUTZ2021.n_test
+    pgd_eps: float = _STUTZ_PGD["eps"]
+    pgd_steps: int = _STUTZ_PGD["steps"]
+    pgd_alpha: float | None = _STUTZ_PGD["alpha"]
+    pgd_restarts: int = _STUTZ_PGD["restarts"]
     n_autoattack: int = STUTZ2021.n_test
-    aa_steps: int = declared("aa_steps", 100)
-    aa_targets: int = declared("aa_targets", 9)
-    flatness_xi: float = declared("flatness_xi", 0.5)
-    flatness_samples: int = declared("flatness_samples", 10)
-    worst_xi: float = declared("worst_xi", 0.003)
-    worst_steps: int = declared("worst_steps", 20)
-    hessian_iters: int = declared("hessian_iters", 20)
+    aa_steps: int = 100
+    aa_targets: int = 9
+    flatness_xi: float = 0.5
+    flatness_samples: int = 10
+    worst_xi: float = 0.003
+    worst_steps: int = 20
+    hessian_iters: int = 20
     hessian_samples: int = 100
-    hessian_backend: str = declared("hessian_backend", "reverse")
+    hessian_backend: str = "reverse"
     trace_method: str = "hutchpp"
-    seed: int = declared("seed", 0)
+    seed: int = 0
     batch_size: int = 500
 
     def __post_init__(self):
-        check_fields(self)
+        check_choice("dataset", self.dataset, DATASETS)
+        check_int("n_eval", self.n_eval)
+        check_number("pgd_eps", self.pgd_eps, 0, 1)  # pixel space
+        check_int("pgd_steps", self.pgd_steps)
+        if self.pgd_alpha is not None:
+            check_number("pgd_alpha", self.pgd_alpha, 0, 1, low_open=True)
+        check_int("pgd_restarts", self.pgd_restarts)
+        check_int("aa_steps", self.aa_steps)
+        check_int("aa_targets", self.aa_targets, 1, 9)  # APGD-T: at most the other 9 classes of either dataset
+        check_number("flatness_xi", self.flatness_xi)
+        check_int("flatness_samples", self.flatness_samples)
+        check_number("worst_xi", self.worst_xi)
+        check_int("worst_steps", self.worst_steps)
+        check_int("hessian_iters", self.hessian_iters)
+        check_choice("hessian_backend", self.hessian_backend, HESSIAN_BACKENDS)
+        check_seed("seed", self.seed)
         check_int("hessian_samples", self.hessian_samples)
         check_int("batch_size", self.batch_size)
         check_int("n_autoattack", self.n_autoattack, minimum=0)  # 0: no AutoAttack

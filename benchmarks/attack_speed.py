@@ -7,10 +7,11 @@ says which). Without --checkpoint the ResNet-32 has random weights, so its robus
 shows that both attacks agree (its BatchNorm statistics are estimated on the images, else it
 predicts one class everywhere); pass a trained checkpoint (advkit.runs.save_model) for real figures.
 
-Rows (`VARIANTS`): torchattacks.PGD (fp32); advkit pgd fp32, fp32 + BatchNorm folded, bf16 autocast, bf16 + BatchNorm
-folded (`fold_bn=True`), bf16 + fold_bn + torch.compile(mode="reduce-overhead") (CUDA graphs),
-all with keep_best=False (torchattacks' semantics: the last iterate), and advkit's default
-(keep_best=True, precision auto, fold_bn on CUDA) for reference. bf16 rows run on CUDA, or on
+Rows (`VARIANTS`, each an `advkit.attack_model.AttackRuntime`): torchattacks.PGD (fp32); advkit's PGD loop fp32,
+fp32 + BatchNorm folded, bf16 autocast, bf16 + BatchNorm folded (`fold_bn=True`), bf16 + fold_bn +
+torch.compile(mode="reduce-overhead") (CUDA graphs), all returning the last iterate (torchattacks'
+semantics; tests/reference_attacks.py's `last_iterate_pgd`), and advkit's `pgd` with the default runtime
+(each example's strongest iterate, precision auto, fold_bn on CUDA) for reference. bf16 rows run on CUDA, or on
 CPU with --bf16; the compiled row on CUDA, or on CPU with --compile. Every method sees the same
 model (on CUDA converted to channels_last once, which helps both) and the same batches, taking
 turns batch by batch; on CUDA one warm-up batch per method is excluded (compilation, CUDA graph
@@ -37,19 +38,22 @@ import torch
 from common import (RESULTS, append_results, device_name, load_images, recalibrate_batchnorm, results_entry, sync,
                     timed)  # first: puts the repository root on sys.path
 
+from advkit.attack_model import attack_model
 from advkit.attacks import pgd
 from advkit.models import get_model
 from advkit.runs import resolve_device
+from tests.reference_attacks import last_iterate_pgd
 
 TORCHATTACKS = "torchattacks.PGD fp32"
-VARIANTS: dict[str, dict] = {  # row name -> advkit pgd keyword arguments
-    "advkit pgd fp32, keep_best=False": dict(precision="fp32", fold_bn=False, keep_best=False),
-    "advkit pgd fp32 + fold_bn, keep_best=False": dict(precision="fp32", fold_bn=True, keep_best=False),
-    "advkit pgd bf16, keep_best=False": dict(precision="bf16", fold_bn=False, keep_best=False),
-    "advkit pgd bf16 + fold_bn, keep_best=False": dict(precision="bf16", fold_bn=True, keep_best=False),
-    "advkit pgd bf16 + fold_bn + compile reduce-overhead, keep_best=False":
-        dict(precision="bf16", fold_bn=True, compile="reduce-overhead", keep_best=False),
-    "advkit pgd default (auto precision, fold_bn on CUDA, keep_best=True)": dict(),
+DEFAULT = "advkit pgd default (auto precision, fold_bn on CUDA, strongest iterate)"
+VARIANTS: dict[str, dict] = {  # row name -> AttackRuntime options; all but DEFAULT return the last iterate
+    "advkit pgd fp32, last iterate": dict(precision="fp32", fold_bn=False),
+    "advkit pgd fp32 + fold_bn, last iterate": dict(precision="fp32", fold_bn=True),
+    "advkit pgd bf16, last iterate": dict(precision="bf16", fold_bn=False),
+    "advkit pgd bf16 + fold_bn, last iterate": dict(precision="bf16", fold_bn=True),
+    "advkit pgd bf16 + fold_bn + compile reduce-overhead, last iterate":
+        dict(precision="bf16", fold_bn=True, compile="reduce-overhead"),
+    DEFAULT: dict(),
 }
 
 
@@ -81,9 +85,12 @@ def pgd_functions(model, eps: float, alpha: float, steps: int, variants: list[st
                 torch.manual_seed(seed)
                 return torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=True)(x, y)
             out[name] = torchattacks_pgd
+        elif name == DEFAULT:
+            out[name] = lambda x, y, seed: pgd(model, x, y, eps, alpha, steps, seed=seed)
         else:
-            kw = VARIANTS[name]
-            out[name] = lambda x, y, seed, kw=kw: pgd(model, x, y, eps, alpha, steps, seed=seed, **kw)
+            fast = attack_model(model, **VARIANTS[name])
+            out[name] = lambda x, y, seed, fast=fast: last_iterate_pgd(
+                fast, x, y, eps, alpha, steps, torch.Generator(x.device).manual_seed(seed))
     return out
 
 

@@ -101,6 +101,25 @@ def test_no_module_is_over_600_lines(path):
     assert lines <= MAX_LINES, f"{path.relative_to(PACKAGE.parent)} has {lines} lines (at most {MAX_LINES}): split it"
 
 
+NOTEBOOK_PARAMETERS = "advkit.params"
+PIPELINE_LAYER = frozenset({"advkit.pipeline", "advkit.stages", "advkit.distributed", "advkit.sweep", "advkit.jobs",
+                            "advkit.plan", "advkit.__main__", NOTEBOOK_PARAMETERS})
+"""The modules that run the notebooks: the only ones that may import the notebooks' parameter table."""
+
+
+def notebook_layer_importers(graph: dict[str, set[str]]) -> list[str]:
+    """The library's modules (outside PIPELINE_LAYER) that import advkit.params."""
+    return sorted(m for m, deps in graph.items() if NOTEBOOK_PARAMETERS in deps and m not in PIPELINE_LAYER)
+
+
+def test_the_library_does_not_import_the_notebook_parameters():
+    """The library checks its settings with its own rules (advkit._checks); advkit.params is built from
+    them and belongs to the pipeline layer, so no library module imports it."""
+    importers = notebook_layer_importers(import_graph())
+    assert not importers, f"library modules importing {NOTEBOOK_PARAMETERS} (pipeline layer only): {importers}"
+    assert set(PIPELINE_LAYER) <= set(modules()), "PIPELINE_LAYER names a module that does not exist"
+
+
 # ------------------------------------------------------------------ the graph reader can fail
 def _package(tmp_path: Path, files: dict[str, str]) -> Path:
     root = tmp_path / "advkit"
@@ -134,3 +153,9 @@ def test_acyclic_graph_has_no_cycle(tmp_path):
     graph = import_graph(root)
     assert graph == {"advkit": set(), "advkit.a": {"advkit.b"}, "advkit.b": set(), "advkit.c": {"advkit.a", "advkit.b"}}
     assert find_cycle(graph) is None
+
+
+def test_a_library_module_importing_the_parameters_is_found(tmp_path):
+    root = _package(tmp_path, {"__init__.py": "", "params.py": "", "pipeline.py": "from advkit import params\n",
+                               "train.py": "def f():\n    from advkit.params import PARAMS\n"})
+    assert notebook_layer_importers(import_graph(root)) == ["advkit.train"]

@@ -13,6 +13,7 @@ margin) and adversarial loss (mean within 2 %).
 import pytest
 import torch
 import torch.nn.functional as F
+from reference_attacks import last_iterate_pgd
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
@@ -80,17 +81,27 @@ def count_calls(module: nn.Module) -> list[int]:
 # --- BatchNorm folded -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("keep_best", [False, True])
-def test_pgd_with_folded_batchnorm_matches_plain(model, data, keep_best):
+def fast(model: nn.Module, **options) -> nn.Module:
+    """`model` with the attack runtime `options` (`advkit.attack_model.attack_model`)."""
+    return attack_model.attack_model(model, **options)
+
+
+def seeded_last_iterate(model, x, y, eps, steps):
+    """Madry et al.'s PGD (the last iterate) from pgd's seed-0 random start, alpha as pgd's."""
+    return last_iterate_pgd(model, x, y, eps, 2.5 * eps / steps, steps, torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("attack", [seeded_last_iterate, pgd])
+def test_pgd_with_folded_batchnorm_matches_plain(model, data, attack):
     x, y = data
-    plain = pgd(model, x, y, EPS, steps=5, keep_best=keep_best, fold_bn=False)
-    folded = pgd(model, x, y, EPS, steps=5, keep_best=keep_best, fold_bn=True)
+    plain = attack(fast(model, fold_bn=False), x, y, EPS, steps=5)
+    folded = attack(fast(model, fold_bn=True), x, y, EPS, steps=5)
     assert_same_attack(model, plain, folded, y)
     acc, _ = robust_accuracy_and_loss(model, plain, y)
     assert 0 < acc < 1, "the attack must break some examples and not others, else nothing is compared"
     bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
     calls = count_calls(bn)
-    pgd(model, x, y, EPS, steps=2, fold_bn=True)  # the copy exists: its BatchNorms are gone
+    pgd(fast(model, fold_bn=True), x, y, EPS, steps=2)  # the copy exists: its BatchNorms are gone
     assert calls == []
     bn._forward_hooks.clear()
 
@@ -98,8 +109,8 @@ def test_pgd_with_folded_batchnorm_matches_plain(model, data, keep_best):
 def test_fgsm_apgd_and_autoattack_with_folded_batchnorm_match_plain(model, data):
     x, y = data
     for attack, kw in [(fgsm, {}), (apgd, {"steps": 4}), (autoattack, {"steps": 4, "n_target_classes": 2})]:
-        plain = attack(model, x, y, EPS, fold_bn=False, **kw)
-        folded = attack(model, x, y, EPS, fold_bn=True, **kw)
+        plain = attack(fast(model, fold_bn=False), x, y, EPS, **kw)
+        folded = attack(fast(model, fold_bn=True), x, y, EPS, **kw)
         assert_same_attack(model, plain, folded, y, flips=1)  # an image at the margin may flip on another CPU
 
 
@@ -107,11 +118,11 @@ def test_cpu_default_is_the_plain_model(model, data):
     x, y = data
     assert resolve_fold_bn(None, torch.device("cpu")) is False
     assert resolve_fold_bn(None, torch.device("cuda")) is True
-    assert torch.equal(pgd(model, x, y, EPS, steps=3), pgd(model, x, y, EPS, steps=3, fold_bn=False))
+    assert torch.equal(pgd(model, x, y, EPS, steps=3), pgd(fast(model, fold_bn=False), x, y, EPS, steps=3))
     with pytest.raises(ValueError, match="fold_bn"):
-        pgd(model, x, y, EPS, fold_bn="yes")
+        fast(model, fold_bn="yes")
     with pytest.raises(ValueError, match="compile"):
-        pgd(model, x, y, EPS, compile="fast")
+        fast(model, compile="fast")
 
 
 def test_folded_copy_follows_changes_of_the_model(data):
@@ -197,17 +208,15 @@ def test_wrappers_with_substituted_weights_are_not_folded(model, data):
 @pytest.mark.parametrize("fold_bn", [False, True])
 def test_checks_cost_no_extra_forward(model, data, fold_bn):
     x, y = data
-    pgd(model, x, y, EPS, steps=1, fold_bn=fold_bn)  # builds the folded copy (checked once on x[:2])
+    runner = fast(model, fold_bn=fold_bn)
+    pgd(runner, x, y, EPS, steps=1)  # builds the folded copy (checked once on x[:2])
     counted = folded_model(model) if fold_bn else model
     calls = count_calls(counted)
     try:
-        pgd(model, x, y, EPS, steps=3, keep_best=False, fold_bn=fold_bn)
-        assert calls == [len(x)] * 3, "one forward (+ backward) per step, no x[:1] forward"
+        pgd(runner, x, y, EPS, steps=3)
+        assert calls == [len(x)] * 4, "one forward (+ backward) per step and one at the last iterate, no x[:1] forward"
         calls.clear()
-        pgd(model, x, y, EPS, steps=3, fold_bn=fold_bn)
-        assert calls == [len(x)] * 4, "keep_best evaluates the last iterate once more"
-        calls.clear()
-        fgsm(model, x, y, EPS, fold_bn=fold_bn)
+        fgsm(runner, x, y, EPS)
         assert calls == [len(x)]
     finally:
         counted._forward_hooks.clear()
@@ -221,11 +230,11 @@ def test_nan_weights_and_bad_labels_still_raise(data, attack, fold_bn):
     bad = y.clone()
     bad[3] = 10
     with pytest.raises(ValueError, match=r"y must be class indices in \[0, 9\]"):
-        attack(model, x, bad, EPS, fold_bn=fold_bn)
+        attack(fast(model, fold_bn=fold_bn), x, bad, EPS)
     with torch.no_grad():
         model.linear.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite logits"):
-        attack(model, x, y, EPS, fold_bn=fold_bn)
+        attack(fast(model, fold_bn=fold_bn), x, y, EPS)
 
 
 # --- torch.compile (slow on CPU: one small model, one test) -----------------------------------------------
@@ -242,9 +251,9 @@ def test_compiled_folded_pgd_matches_plain():
     net.eval()
     with torch.no_grad():
         y = net(x).argmax(1)
-    plain = pgd(net, x, y, 4 / 255, steps=4, keep_best=False, fold_bn=False, precision="fp32")
-    compiled = pgd(net, x, y, 4 / 255, steps=4, keep_best=False, fold_bn=True, compile="reduce-overhead",
-                   precision="fp32")  # fp32 also under ADVKIT_GPU_POLICY=1 (whose "auto" is bf16)
+    plain = seeded_last_iterate(fast(net, fold_bn=False, precision="fp32"), x, y, 4 / 255, steps=4)
+    compiled = seeded_last_iterate(fast(net, fold_bn=True, compile="reduce-overhead", precision="fp32"), x, y,
+                                   4 / 255, steps=4)  # fp32 also under ADVKIT_GPU_POLICY=1 (whose "auto" is bf16)
     assert_same_attack(net, plain, compiled, y)
     assert "reduce-overhead" in folded_model(net).__dict__["_attack_compiled"]  # the folded copy was compiled
     assert net not in attack_model._compiled

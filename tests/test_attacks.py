@@ -4,15 +4,18 @@ The digits images have 17 grey levels (one level = 16/255), so "far below clean"
 eps = 16/255: at 8/255 (half a level) a well-trained digits CNN keeps ~80% accuracy.
 """
 
+import dataclasses
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from reference_attacks import last_iterate_pgd, torchattacks_autoattack
 from torch import nn
 
 from advkit import attacks
 from advkit.apgd import apgd, checkpoints
+from advkit.attack_model import AttackRuntime, attack_model
 from advkit.attacks import ATTACKS, fgsm, get_attack, pgd
 from advkit.stadv import apply_flow, flow_loss, normalized_to_pixels, stadv
 
@@ -85,7 +88,7 @@ def test_attack_keeps_budget_and_box(name, kwargs, budget, which, random_model, 
 
 def test_fgsm_is_one_pgd_step_of_size_eps(trained_cnn, digits_test):
     x, y = digits_test
-    one_step = pgd(trained_cnn, x, y, eps=EPS, alpha=EPS, steps=1, random_start=False, keep_best=False)
+    one_step = last_iterate_pgd(trained_cnn, x, y, eps=EPS, alpha=EPS, steps=1)
     assert torch.equal(fgsm(trained_cnn, x, y, eps=EPS), one_step)
     assert not torch.equal(one_step, x)
 
@@ -126,10 +129,10 @@ def test_more_steps_or_restarts_never_weaker(trained_cnn, digits_test, fewer, mo
 
 def test_restarts_keep_the_strongest_per_example(trained_cnn, digits_test):
     x, y = digits_test[0][:64], digits_test[1][:64]
-    kw = {"eps": 10 / 255, "alpha": 2 / 255, "steps": 3, "keep_best": False}
-    g = torch.Generator().manual_seed(5)
-    singles = [pgd(trained_cnn, x, y, generator=g, **kw) for _ in range(3)]
-    combined = pgd(trained_cnn, x, y, restarts=3, generator=torch.Generator().manual_seed(5), **kw)
+    kw = {"eps": 10 / 255, "alpha": 2 / 255, "steps": 3}
+    g = torch.Generator().manual_seed(5)  # `seed` takes a generator: the three calls draw one stream
+    singles = [pgd(trained_cnn, x, y, seed=g, **kw) for _ in range(3)]
+    combined = pgd(trained_cnn, x, y, restarts=3, seed=torch.Generator().manual_seed(5), **kw)
     fooled = torch.stack([fooled_mask(trained_cnn, s, y) for s in singles]).any(0)
     assert torch.equal(fooled_mask(trained_cnn, combined, y), fooled)
     losses = torch.stack([ce(trained_cnn, s, y) for s in singles])
@@ -145,7 +148,7 @@ def test_seeded_randomness_is_reproducible(random_model, random_data):
 
 
 def test_pgd_keeps_each_examples_strongest_iterate(trained_cnn, digits_test):
-    """keep_best, per example: the returned point is the strongest of all iterates of a plain PGD
+    """Per example, the returned point is the strongest of all iterates of a plain PGD
     loop (written out here): fooled if any iterate fooled the model, else the highest loss."""
     x, y = digits_test[0][:128], digits_test[1][:128]
     eps, alpha, steps = 12 / 255, 8 / 255, 6  # large steps: the path oscillates, the last is rarely best
@@ -160,8 +163,8 @@ def test_pgd_keeps_each_examples_strongest_iterate(trained_cnn, digits_test):
             (grad,) = torch.autograd.grad(loss.sum(), x_adv)
             x_adv = torch.min(torch.max(x_adv.detach() + alpha * grad.sign(), x - eps), x + eps).clamp(0, 1)
     losses, fooled = torch.stack(losses), torch.stack(fooled)  # (iterates, examples)
-    best = pgd(trained_cnn, x, y, eps=eps, alpha=alpha, steps=steps, random_start=False, precision="fp32")
-    last = pgd(trained_cnn, x, y, eps=eps, alpha=alpha, steps=steps, random_start=False, keep_best=False)
+    best = pgd(attack_model(trained_cnn, precision="fp32"), x, y, eps=eps, alpha=alpha, steps=steps, restarts=0)
+    last = last_iterate_pgd(trained_cnn, x, y, eps=eps, alpha=alpha, steps=steps)
     ever_fooled = fooled.any(0)
     strongest = torch.where(fooled, losses, -math.inf).amax(0).where(ever_fooled, losses.amax(0))
     assert torch.equal(fooled_mask(trained_cnn, best, y), ever_fooled)
@@ -174,8 +177,8 @@ def test_pgd_keeps_each_examples_strongest_iterate(trained_cnn, digits_test):
 def test_channels_last_and_cpu_autocast_agree(trained_cnn, digits_test):
     x, y = digits_test[0][:64], digits_test[1][:64]
     ref = pgd(trained_cnn, x, y, eps=EPS, steps=3)
-    torch.testing.assert_close(pgd(trained_cnn, x, y, eps=EPS, steps=3, channels_last=True), ref)
-    bf16 = pgd(trained_cnn, x, y, eps=EPS, steps=3, precision="bf16")
+    torch.testing.assert_close(pgd(attack_model(trained_cnn, channels_last=True), x, y, eps=EPS, steps=3), ref)
+    bf16 = pgd(attack_model(trained_cnn, AttackRuntime(precision="bf16")), x, y, eps=EPS, steps=3)
     assert_within_budget(x, bf16, "linf", EPS)
     assert abs(accuracy(trained_cnn, bf16, y) - accuracy(trained_cnn, ref, y)) <= 3 / 64
 
@@ -261,8 +264,10 @@ def test_pgd_matches_torchattacks(trained_cnn, digits_test):
     torchattacks = pytest.importorskip("torchattacks")
     x, y = digits_test
     ref = torchattacks.PGD(trained_cnn, eps=EPS, alpha=2 / 255, steps=10, random_start=False)(x, y)
-    ours = pgd(trained_cnn, x, y, eps=EPS, alpha=2 / 255, steps=10, random_start=False, keep_best=False)
+    ours = last_iterate_pgd(trained_cnn, x, y, eps=EPS, alpha=2 / 255, steps=10)  # advkit's loop
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)  # the same algorithm, step by step
+    strongest = pgd(trained_cnn, x, y, eps=EPS, alpha=2 / 255, steps=10, restarts=0)  # its best iterate
+    assert accuracy(trained_cnn, strongest, y) <= accuracy(trained_cnn, ref, y)
     torch.manual_seed(0)
     ref = torchattacks.PGD(trained_cnn, eps=EPS, alpha=2 / 255, steps=10, random_start=True)(x, y)
     ours = pgd(trained_cnn, x, y, eps=EPS, alpha=2 / 255, steps=10, seed=0)
@@ -280,12 +285,14 @@ def test_apgd_matches_torchattacks(trained_cnn, digits_test):
     assert abs(accuracy(trained_cnn, ours, y) - accuracy(trained_cnn, ref, y)) <= 0.02
 
 
-def test_autoattack_torchattacks_version(trained_cnn, digits_test):
+def test_autoattack_matches_torchattacks_autoattack(trained_cnn, digits_test):
     pytest.importorskip("torchattacks")
     x, y = digits_test[0][:16], digits_test[1][:16]
-    x_adv = attacks.autoattack(trained_cnn, x, y, eps=0.3, version="torchattacks")  # APGD-CE breaks all
-    assert_within_budget(x, x_adv, "linf", 0.3)
-    assert accuracy(trained_cnn, x_adv, y) == 0
+    ref = torchattacks_autoattack(trained_cnn, x, y, eps=0.3)  # the full suite; APGD-CE breaks all
+    ours = attacks.autoattack(trained_cnn, x, y, eps=0.3)
+    for x_adv in (ref, ours):
+        assert_within_budget(x, x_adv, "linf", 0.3)
+        assert accuracy(trained_cnn, x_adv, y) == 0
 
 
 # --- model hygiene --------------------------------------------------------------------------------------
@@ -319,10 +326,14 @@ def test_model_mode_restored_and_no_parameter_grads(name, kwargs, budget, random
     (lambda m, x, y: pgd(m, x, y, steps=0), "steps"),
     (lambda m, x, y: pgd(m, x, y, norm="l1"), "norm"),
     (lambda m, x, y: pgd(m, x, y, loss="hinge"), "loss"),
-    (lambda m, x, y: pgd(m, x, y, restarts=0), "restarts"),
     (lambda m, x, y: pgd(m, x, y, alpha=-1.0), "alpha"),
-    (lambda m, x, y: pgd(m, x, y, precision="fp16"), "precision='fp16'"),
-    (lambda m, x, y: stadv(m, x, y, precision=True), "precision=True"),
+    (lambda m, x, y: pgd(attack_model(m, precision="fp16"), x, y), "precision='fp16'"),
+    (lambda m, x, y: stadv(attack_model(m, AttackRuntime(precision=True)), x, y), "precision=True"),
+    (lambda m, x, y: attack_model(m, compile="fast"), "compile"),
+    (lambda m, x, y: attack_model(m, fold_bn="yes"), "fold_bn"),
+    (lambda m, x, y: attack_model(m, chanels_last=True), "chanels_last"),
+    (lambda m, x, y: attack_model(m, AttackRuntime(), precision="fp32"), "either runtime"),
+    (lambda m, x, y: pgd(m, x, y, restarts=-1), "restarts"),
     (lambda m, x, y: apgd(m, x, y, rho=0.0), "rho"),
     (lambda m, x, y: pgd(m, x, y, eps=math.nan), "eps"),
     (lambda m, x, y: attacks.apgd_ce(m, x, y, eps=-1.0), "eps"),
@@ -407,3 +418,46 @@ def test_accuracy_of_a_model_with_nan_weights_is_an_error(random_model, random_d
     assert 0 <= top1(random_model, x, y) <= 1
     with pytest.raises(ValueError, match="non-finite logits"):
         top1(broken, x, y)
+
+
+# --- short signatures: one call shape, the speed options travel with the model ---------------------------
+
+
+def test_pgd_signature_is_short():
+    import inspect
+
+    params = inspect.signature(pgd).parameters
+    assert len(params) <= 10, list(params)
+    for speed_option in ("precision", "channels_last", "compile", "fold_bn", "copies", "generator"):
+        for attack in (fgsm, pgd, apgd, attacks.apgd_t, attacks.autoattack, stadv):
+            assert speed_option not in inspect.signature(attack).parameters, (attack.__name__, speed_option)
+
+
+def test_attack_model_carries_its_runtime_and_is_the_plain_model_elsewhere(trained_cnn, digits_test):
+    x, y = digits_test[0][:32], digits_test[1][:32]
+    fast = attack_model(trained_cnn, precision="fp32", channels_last=True)
+    assert fast.runtime == AttackRuntime(precision="fp32", channels_last=True)
+    assert attack_model(fast, fold_bn=False).runtime == AttackRuntime("fp32", True, False, False)  # options replace
+    assert attack_model(fast).runtime == fast.runtime
+    with torch.no_grad():
+        assert torch.equal(fast(x), trained_cnn(x))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.runtime.precision = "bf16"  # frozen: one runtime object, shared safely
+    # the default runtime is today's defaults: bit-identical results
+    assert torch.equal(pgd(attack_model(trained_cnn), x, y, eps=EPS, steps=3), pgd(trained_cnn, x, y, eps=EPS, steps=3))
+    # the runtime reaches the attack: bf16 autocast changes the path on CPU
+    bf16 = attack_model(trained_cnn, precision="bf16")
+    assert not torch.equal(pgd(bf16, x, y, eps=EPS, steps=3), pgd(trained_cnn, x, y, eps=EPS, steps=3))
+    assert not torch.equal(attacks.autoattack(bf16, x, y, eps=EPS, steps=3, n_target_classes=2),
+                           attacks.autoattack(trained_cnn, x, y, eps=EPS, steps=3, n_target_classes=2))
+
+
+def test_restarts_zero_starts_at_x_and_targeted_losses(trained_cnn, digits_test):
+    x, y = digits_test[0][:32], digits_test[1][:32]
+    from_x = pgd(trained_cnn, x, y, eps=EPS, steps=3, restarts=0)
+    assert torch.equal(from_x, pgd(trained_cnn, x, y, eps=EPS, steps=3, restarts=0, seed=5))  # no randomness
+    assert not torch.equal(from_x, pgd(trained_cnn, x, y, eps=EPS, steps=3))
+    target = (y + 1) % 10
+    hit = pgd(trained_cnn, x, target, eps=0.5, steps=10, loss="ce-targeted", restarts=0)
+    with torch.no_grad():
+        assert (trained_cnn(hit).argmax(1) == target).float().mean() > 0.5

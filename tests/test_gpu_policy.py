@@ -19,9 +19,9 @@ from torch import nn
 
 from advkit import landscape as L
 from advkit._torch import GPU_POLICY_ENV, autocast, gpu_policy, resolve_precision
-from advkit.attack_model import resolve_fold_bn
+from advkit.attack_model import attack_model, resolve_fold_bn
 from advkit.attack_utils import prepare
-from advkit.attacks import pgd
+from advkit.attacks import ON_COPIES, pgd, pgd_on_copies
 from advkit.data import Batcher
 from advkit.directions import random_directions
 from advkit.hessian import hessian_trace
@@ -157,12 +157,12 @@ def test_attack_under_the_policy_folds_channels_last_and_bf16(xy, monkeypatch):
     speed-path tests: >= 95 % equal pixels, robust accuracy within one image)."""
     net, (x, y) = _net(), xy
     monkeypatch.delenv(GPU_POLICY_ENV, raising=False)
-    plain = pgd(net, x, y, 4 / 255, steps=3, random_start=False)
+    plain = pgd(net, x, y, 4 / 255, steps=3, restarts=0)
     monkeypatch.setenv(GPU_POLICY_ENV, "1")
     bn_calls = []
     hook = net[1].register_forward_hook(lambda *a: bn_calls.append(1))
     seen = Seen(net[0])
-    fast32 = pgd(net, x, y, 4 / 255, steps=3, random_start=False, precision="fp32")
+    fast32 = pgd(attack_model(net, precision="fp32"), x, y, 4 / 255, steps=3, restarts=0)
     pgd(net, x, y, 4 / 255, steps=2)
     hook.remove()
     seen.handle.remove()
@@ -181,9 +181,16 @@ def test_batched_robust_copies_under_the_policy_equal_the_loop(xy, monkeypatch):
     net, (x, y) = _net(), xy
     calls = []
 
-    def attack(model, xb, yb, copies=1):
+    def attack(model, xb, yb):
+        calls.append(1)
+        return pgd(attack_model(model, precision="fp32"), xb, yb, 8 / 255, steps=2, restarts=0)
+
+    def attack_on_copies(model, xb, yb, copies):
         calls.append(copies)
-        return pgd(model, xb, yb, 8 / 255, steps=2, random_start=False, precision="fp32", copies=copies)
+        return pgd_on_copies(attack_model(model, precision="fp32"), xb, yb, 8 / 255, steps=2, restarts=0,
+                             copies=copies)
+
+    monkeypatch.setitem(ON_COPIES, attack, attack_on_copies)  # its version on stacked copies
 
     dirs = random_directions(net, 1, seed=0)
     kw = dict(resolution=4, span=0.5, attack=attack, quantities=("robust_loss", "robust_accuracy"), precision="fp32")
@@ -274,12 +281,12 @@ def test_a_failing_compile_falls_back_to_eager_with_one_warning(xy, failing_comp
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         surface = L.grid(net, dirs, x, y, resolution=3, points_per_forward=4, compile=True)
-        adv = pgd(net, x, y, 4 / 255, steps=2, random_start=False, fold_bn=True, compile=True)
+        adv = pgd(attack_model(net, fold_bn=True, compile=True), x, y, 4 / 255, steps=2, restarts=0)
     found = _compile_warnings(caught)
     assert len(found) == 1 and "at::vec" in str(found[0].message)  # one warning, naming the cause
     plain = L.grid(net, dirs, x, y, resolution=3, points_per_forward=4)
     np.testing.assert_array_equal(surface.loss.values, plain.loss.values)
-    assert torch.equal(adv, pgd(net, x, y, 4 / 255, steps=2, random_start=False, fold_bn=True))
+    assert torch.equal(adv, pgd(attack_model(net, fold_bn=True), x, y, 4 / 255, steps=2, restarts=0))
 
 
 def test_a_failing_compile_does_not_stop_training(failing_compile, policy_off):

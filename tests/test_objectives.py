@@ -7,9 +7,10 @@ import torch
 
 from advkit.data import Batcher, to_float
 from advkit.models import get_model
-from advkit.attacks import pgd
+from advkit.attack_model import attack_model
 from advkit.objectives import AWP, FGSMRS, MART, OBJECTIVES, PGDAT, TRADES, Clean, get_objective
 from advkit.train import TrainConfig, fit, paper_config
+from reference_attacks import last_iterate_pgd
 
 EPS = 0.1  # digits have 17 grey levels (steps of 16/255): 8/255 would be half a level
 ATTACK = dict(eps=EPS, alpha=0.04, steps=3)
@@ -81,16 +82,16 @@ def test_inner_attack_keeps_budget_and_leaks_no_gradient(digits, name):
 @pytest.mark.parametrize("cls", [PGDAT, FGSMRS])
 @pytest.mark.parametrize("random_start", [True, False])
 def test_inner_maximization_is_attacks_pgd(digits, cls, random_start):
-    """One PGD loop: the objectives' inner attack (eval mode) and advkit.attacks.pgd's plain last
-    iterate are the same points, bit for bit, from the same start and generator."""
+    """One PGD loop: the objectives' inner attack (eval mode) and advkit's PGD loop's plain last
+    iterate (`last_iterate_pgd`) are the same points, bit for bit, from the same start and generator."""
     model = tiny_model()
     model.train()
     x, y = batch(digits)
     objective = cls(eps=EPS, **({} if cls is FGSMRS else dict(alpha=0.04, steps=3)), random_start=random_start,
                     attack_mode="eval", generator=torch.Generator().manual_seed(4))
     ours = objective.perturb(model, x, y)
-    theirs = pgd(model, x, y, eps=objective.eps, alpha=objective.alpha, steps=objective.steps, keep_best=False,
-                 random_start=random_start, generator=torch.Generator().manual_seed(4), precision="fp32")
+    theirs = last_iterate_pgd(attack_model(model, precision="fp32"), x, y, objective.eps, objective.alpha,
+                              objective.steps, torch.Generator().manual_seed(4) if random_start else None)
     assert torch.equal(ours, theirs)
     assert not torch.equal(ours, x) and model.training
 

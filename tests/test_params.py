@@ -3,12 +3,12 @@
 import ast
 import subprocess
 import sys
-from dataclasses import dataclass
 
 import pytest
 
 from advkit import params, pipeline
-from advkit.params import PARAMS, notebook_parameters, points_within
+from advkit._checks import OPTIMIZERS, QUADRATIC_FIT_POINTS, RECIPES, points_within
+from advkit.params import PARAMS, notebook_parameters
 
 
 @pytest.fixture(scope="module")
@@ -77,39 +77,41 @@ def test_declarations_check_with_the_library_validators():
                                    ("aa_targets", 10, lambda: check_int("aa_targets", 10, 1, 9)),
                                    ("lr", 0.0, lambda: check_number("lr", 0.0, low_open=True)),
                                    ("pgd_eps", 2.0, lambda: check_number("pgd_eps", 2.0, 0, 1)),
-                                   ("optimizer", "lbfgs", lambda: check_choice("optimizer", "lbfgs", params.OPTIMIZERS))]:
+                                   ("optimizer", "lbfgs", lambda: check_choice("optimizer", "lbfgs", OPTIMIZERS))]:
         with pytest.raises(ValueError) as expected:
             validator()
         assert params.check_value(name, value, PARAMS[name]) == str(expected.value)
 
 
-def test_a_declared_field_is_checked_by_its_parameters_rule():
-    @dataclass(frozen=True)
-    class Settings:
-        n_eval: int = params.declared("n_subset", 10)
-        alpha: float | None = params.declared("pgd_alpha", None)
-        free: int = -5  # no declaration: not checked here
-
-        def __post_init__(self):
-            params.check_fields(self)
-
-    assert Settings().n_eval == 10 and params.declared_fields(Settings) == {"n_eval": "n_subset", "alpha": "pgd_alpha"}
-    with pytest.raises(ValueError, match="n_eval must be an integer >= 1, got 0"):
-        Settings(n_eval=0)
-    with pytest.raises(ValueError, match="alpha must be a finite number > 0 and <= 1, got 0.0"):
-        Settings(alpha=0.0)
-    with pytest.raises(KeyError, match="n_bogus"):
-        params.declared("n_bogus", 1)
+# Values the declarations must reject because the library would: each notebook stops before it starts.
+_BAD_VALUES = (None, 0, -1, 1.5, 2.0, 0.0, -0.1, True, "bogus", float("nan"), float("inf"), 2**32, 10)
 
 
-def test_library_settings_name_declared_parameters():
-    """The settings dataclasses whose fields a notebook parameter feeds check them with its declaration."""
-    from advkit import train, zoo
+def _rejects(make, value):
+    try:
+        make(value)
+    except ValueError:
+        return True
+    return False
 
-    for cls in (train.TrainConfig, zoo.ZooSettings):
-        fields = params.declared_fields(cls)
-        assert fields and set(fields.values()) <= set(PARAMS), cls
-    assert params.declared_fields(zoo.ZooSettings)["n_eval"] == "n_subset"
+
+def test_every_value_the_settings_reject_fails_the_parameter_check_first():
+    """The settings dataclasses check themselves (advkit._checks) without this table; a notebook
+    parameter that feeds a setting (notebook 01: TrainConfig, notebook 05: advkit.stages'
+    ZOO_SETTINGS_PARAMETERS) rejects every value the setting rejects, before any notebook starts."""
+    from advkit import stages, train, zoo
+
+    notebook_01 = {name: name for name in ("epochs", "optimizer", "lr", "weight_decay", "schedule", "seed", "recipe")}
+    feeds = {train.TrainConfig: notebook_01, zoo.ZooSettings: stages.ZOO_SETTINGS_PARAMETERS}
+    assert stages.ZOO_SETTINGS_PARAMETERS["n_eval"] == "n_subset"
+    for cls, fed in feeds.items():
+        for field, name in fed.items():
+            for value in _BAD_VALUES:
+                if _rejects(lambda v: cls(**{field: v}), value):
+                    assert params.check_value(name, value, PARAMS[name]), f"{name}={value!r} passes, {cls} rejects it"
+        for profile in pipeline.available_profiles():  # and what every profile passes, the settings take
+            values = pipeline.load_profile(profile)
+            cls(**{field: values[name] for field, name in fed.items()})
 
 
 def test_validation_does_not_import_torch():
@@ -145,13 +147,13 @@ def test_notebook_parameters_read_like_papermill(declared, notebook, caplog):
 
 
 def test_copied_registries_equal_the_package():
-    from advkit import augment, correlation, data, directions, models, train, zoo
+    from advkit import augment, correlation, data, directions, evaluate, models, train, zoo
 
     assert set(params.MODELS) == set(models.MODELS)
     assert set(params.DATASETS) == set(data.DATASETS)
-    assert set(params.OPTIMIZERS) == set(train.OPTIMIZERS) and set(params.SCHEDULES) == set(train.SCHEDULES)
+    assert set(RECIPES) == {"paper", train.FAST_RECIPE["recipe"]}
     assert set(params.NORMS) == set(directions.NORMS)
-    assert set(params.XU_ATTACKS) == set(augment.XU_ATTACKS)
+    assert augment.XU_ATTACKS == tuple(evaluate.XU2019.attacks)  # Xu et al.'s presets, in their order
     assert set(params.AUGMENT_MODES) == set(augment.AUGMENT_MODES)
     assert set(params.AUGMENT_DTYPES) == set(augment.DTYPES)
     assert set(params.HESSIAN_BACKENDS) == set(zoo.HESSIAN_BACKENDS)
@@ -177,7 +179,7 @@ def test_the_radius_rule_is_check_radius(radius, span, resolution, dims, n):
 
     assert points_within(radius, np.linspace(-span, span, resolution), dims) == n
     rule = next(r for r in params.RULES if r.names == ("radius", "span", "resolution" if dims == 2 else "line_resolution"))
-    enough = n >= params.QUADRATIC_FIT_POINTS[dims]
+    enough = n >= QUADRATIC_FIT_POINTS[dims]
     assert (rule.check(radius, span, resolution) is None) == enough
     if enough:
         assert check_radius(radius, span, resolution, dims) == n

@@ -15,14 +15,14 @@ import torch
 
 from advkit import landscape as L
 from advkit._torch import WithParams
-from advkit.attacks import fgsm, pgd
+from advkit.attacks import fgsm, pgd, pgd_on_copies
 from advkit.directions import random_directions
 from advkit.landscape.engine import Engine
-from advkit.landscape.robust import PointsModule, attack_points, takes_copies
+from advkit.landscape.robust import PointsModule, attack_points, on_copies
 from advkit.models import get_model
 
 EPS = 8 / 255
-PGD_FIXED_START = functools.partial(pgd, eps=EPS, steps=2, random_start=False)
+PGD_FIXED_START = functools.partial(pgd, eps=EPS, steps=2, restarts=0)
 FGSM = functools.partial(fgsm, eps=EPS)
 PROFILE_PGD = functools.partial(pgd, eps=EPS, steps=2, seed=0)  # as notebook 04 builds it (random start)
 ROBUST = ("robust_loss", "robust_accuracy")
@@ -66,9 +66,8 @@ def _robust_line(model, xy, attack, points_per_forward, bn="ignore", **settings)
     (PROFILE_PGD, 4, {}),  # random start: drawn once per copy, as each per-point call draws it
     (PROFILE_PGD, 3, {"bn": "include"}),  # BatchNorm perturbed: folded at every point inside vmap
     (PROFILE_PGD, 4, {"fold_bn": False}),  # BatchNorm itself under vmap, per-point statistics
-    (functools.partial(PROFILE_PGD, fold_bn=True), 4, {"fold_bn": False}),  # the attacks' CUDA default
 ], ids=["pgd-fixed-start-3", "pgd-fixed-start-4-channels-last", "fgsm-4", "pgd-random-start-4",
-        "pgd-bn-perturbed-3", "pgd-unfolded-4", "pgd-attack-folds-bn-4"])
+        "pgd-bn-perturbed-3", "pgd-unfolded-4"])
 def test_batched_robust_line_equals_the_per_point_loop(resnet, xy, attack, points, settings):
     loop = _robust_line(resnet, xy, attack, 1, **settings)
     batched = _robust_line(resnet, xy, attack, points, **settings)
@@ -129,26 +128,27 @@ def test_points_module_float32_logits_match_each_point(xy):
 
 
 def test_attacks_without_copies_run_point_by_point(resnet, xy):
-    """An attack that does not take `copies` (here a lambda) gets the per-point loop, bit for bit."""
+    """An attack without a version on copies (here a lambda) gets the per-point loop, bit for bit."""
     attack = lambda model, x, y: PROFILE_PGD(model, x, y)  # noqa: E731
-    assert not takes_copies(attack) and takes_copies(PROFILE_PGD) and takes_copies(fgsm)
+    assert on_copies(attack) is None and on_copies(PROFILE_PGD) is not None and on_copies(fgsm) is not None
+    assert on_copies(PROFILE_PGD).func is pgd_on_copies and on_copies(PROFILE_PGD).keywords == PROFILE_PGD.keywords
     loop = _robust_line(resnet, xy, attack, 1)
     batched = _robust_line(resnet, xy, attack, 4)
     np.testing.assert_array_equal(batched["robust_loss"], loop["robust_loss"])
 
 
 def test_pgd_copies_draws_each_copys_start_as_a_call_on_it_alone(xy):
-    """pgd(copies=3) on x stacked 3 times: each copy equals pgd on x (random starts, 2 restarts)."""
+    """pgd on copies=3 of x stacked: each copy equals pgd on x (random starts, 2 restarts)."""
     torch.manual_seed(0)
     model = get_model("small_cnn", 10, 3, width=4).double().eval()
     x, y = xy
     attack = functools.partial(pgd, eps=EPS, steps=2, restarts=2, seed=3)
     alone = attack(model, x, y)
-    stacked = attack(model, x.repeat(3, 1, 1, 1), y.repeat(3), copies=3)
+    stacked = on_copies(attack)(model, x.repeat(3, 1, 1, 1), y.repeat(3), copies=3)
     for j in range(3):
         torch.testing.assert_close(stacked[j * len(y):(j + 1) * len(y)], alone, rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="copies"):
-        attack(model, x, y, copies=3)  # 8 images are not 3 copies
+        on_copies(attack)(model, x, y, copies=3)  # 8 images are not 3 copies
 
 
 def test_large_groups_are_attacked_in_sub_groups_with_the_same_result(resnet, xy, monkeypatch):

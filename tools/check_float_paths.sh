@@ -6,6 +6,7 @@
 #
 #   tools/check_float_paths.sh                   # committed notebooks vs. every setting below
 #   tools/check_float_paths.sh generic           # one setting
+#   tools/check_float_paths.sh --tests generic   # the README's whole test command (unit tests too) there
 #   tools/check_float_paths.sh --reference all   # first execute the notebooks here (quick profile, temp
 #                                                # dir) and compare against those executions instead
 #   NBDIR=runs/x/quick/notebooks tools/check_float_paths.sh   # compare against executed notebooks there
@@ -24,7 +25,14 @@ declare -A SETTINGS=(
 ORDER=(generic avx2)
 
 reference=0
-if [ "${1:-}" = "--reference" ]; then reference=1; shift; fi
+tests=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --reference) reference=1; shift ;;
+    --tests) tests=(tests); shift ;;
+    *) break ;;
+  esac
+done
 names=("$@")
 if [ ${#names[@]} -eq 0 ] || [ "${names[0]}" = "all" ]; then names=("${ORDER[@]}"); fi
 for n in "${names[@]}"; do
@@ -45,7 +53,7 @@ for n in "${names[@]}"; do
   # shellcheck disable=SC2086
   if env ${SETTINGS[$n]} ADVKIT_RUNS_DIR="$work/$n" ADVKIT_FIGURES_DIR="$work/$n-figures" \
       "$PY" -m pytest -c pyproject.toml --rootdir "$PWD" -p no:cacheprovider -p tools.nbval_tolerance -q --nbval \
-      --nbval-sanitize-with "$CFG" "$nbdir"/0*.ipynb; then
+      --nbval-sanitize-with "$CFG" "${tests[@]}" "$nbdir"/0*.ipynb; then
     echo "== $n: PASS"
   else
     echo "== $n: FAIL"; status=1

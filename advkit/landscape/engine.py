@@ -23,7 +23,7 @@ from torch.func import functional_call, vmap
 from advkit._torch import Attack, CompiledOrEager, WithParams, autocast, chunks, eval_mode, model_device, train_mode
 from advkit.directions import Directions, perturbable_state
 from advkit.folding import conv_bn_pairs, folded_copy
-from advkit.landscape.robust import ATTACK_EXAMPLES_PER_CALL, PointsModule, attack_points, takes_copies
+from advkit.landscape.robust import ATTACK_EXAMPLES_PER_CALL, PointsModule, attack_points, on_copies
 
 
 def _quiet(fn: Callable, *args: Any) -> Any:
@@ -223,14 +223,14 @@ class Engine:
     def attacked(self, coeffs: torch.Tensor, x: torch.Tensor, y: torch.Tensor, attack: Attack,
                  attack_batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed robust loss and number correct, the attack re-run at each point (Stutz et al.);
-        the P points in one attack call on P copies of each batch when the attack takes `copies`
+        the P points in one attack call on P copies of each batch when the attack has a version on copies
         (`advkit.landscape.robust`; BatchNorm recalibration keeps one point at a time)."""
         p = coeffs.shape[0]
         loss = torch.zeros(p, dtype=torch.float64, device=self.device)
         correct = torch.zeros(p, dtype=torch.int64, device=self.device)
         with torch.no_grad():
             stacked = self.perturbed(coeffs)
-        if p > 1 and self.bn_mode != "recalibrate" and takes_copies(attack):
+        if p > 1 and self.bn_mode != "recalibrate" and on_copies(attack) is not None:
             # At most ATTACK_EXAMPLES_PER_CALL examples with input gradients per call: the points
             # go in sub-groups (each copy's result is its point's own, so grouping changes nothing).
             q = max(1, ATTACK_EXAMPLES_PER_CALL // min(attack_batch_size, max(len(y), 1)))

@@ -2,15 +2,15 @@
 attack re-run at every point), on P stacked copies of a batch, copy p run at point p's weights.
 
 The kit's attacks are per example (summed loss, eval mode: no coupling between examples), so
-attacking the (P*B) stack is attacking each point on its own; an attack takes part by accepting
-`copies` (`advkit.attacks.pgd`, `fgsm`), with which it draws each copy's random start as a call
-on that copy alone would. Other attacks (e.g. AutoAttack, which re-selects subsets of its
+attacking the (P*B) stack is attacking each point on its own; an attack takes part through its
+version on copies (`advkit.attacks.ON_COPIES`: pgd's `pgd_on_copies`, fgsm), which draws each
+copy's random start as a call on that copy alone would. Other attacks (e.g. AutoAttack, which re-selects subsets of its
 inputs) are run point by point.
 """
 
 from __future__ import annotations
 
-import inspect
+import functools
 import warnings
 from collections.abc import Callable
 
@@ -19,6 +19,7 @@ from torch import nn
 from torch.func import vmap
 
 from advkit._torch import Attack, WithParams
+from advkit.attacks import ON_COPIES
 
 ATTACK_EXAMPLES_PER_CALL = 8192
 """Most examples (P copies x batch) one batched attack call holds with input gradients (a CIFAR
@@ -27,12 +28,14 @@ ResNet-18 keeps a few MB per example for the backward); larger groups go in sub-
 PointForward = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
 
 
-def takes_copies(attack: Attack) -> bool:
-    """Whether `attack` accepts `copies` (stacked copies of a batch; see `advkit.attacks.pgd`)."""
-    try:
-        return "copies" in inspect.signature(attack).parameters
-    except (TypeError, ValueError):  # builtins and other callables without a signature
-        return False
+def on_copies(attack: Attack) -> Attack | None:
+    """`attack` (one of `advkit.attacks.ON_COPIES`, or a functools.partial of one) as the version
+    that takes `copies` (stacked copies of a batch), with the same settings; None for any other."""
+    func, args, kw = attack, (), {}
+    if isinstance(attack, functools.partial):
+        func, args, kw = attack.func, attack.args, attack.keywords
+    stacked = next((v for k, v in ON_COPIES.items() if k is func), None)
+    return None if stacked is None else functools.partial(stacked, *args, **kw)
 
 
 class PointsModule(WithParams):
@@ -62,7 +65,11 @@ class PointsModule(WithParams):
 
 def attack_points(attack: Attack, module: PointsModule, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Adversarial examples (P, B, ...) of the B examples x at each of the module's P points: one
-    call on P copies (`copies=P`), equal to P calls `attack(point p, x, y)` up to float rounding."""
+    call on P copies (`on_copies(attack)`, copies=P), equal to P calls `attack(point p, x, y)` up to
+    float rounding."""
     p = module.points
-    x_adv = attack(module, x.repeat(p, *([1] * (x.dim() - 1))), y.repeat(p), copies=p)
+    stacked = on_copies(attack)
+    if stacked is None:
+        raise ValueError("the attack has no version on stacked copies (advkit.attacks.ON_COPIES)")
+    x_adv = stacked(module, x.repeat(p, *([1] * (x.dim() - 1))), y.repeat(p), copies=p)
     return x_adv.detach().unflatten(0, (p, -1))

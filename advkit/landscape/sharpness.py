@@ -9,9 +9,8 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from advkit._torch import check_choice, check_number
+from advkit._checks import QUADRATIC_FIT_POINTS, check_choice, check_number, points_within
 from advkit.landscape.settings import coordinates
-from advkit.params import QUADRATIC_FIT_POINTS, points_within
 
 
 def _points(ds: xr.Dataset, quantity: str, radius: float) -> tuple[np.ndarray, np.ndarray]:
