@@ -1,9 +1,9 @@
 """advkit: adversarial robustness through loss-landscape geometry.
 
-One concept per module (docs/architecture.md): the shared layer (`_checks`, `_torch`), data,
-models, objectives and variants, train, attacks, evaluate, directions, the `landscape` package,
-hessian, flatness, zoo and correlation, plots and widgets, runs (the run directory), params (the
-declaration of every notebook parameter) and pipeline (profiles and the papermill driver).
+Concept folders, imports flowing one way (docs/architecture.md): the core modules (`_checks`, `_torch`,
+`folding`, `ranks`, `progress`, `reproducibility`, `models`), then `runs`, `data`, `attacks`, `training`,
+`curvature`, `landscape`, `studies`, `plots` and, on top, `pipeline` (the notebooks' parameters,
+profiles and driver).
 """
 
 __version__ = "0.1.0"

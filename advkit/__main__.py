@@ -8,10 +8,10 @@ from collections.abc import Sequence
 
 COMMANDS = {
     "run": "run the notebook pipeline (advkit.pipeline)",
-    "plan": "the run's cost before it starts, notebook by notebook (advkit.plan)",
+    "plan": "the run's cost before it starts, notebook by notebook (advkit.pipeline.plan)",
     "params": "list the notebooks' parameters and a profile's values",
     "refresh": "re-execute notebooks in place (maintainers; nbval outputs)",
-    "sweep": "notebook 03's cells of a parameter grid as jobs, SLURM or local (advkit.sweep)",
+    "sweep": "notebook 03's cells of a parameter grid as jobs, SLURM or local (advkit.pipeline.sweep)",
 }
 
 
@@ -23,15 +23,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         sub.add_parser(name, help=text, add_help=False)  # each command's own parser reads its options
     command = parser.parse_args(argv[:1]).command
     if command == "sweep":
-        from advkit.sweep import main as sweep_main
+        from advkit.pipeline.sweep import main as sweep_main
 
         sweep_main(argv[1:])
     elif command == "plan":
-        from advkit.pipeline import plan_main
+        from advkit.pipeline.driver import plan_main
 
         plan_main(argv[1:])
     else:
-        from advkit.pipeline import main as pipeline_main
+        from advkit.pipeline.driver import main as pipeline_main
 
         pipeline_main(argv)
 

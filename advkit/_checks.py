@@ -1,7 +1,7 @@
 """Argument checks: one family, one argument order `(name, value, ...)`, each raising ValueError
 that names the parameter before any long computation starts.
 
-Torch-free, so that `advkit.params` checks a run's parameters in well under a second with the
+Torch-free, so that `advkit.pipeline.params` checks a run's parameters in well under a second with the
 very functions the library's dataclasses and functions use; `advkit._torch` re-exports them. The
 library's torch-free facts (optimizer names, Xu et al.'s attacks, the seed range, the device rule,
 the quadratic-fit point rule) are here too, for the same reason.
@@ -57,16 +57,16 @@ def check_number(name: str, value: Any, low: float = 0.0, high: float = math.inf
 
 
 # ---------------------------------------------------------------- the library's torch-free facts
-# Kept here, torch-free, so that `advkit.params` declares the notebooks' parameters from the library's own
+# Kept here, torch-free, so that `advkit.pipeline.params` declares the notebooks' parameters from the library's own
 # names and rules without importing torch; the modules named beside each use them from here.
-OPTIMIZERS = ("sgd", "adam")                                 # advkit.train.TrainConfig.optimizer
-SCHEDULES = ("constant", "multistep", "cosine", "onecycle")  # advkit.train.TrainConfig.schedule
-RECIPES = ("paper", "fast")                                  # advkit.train: as given, or FAST_RECIPE
-XU_ATTACKS = ("fgsm", "pgd", "stadv")  # Xu et al. 2019's fine-tunes, named after their attack (advkit.evaluate.XU2019)
+OPTIMIZERS = ("sgd", "adam")                                 # advkit.training.fit.TrainConfig.optimizer
+SCHEDULES = ("constant", "multistep", "cosine", "onecycle")  # advkit.training.fit.TrainConfig.schedule
+RECIPES = ("paper", "fast")                                  # advkit.training.fit: as given, or FAST_RECIPE
+XU_ATTACKS = ("fgsm", "pgd", "stadv")  # Xu et al. 2019's fine-tunes, named after their attack (advkit.attacks.evaluate.XU2019)
 MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit; torch takes these too
 QUADRATIC_FIT_POINTS = {1: 4, 2: 7}
 """Grid points within the radius that the sharpness's quadratic fit needs, 1D and 2D
-(advkit.landscape.check_radius)."""
+(advkit.landscape.sharpness.check_radius)."""
 
 
 def check_seed(name: str, value: Any) -> None:
@@ -83,7 +83,7 @@ def check_device(name: str, value: Any) -> None:
 
 def points_within(radius: float, coords: Sequence[float], dims: int) -> int:
     """Points of the grid `coords`^dims within `radius` of the centre: what the sharpness's quadratic
-    fit has to work with (advkit.landscape.check_radius)."""
+    fit has to work with (advkit.landscape.sharpness.check_radius)."""
     c = np.asarray(coords, dtype=float)
     if dims == 1:
         return int(np.sum(np.abs(c) <= radius + 1e-12))

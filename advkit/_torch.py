@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advkit._checks import check_choice, check_int, check_number  # noqa: F401  (re-exported: the one family)
+from advkit._checks import check_choice, check_int
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 """A model or any callable with its signature: images (N, C, H, W) in [0, 1] -> logits (N, K)."""
@@ -30,7 +30,7 @@ PerExampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 PRECISIONS = ("auto", "bf16", "tf32", "fp32")
 """The one precision vocabulary: "auto" = bf16 autocast on CUDA (`gpu_policy`) and fp32 elsewhere (surfaces
-refine it by measuring the error at their own points, `advkit.landscape.choose_surface_precision`),
+refine it by measuring the error at their own points, `advkit.landscape.precision.choose_surface_precision`),
 "bf16" (autocast), "tf32" (fp32 tensors, TF32 convolutions and matmuls on CUDA; fp32 elsewhere,
 CPUs have no TF32) and "fp32" (strict: TF32 switched off on CUDA)."""
 

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from advkit._torch import check_int, to_float  # to_float: re-exported (docs/api.md)
-from advkit.artifacts import atomic_path, checksum_path, verified
+from advkit._checks import check_int
+from advkit._torch import to_float
+from advkit.runs.artifacts import atomic_path, checksum_path, verified
 
 DATASETS = ("digits", "cifar10")
 
@@ -52,7 +53,7 @@ class Dataset:
 
 def default_data_dir() -> Path:
     """`$ADVKIT_DATA_DIR` (made absolute), else `data/` in the repository."""
-    from advkit.runs import repo_root, resolve_environment_paths
+    from advkit.runs.run import repo_root, resolve_environment_paths
 
     resolve_environment_paths()
     return Path(os.environ.get("ADVKIT_DATA_DIR") or repo_root() / "data")

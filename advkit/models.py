@@ -245,7 +245,7 @@ def get_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwargs) 
     if in_channels != 3:  # the CIFAR-10 statistics the CIFAR models default to are RGB's
         kwargs = {"mean": None, "std": None, **kwargs}
     model = MODELS[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
-    # What `advkit.runs.save_model` stores so `load_model` can rebuild the same architecture.
+    # What `advkit.runs.checkpoints.save_model` stores so `load_model` can rebuild the same architecture.
     model.advkit_spec = {"arch": name, "num_classes": num_classes, "in_channels": in_channels,
                          "model_kwargs": kwargs}
     return model

@@ -1,16 +1,16 @@
 """Adversarial training quality bar and the Xu et al. (2019) Table-1 ordering.
 
 Part A (--part at): PGD-AT (Madry et al. 2018) of PreAct ResNet-18 on CIFAR-10 with Rice et
-al.'s settings (advkit.train.paper_config("pgd_at"), rescaled to --epochs), 500 held-out
+al.'s settings (advkit.training.fit.paper_config("pgd_at"), rescaled to --epochs), 500 held-out
 training images for early stopping on the robust loss and Stutz et al.'s per-epoch subsets
-(advkit.robust_overfitting). Reports, for the early-stopped and the final weights, clean test
+(advkit.training.robust_overfitting). Reports, for the early-stopped and the final weights, clean test
 accuracy and robust accuracy against PGD-20 at eps 8/255 (step 2/255, uniform start), plus
 training wall time per epoch (evaluation excluded). Goal (issue 4): >= 47% PGD-20 robust
 accuracy with early stopping (Rice et al.: ~52% on the original data), clean >= ~80%.
 
 Part B (--part xu): the Xu et al. protocol on ResNet-32: a clean base model, then one
 fine-tune per static adversarial augmentation (FGSM, PGD, stAdv with the XU2019 budgets;
-advkit.augment), evaluated with the XU2019 preset on --n-test test images. Checks the Table-1
+advkit.training.augment), evaluated with the XU2019 preset on --n-test test images. Checks the Table-1
 ordering: the FGSM-augmented model is the most robust to FGSM, the PGD-augmented one to PGD
 (and the stAdv-augmented one to stAdv).
 
@@ -38,14 +38,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT, append_results, device_name  # noqa: E402
 
-from advkit.augment import XU_ATTACKS, augmented_dataset, finetune_batcher, finetune_config  # noqa: E402
-from advkit.data import Batcher, Dataset, split_validation, to_float  # noqa: E402
-from advkit.evaluate import XU2019, accuracy, evaluate_attacks, robust_accuracy  # noqa: E402
-from advkit.models import get_model  # noqa: E402
-from advkit.objectives import PGDAT  # noqa: E402
-from advkit.train import paper_config  # noqa: E402
-from advkit.robust_overfitting import epoch_robust_metrics  # noqa: E402
-from advkit.train import TrainConfig, fit  # noqa: E402
+from advkit._checks import XU_ATTACKS
+from advkit._torch import to_float
+from advkit.attacks.evaluate import XU2019, accuracy, evaluate_attacks, robust_accuracy
+from advkit.data import Batcher, Dataset, split_validation
+from advkit.models import get_model
+from advkit.training.augment import augmented_dataset, finetune_batcher, finetune_config
+from advkit.training.fit import TrainConfig, fit, paper_config
+from advkit.training.objectives import PGDAT
+from advkit.training.robust_overfitting import epoch_robust_metrics
 
 
 def load_data(data_dir: str | None, seed: int) -> tuple[Dataset, str]:

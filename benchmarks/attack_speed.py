@@ -5,9 +5,9 @@ PGD-10 (L-inf, eps 8/255, step 2/255, uniform random start) on ResNet-32
 CIFAR-shaped images when --data-dir / $ADVKIT_DATA_DIR holds no CIFAR-10 copy; the output
 says which). Without --checkpoint the ResNet-32 has random weights, so its robust accuracy only
 shows that both attacks agree (its BatchNorm statistics are estimated on the images, else it
-predicts one class everywhere); pass a trained checkpoint (advkit.runs.save_model) for real figures.
+predicts one class everywhere); pass a trained checkpoint (advkit.runs.checkpoints.save_model) for real figures.
 
-Rows (`VARIANTS`, each an `advkit.attack_model.AttackRuntime`): torchattacks.PGD (fp32); advkit's PGD loop fp32,
+Rows (`VARIANTS`, each an `advkit.attacks.model.AttackRuntime`): torchattacks.PGD (fp32); advkit's PGD loop fp32,
 fp32 + BatchNorm folded, bf16 autocast, bf16 + BatchNorm folded (`fold_bn=True`), bf16 + fold_bn +
 torch.compile(mode="reduce-overhead") (CUDA graphs), all returning the last iterate (torchattacks'
 semantics; tests/reference_attacks.py's `last_iterate_pgd`), and advkit's `pgd` with the default runtime
@@ -34,14 +34,21 @@ import sys
 from pathlib import Path
 
 import torch
+from common import (
+    RESULTS,
+    append_results,
+    device_name,
+    load_images,
+    recalibrate_batchnorm,
+    results_entry,
+    sync,
+    timed,  # first: puts the repository root on sys.path
+)
 
-from common import (RESULTS, append_results, device_name, load_images, recalibrate_batchnorm, results_entry, sync,
-                    timed)  # first: puts the repository root on sys.path
-
-from advkit.attack_model import attack_model
-from advkit.attacks import pgd
+from advkit.attacks.model import attack_model
+from advkit.attacks.pgd import pgd
 from advkit.models import get_model
-from advkit.runs import resolve_device
+from advkit.runs.run import resolve_device
 from tests.reference_attacks import last_iterate_pgd
 
 TORCHATTACKS = "torchattacks.PGD fp32"
@@ -142,7 +149,7 @@ def run(args) -> tuple[str, str, str]:
     torch.manual_seed(args.seed)
     model = get_model("resnet32", 10, 3)
     if args.checkpoint:
-        from advkit.runs import load_model
+        from advkit.runs.checkpoints import load_model
         model = load_model(args.checkpoint)
     else:  # random weights: estimate BatchNorm statistics on the images, so predictions depend on them
         recalibrate_batchnorm(model, x[:512], batch_size=512)
@@ -183,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda")
     ap.add_argument("--data-dir", default=os.environ.get("ADVKIT_DATA_DIR"),
                     help="folder with CIFAR-10 for advkit.data.get_dataset (default $ADVKIT_DATA_DIR)")
-    ap.add_argument("--checkpoint", default=None, help="trained ResNet-32 saved by advkit.runs.save_model")
+    ap.add_argument("--checkpoint", default=None, help="trained ResNet-32 saved by advkit.runs.checkpoints.save_model")
     ap.add_argument("--bf16", action="store_true", help="also time bf16 autocast on CPU (always on CUDA)")
     ap.add_argument("--compile", action="store_true",
                     help="also time the compiled row (reduce-overhead) on CPU (always on CUDA)")

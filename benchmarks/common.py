@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 sys.path.insert(0, str(ROOT))
 
-from advkit.runs import git_commit  # noqa: E402
+from advkit.runs.run import git_commit
 
 
 def load_images(n: int, data_dir: str | None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -24,7 +24,8 @@ def load_images(n: int, data_dir: str | None, seed: int = 0) -> tuple[torch.Tens
     warning on stderr) n random CIFAR-shaped images; the third item names which."""
     if data_dir:
         try:
-            from advkit.data import get_dataset, to_float
+            from advkit._torch import to_float
+            from advkit.data import get_dataset
             ds = get_dataset("cifar10", data_dir, download=False)
             return to_float(ds.x_test[:n]), ds.y_test[:n], "CIFAR-10 test (shared JPEG copy)"
         except Exception as err:  # noqa: BLE001 - any failure means: fall back to random images

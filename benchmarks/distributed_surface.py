@@ -21,12 +21,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from common import append_results, device_name, load_images, recalibrate_batchnorm  # noqa: E402 (sets sys.path)
 
-from advkit.directions import random_directions  # noqa: E402
-from advkit.landscape import SurfaceSettings, compute_surface, load_surface  # noqa: E402
-from advkit.models import get_model  # noqa: E402
+from advkit.landscape.directions import random_directions
+from advkit.landscape.files import load_surface
+from advkit.landscape.settings import SurfaceSettings
+from advkit.landscape.surfaces import compute_surface
+from advkit.models import get_model
 
 
 def surface(args: argparse.Namespace, path: Path) -> float:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check (issue 10): the paper profile end to end (CIFAR-10, ResNet-32, all five notebooks, notebook 02's
 # stAdv settings and flow calibration included) with reduced epochs and counts, into a fresh run directory;
-# then the reported-vs-reproduced tables (advkit.published). Meant to take under 8 minutes on one H200.
+# then the reported-vs-reproduced tables (advkit.studies.published). Meant to take under 8 minutes on one H200.
 # Output is appended to benchmarks/RESULTS.md with the device named.
 #
 #   benchmarks/gpu_check.sh               # refuses without a CUDA GPU
@@ -160,7 +160,7 @@ fi
 WALL=$(( $(date +%s) - START ))
 
 TABLES=$OUT/tables.txt
-"$PY" -m advkit.published "$ADVKIT_RUNS_DIR/$RUN" > "$TABLES" 2>&1 || true
+"$PY" -m advkit.studies.published "$ADVKIT_RUNS_DIR/$RUN" > "$TABLES" 2>&1 || true
 for f in "$ADVKIT_RUNS_DIR/$RUN"/attacks/*flow*.csv; do  # notebook 02's stAdv flow calibration, when it has one
   if [ -f "$f" ]; then printf '\n## %s\n\n' "${f#"$ADVKIT_RUNS_DIR/$RUN/"}" >> "$TABLES"; cat "$f" >> "$TABLES"; fi
 done

@@ -1,4 +1,4 @@
-"""Hessian speed: advkit.hessian vs PyHessian on the same model, data and device.
+"""Hessian speed: advkit.curvature.estimators vs PyHessian on the same model, data and device.
 
 Top eigenvalue by power iteration (--iters, default 20, no early stop) and Hutchinson trace
 (--samples Rademacher probes, default 100) of the mean cross-entropy of ResNet-32 on --n
@@ -37,15 +37,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import (  # first: repository root on sys.path
+    RESULTS,
+    append_results,
+    device_name,
+    load_images,
+    recalibrate_batchnorm,
+    timed,
+)
 from torch import nn
 
-from common import (RESULTS, append_results, device_name, load_images,  # first: repository root on sys.path
-                    recalibrate_batchnorm, timed)
-
-from advkit.hessian import HessianOperator, hessian_eigenvalues, hessian_trace
-from advkit.hessian_blocks import vmap_fallback
+from advkit.curvature.blocks import vmap_fallback
+from advkit.curvature.estimators import hessian_eigenvalues, hessian_trace
+from advkit.curvature.operator import HessianOperator
 from advkit.models import get_model
-from advkit.runs import resolve_device
+from advkit.runs.run import resolve_device
 
 EIG_RTOL = 0.01          # "within" for the top eigenvalue: relative difference to PyHessian's
 
@@ -72,7 +78,7 @@ def our_methods(model, x, y, *, backends, block_sizes, batch_size, seed):
 
 def pyhessian_methods(model, x, y, args, device):
     """{"PyHessian": (eig fn, trace fn)}; fns(count) -> (estimate, n_hvp, std error); args.seed seeds them."""
-    from pyhessian import hessian as PyHessian   # PyPI `pyhessian` (0.1; deps numpy, torch only)
+    from pyhessian import hessian as PyHessian  # PyPI `pyhessian` (0.1; deps numpy, torch only)
 
     criterion = nn.CrossEntropyLoss()
     cuda = device.type == "cuda"
@@ -211,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="Hutchinson probes per batched product (ours), one row each; 'auto' allowed")
     ap.add_argument("--backends", nargs="+", choices=HessianOperator.BACKENDS, default=["reverse", "forward"])
     ap.add_argument("--data-dir", default=None, help="folder with CIFAR-10 (advkit.data format); else random")
-    ap.add_argument("--checkpoint", default=None, help="advkit checkpoint (advkit.runs.save_model) to load")
+    ap.add_argument("--checkpoint", default=None, help="advkit checkpoint (advkit.runs.checkpoints.save_model) to load")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
@@ -229,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     x, y, source = load_images(args.n, args.data_dir, args.seed)
     source = f"{source} images"
     if args.checkpoint:
-        from advkit.runs import load_model
+        from advkit.runs.checkpoints import load_model
         model = load_model(args.checkpoint, device=device)
     else:
         model = get_model(args.arch, 10, 3).to(device)

@@ -11,7 +11,7 @@ images unless --data-dir holds CIFAR-10), in one run on one device:
   TensorDataset at batch 128 computes loss.item() * batch per batch. Kept favourable to it:
   data already decoded in memory, num_workers=0 (no worker start-up), cudnn.benchmark on for
   both. Timed on the first --reference-points points of the grid and projected to the grid.
-- ours: advkit.landscape.grid: device-resident data, large batches, functional_call on views
+- ours: advkit.landscape.surfaces.grid: device-resident data, large batches, functional_call on views
   of one flat weight buffer, BatchNorm folded into the convolutions, bf16 autocast when it
   changes the loss < 1e-3 relative (precision "auto"; on CUDA only), channels_last on CUDA,
   optionally several points per forward with vmap (--points-per-forward, several values are
@@ -34,17 +34,23 @@ import copy
 
 import numpy as np
 import torch
+from common import (
+    add_output_args,
+    device_name,
+    load_images,
+    publish,
+    recalibrate_batchnorm,
+    timed,  # first: puts the repository root on sys.path
+)
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from common import (add_output_args, device_name, load_images, publish, recalibrate_batchnorm,
-                    timed)  # first: puts the repository root on sys.path
-
-from advkit import landscape as L
-from advkit.directions import random_directions
+from advkit._torch import PRECISIONS
+from advkit.landscape.directions import random_directions
+from advkit.landscape.settings import coordinates
+from advkit.landscape.surfaces import grid, line
 from advkit.models import get_model
-from advkit.runs import resolve_device
-
+from advkit.runs.run import resolve_device
 
 # --- the reference tool's loop, re-implemented faithfully -----------------------------------------
 
@@ -96,14 +102,14 @@ def run(args: argparse.Namespace) -> tuple[str, str]:
     torch.manual_seed(args.seed)
     model = get_model("resnet32", 10, 3)
     if args.checkpoint:
-        from advkit.runs import load_model
+        from advkit.runs.checkpoints import load_model
         model = load_model(args.checkpoint)
     x, y, source = load_images(n, args.data_dir, args.seed)
     if not args.checkpoint:  # random weights: give BatchNorm the statistics of the data, so losses are sane
         recalibrate_batchnorm(model, x[:2048], batch_size=256)
     model = model.to(device).eval()
     dirs = random_directions(model, 2, seed=args.seed)
-    grid_coords = np.stack(np.meshgrid(L.coordinates(1.0, res), L.coordinates(1.0, res), indexing="ij"),
+    grid_coords = np.stack(np.meshgrid(coordinates(1.0, res), coordinates(1.0, res), indexing="ij"),
                            -1).reshape(-1, 2)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"resnet32: {n_params} parameters, {n} {source} images, {res} x {res} grid, device {device_name(device)}",
@@ -122,10 +128,10 @@ def run(args: argparse.Namespace) -> tuple[str, str]:
     for ppf in args.points_per_forward:
         for precision in args.precision:
             kw = dict(batch_size=args.batch_size, points_per_forward=ppf, precision=precision)
-            L.line(model, random_directions(model, 1, seed=0), x[:256], y[:256], resolution=2, **kw)  # warm-up
-            ds, t = timed(lambda: L.grid(model, dirs, x, y, resolution=res, **kw), device)
+            line(model, random_directions(model, 1, seed=0), x[:256], y[:256], resolution=2, **kw)  # warm-up
+            ds, t = timed(lambda: grid(model, dirs, x, y, resolution=res, **kw), device)
             ours = ds.loss.values.reshape(-1)[:ref_points]
-            rows.append({"method": "advkit.landscape.grid", "precision": ds.attrs["precision"],
+            rows.append({"method": "advkit.landscape.surfaces.grid", "precision": ds.attrs["precision"],
                          "points/forward": ppf, "batch": ds.attrs["batch_size"], "timed points": res * res,
                          "seconds": t, "rate": res * res / t,
                          "max |Δloss|": float(np.max(np.abs(ours - ref_loss) / np.abs(ref_loss)))})
@@ -156,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reference-workers", type=int, default=0, help="DataLoader workers of the reference")
     ap.add_argument("--batch-size", type=int, default=None, help="ours (default 10000 CUDA, 1024 CPU)")
     ap.add_argument("--points-per-forward", type=int, nargs="+", default=[1], help="ours; several values allowed")
-    ap.add_argument("--precision", nargs="+", default=["auto"], choices=L.PRECISIONS, help="ours")
+    ap.add_argument("--precision", nargs="+", default=["auto"], choices=PRECISIONS, help="ours")
     ap.add_argument("--checkpoint", default=None, help="an advkit resnet32 checkpoint (else random init)")
     add_output_args(ap, data=True)
     args = ap.parse_args(argv)

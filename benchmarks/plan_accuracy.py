@@ -26,10 +26,10 @@ import tempfile
 import time
 
 import torch
-
 from common import ROOT, add_output_args, publish, run_header  # first: puts the repository root on sys.path
 
-from advkit import pipeline, plan
+from advkit.pipeline import driver as pipeline
+from advkit.pipeline import plan
 
 TOLERANCE = 0.35
 SAVE_PRETRAINED = """

@@ -22,17 +22,23 @@ import functools
 
 import numpy as np
 import torch
+from common import (
+    add_output_args,
+    load_images,
+    publish,
+    recalibrate_batchnorm,
+    run_header,
+    timed,  # first: puts the repository root on sys.path
+)
 
-from common import (add_output_args, load_images, publish, recalibrate_batchnorm, run_header,
-                    timed)  # first: puts the repository root on sys.path
-
-from advkit import landscape as L
-from advkit.attacks import pgd
-from advkit.directions import random_directions
+from advkit._torch import PRECISIONS
+from advkit.attacks.pgd import pgd
+from advkit.landscape.directions import random_directions
+from advkit.landscape.surfaces import line
 from advkit.models import get_model
-from advkit.runs import resolve_device
+from advkit.runs.run import resolve_device
 
-PAPER_ROBUST_GRID = 21 * 21  # robust_resolution 21 in advkit/profiles/paper.yaml
+PAPER_ROBUST_GRID = 21 * 21  # robust_resolution 21 in advkit/pipeline/profiles/paper.yaml
 
 
 def run(args: argparse.Namespace) -> tuple[str, str]:
@@ -56,8 +62,8 @@ def run(args: argparse.Namespace) -> tuple[str, str]:
              "|---|---|---|---|---|---|---|---|"]
     loop = None  # (seconds, robust loss, robust accuracy) of the per-point loop
     for ppf in [1] + [p for p in args.points_per_forward if p != 1]:
-        L.line(model, direction, x[:64], y[:64], points_per_forward=ppf, **{**robust, "resolution": 2})  # warm-up
-        ds, t = timed(lambda: L.line(model, direction, x, y, points_per_forward=ppf, **robust), device)
+        line(model, direction, x[:64], y[:64], points_per_forward=ppf, **{**robust, "resolution": 2})  # warm-up
+        ds, t = timed(lambda: line(model, direction, x, y, points_per_forward=ppf, **robust), device)
         loss, acc = ds.robust_loss.values, ds.robust_accuracy.values
         loop = loop or (t, loss, acc)
         lines.append(f"| {ppf} | {ds.attrs['precision']} | {t:.2f} | {points / t:.2f} | {loop[0] / t:.1f}x | "
@@ -79,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--points-per-forward", type=int, nargs="+", default=[7, 21],
                     help="points per attack call, timed beside the per-point loop (1)")
     ap.add_argument("--attack-batch-size", type=int, default=None, help="examples per attack call and point")
-    ap.add_argument("--precision", default="auto", choices=L.PRECISIONS, help="the surface's evaluation")
+    ap.add_argument("--precision", default="auto", choices=PRECISIONS, help="the surface's evaluation")
     add_output_args(ap, data=True)
     args = ap.parse_args(argv)
     if args.threads:

@@ -3,7 +3,7 @@
 Rows (`--rows`, default all), each with ours, the reference, the ratio, the goal, whether it is met,
 and the correctness check beside it:
 
-- surface: 51 x 51 clean-loss grid of ResNet-32 on 10,000 test images (`advkit.landscape.grid`,
+- surface: 51 x 51 clean-loss grid of ResNet-32 on 10,000 test images (`advkit.landscape.surfaces.grid`,
   precision auto) vs loss-landscape's per-point loop (`landscape_speed.reference_points`, timed on
   9 points and projected); check: max relative loss difference of ours vs that loop in strict fp32
   (TF32 off) on a 5 x 5 subgrid with the corners <= 1e-3, and the precision "auto" chose;
@@ -16,7 +16,7 @@ and the correctness check beside it:
 - train: ResNet-32 with the fast recipe, stopped at 92.5 % test accuracy or after --train-seconds,
   beside the paper recipe's 160 epochs (batch 128) projected from two timed epochs
   (`train_speed.measure_training`);
-- paper: the paper profile projected from this run's unit costs (`advkit.plan.project`), notebook
+- paper: the paper profile projected from this run's unit costs (`advkit.pipeline.plan.project`), notebook
   by notebook, against the 1 h goal; a ResNet-18 PGD-7 training step and a robust line (PGD-20 at
   8 points, 1,000 images) are timed for it.
 
@@ -45,18 +45,26 @@ from typing import Any
 
 import numpy as np
 import torch
+from common import (
+    RESULTS,
+    append_results,
+    load_images,
+    profile_kernels,
+    recalibrate_batchnorm,
+    results_entry,
+    run_header,  # first: puts the repository root on sys.path
+    timed,
+)
 
-from common import (RESULTS, append_results, load_images, profile_kernels, recalibrate_batchnorm, results_entry,
-                    run_header, timed)  # first: puts the repository root on sys.path
-
-from advkit import landscape as L
-from advkit import plan
 from advkit._torch import autocast, gpu_policy
-from advkit.attacks import pgd
-from advkit.directions import random_directions
+from advkit.attacks.pgd import pgd
+from advkit.landscape.directions import random_directions
+from advkit.landscape.settings import SurfaceSettings, coordinates
+from advkit.landscape.surfaces import grid, line
 from advkit.models import get_model
-from advkit.pipeline import load_profile
-from advkit.runs import resolve_device
+from advkit.pipeline import plan
+from advkit.pipeline.driver import load_profile
+from advkit.runs.run import resolve_device
 
 ROWS = ("surface", "pgd", "hessian", "train", "paper")
 NOT_INSTALLED = "reference not installed"
@@ -135,7 +143,7 @@ class Bench:
         n = max(sizes.n_surface, sizes.n_pgd, sizes.n_hessian)
         self.x, self.y, self.source = load_images(n, args.data_dir, args.seed)
         if args.checkpoint:
-            from advkit.runs import load_model
+            from advkit.runs.checkpoints import load_model
             self.model = load_model(args.checkpoint)
             self.weights = f"checkpoint {args.checkpoint}"
         else:  # random weights: BatchNorm statistics of the images, so losses are those of a normalized network
@@ -155,7 +163,7 @@ class Bench:
 
 def _surface_knobs(args: argparse.Namespace) -> dict[str, Any]:
     """Speed options of ours that this checkout's SurfaceSettings has (compile arrives with issue 12)."""
-    fields = {f.name for f in dataclasses.fields(L.SurfaceSettings)}
+    fields = {f.name for f in dataclasses.fields(SurfaceSettings)}
     return {"compile": True} if args.compile and "compile" in fields else {}
 
 
@@ -166,7 +174,7 @@ def surface_rows(b: Bench) -> list[Row]:
     x, y = b.data(s.n_surface)
     dirs = random_directions(model, 2, seed=b.args.seed)
     res, knobs = s.resolution, _surface_knobs(b.args)
-    axis = L.coordinates(1.0, res)
+    axis = coordinates(1.0, res)
     idx = np.unique(np.linspace(0, res - 1, min(s.check_points, res)).round().astype(int))
     sub = np.array([(axis[i], axis[j]) for i in idx for j in idx])
     xc, yc = b.x[:s.n_surface], b.y[:s.n_surface]  # the reference reads host memory, batch by batch
@@ -176,8 +184,8 @@ def surface_rows(b: Bench) -> list[Row]:
     ref_s = t_ref / len(timed_sub)
     with autocast(b.device, "fp32"):  # the correctness reference: the same loop in strict fp32 (TF32 off)
         ref = reference_points(model, dirs, xc, yc, sub, b.device)
-    L.grid(model, dirs, x, y, resolution=2, precision="auto", **knobs)  # warm-up (compilation, cuDNN autotuning)
-    ds, t = timed(lambda: L.grid(model, dirs, x, y, resolution=res, precision="auto", **knobs), b.device)
+    grid(model, dirs, x, y, resolution=2, precision="auto", **knobs)  # warm-up (compilation, cuDNN autotuning)
+    ds, t = timed(lambda: grid(model, dirs, x, y, resolution=res, precision="auto", **knobs), b.device)
     ours = ds.loss.values[np.ix_(idx, idx)].reshape(-1)
     err = float(np.max(np.abs(ours - ref) / np.abs(ref)))
     probes = {k: ds.attrs.get(f"{k}_relative_error", "not measured") for k in ("autocast", "tf32")}
@@ -194,10 +202,10 @@ def surface_rows(b: Bench) -> list[Row]:
                 f"errors: {probe}", err <= 1e-3)]
     if b.args.profile:
         b.profiles.append(("surface (ours, 5x5 grid)", profile_kernels(
-            lambda: L.grid(model, dirs, x, y, resolution=min(res, 5), precision="auto", **knobs), b.device)[0]))
+            lambda: grid(model, dirs, x, y, resolution=min(res, 5), precision="auto", **knobs), b.device)[0]))
     r32 = s.fp32_resolution
-    ds32, t32 = timed(lambda: L.grid(model, dirs, x, y, resolution=r32, precision="fp32", **knobs), b.device)
-    axis32 = L.coordinates(1.0, r32)
+    ds32, t32 = timed(lambda: grid(model, dirs, x, y, resolution=r32, precision="fp32", **knobs), b.device)
+    axis32 = coordinates(1.0, r32)
     shared = [(k, i, j) for k, (a, c) in enumerate(sub) for i in range(r32) for j in range(r32)
               if math.isclose(axis32[i], a, abs_tol=1e-9) and math.isclose(axis32[j], c, abs_tol=1e-9)]
     err32 = max((abs(ds32.loss.values[i, j] - ref[k]) / abs(ref[k]) for k, i, j in shared), default=float("nan"))
@@ -321,14 +329,14 @@ def _robust_image_step(b: Bench) -> float:
     x, y = b.data(s.n_robust)
     attack = functools.partial(pgd, eps=8 / 255, steps=s.robust_steps, seed=0)
     d = random_directions(b.model, 1, seed=b.args.seed)
-    L.line(b.model, d, x, y, resolution=2, attack=attack)  # warm-up
-    _, t = timed(lambda: L.line(b.model, d, x, y, resolution=s.robust_points, attack=attack), b.device)
+    line(b.model, d, x, y, resolution=2, attack=attack)  # warm-up
+    _, t = timed(lambda: line(b.model, d, x, y, resolution=s.robust_points, attack=attack), b.device)
     return t / (s.robust_points * len(y) * s.robust_steps)
 
 
 def paper_row(b: Bench) -> tuple[Row, str]:
     """Times a ResNet-18 PGD-7 training step, then projects the paper profile with this run's unit costs."""
-    from advkit.objectives import get_objective
+    from advkit.training.objectives import get_objective
 
     s, dev = b.sizes, b.device
     missing = [k for k in ("clean_epoch", "clean_point", "attack_image_step", "hvp") if k not in b.units]
@@ -357,7 +365,7 @@ def paper_row(b: Bench) -> tuple[Row, str]:
     per_nb = ", ".join(f"{nb}: {sec / 3600:.2f} h" for nb, sec in plan.by_notebook(items).items())
     unit_text = (", ".join(f"{k} {getattr(r32, k):.3g}" for k in plan.KINDS)
                  + f"; ResNet-18 x {r18:.3g}; robust image-step {b.units['robust_image_step']:.3g}")
-    row = Row("paper profile (advkit/profiles/paper.yaml), projected", f"{total / 3600:.2f} h ({per_nb})", "-",
+    row = Row("paper profile (advkit/pipeline/profiles/paper.yaml), projected", f"{total / 3600:.2f} h ({per_nb})", "-",
               None, "< 1 h", total < 3600, f"unit costs (s per image): {unit_text}", None)
     return row, plan.budget_table(items)
 
@@ -399,7 +407,7 @@ def run(args: argparse.Namespace) -> tuple[str, str, list[str]]:
               f"wall {time.perf_counter() - start:.0f} s for the whole table (data loading included)")
     body = table(rows)
     if budget:
-        body += "\n\nPaper profile, projected from this run's unit costs (advkit.plan):\n\n" + budget
+        body += "\n\nPaper profile, projected from this run's unit costs (advkit.pipeline.plan):\n\n" + budget
     for title, prof in b.profiles:
         body += f"\n\nProfile of {title}:\n\n{prof}"
     return header, body, failed
@@ -411,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (CPU, < 90 s)")
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
     ap.add_argument("--data-dir", default=None, help="CIFAR-10 folder (else random CIFAR-shaped images)")
-    ap.add_argument("--checkpoint", default=None, help="a trained ResNet-32 (advkit.runs.save_model)")
+    ap.add_argument("--checkpoint", default=None, help="a trained ResNet-32 (advkit.runs.checkpoints.save_model)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--compile", action="store_true", help="torch.compile ours where it has the option")
     ap.add_argument("--profile", action="store_true", help="torch.profiler over our surface and PGD")

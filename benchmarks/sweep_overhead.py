@@ -4,8 +4,8 @@ Three ways of running an empty-ish job, --jobs times each, one after another on 
 
 - kernel: papermill executes a one-cell notebook in this process (kernel start-up and shutdown);
 - submitit: submitit's local executor runs a no-op job (scheduling: pickling, two Python
-  processes, result polling), through `advkit.jobs.run_job` as a sweep's job;
-- submitit + kernel: the same job executing the one-cell notebook (`advkit.jobs.execute_cell`),
+  processes, result polling), through `advkit.pipeline.jobs.run_job` as a sweep's job;
+- submitit + kernel: the same job executing the one-cell notebook (`advkit.pipeline.jobs.execute_cell`),
   which is what each sweep cell pays before notebook 03 starts training.
 
 Then --jobs of the last kind submitted at once (local executor, all in flight), as a sweep does.
@@ -27,11 +27,10 @@ from pathlib import Path
 import nbformat
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch  # noqa: E402
 from common import RESULTS, append_results, device_name  # noqa: E402
 
-import torch  # noqa: E402
-
-from advkit import jobs  # noqa: E402
+from advkit.pipeline import jobs
 
 
 def empty_notebook(folder: Path) -> Path:
@@ -71,7 +70,7 @@ def main() -> None:
         print(f"{label}: {sum(times) / len(times):.2f} s per job", flush=True)
 
     sequential("kernel (papermill, in process)", lambda i: [jobs.execute_cell(payload(notebook, i))])
-    # no-op: advkit.jobs.placeholder_cell with no model files to write
+    # no-op: advkit.pipeline.jobs.placeholder_cell with no model files to write
     sequential("submitit local job, no-op", lambda i: executor.submit(jobs.run_job, [payload(notebook, i)],
                                                                        jobs.placeholder_cell).result())
     sequential("submitit local job + kernel", lambda i: executor.submit(jobs.run_job, [payload(notebook, i)]).result())

@@ -1,10 +1,10 @@
 """Training speed (issue 12): epoch time of the paper and the fast recipe, and time to a test accuracy.
 
-Rows, each trained through `advkit.train.fit` exactly as notebook 01 trains the base model:
+Rows, each trained through `advkit.training.fit.fit` exactly as notebook 01 trains the base model:
 
-- paper: the paper profile's notebook-01 settings (advkit/profiles/paper.yaml: batch 128, SGD 0.1,
+- paper: the paper profile's notebook-01 settings (advkit/pipeline/profiles/paper.yaml: batch 128, SGD 0.1,
   weight decay 1e-4, multistep over 160 epochs), eager;
-- fast: `advkit.train.FAST_RECIPE` (batch 512, one-cycle, label smoothing; fused SGD on CUDA), eager;
+- fast: `advkit.training.fit.FAST_RECIPE` (batch 512, one-cycle, label smoothing; fused SGD on CUDA), eager;
 - fast + compile: the same with `TrainConfig(compile=...)` (--compile-mode, default "default").
 
 Each runs --epochs epochs of its recipe's schedule on CIFAR-10 (--data-dir) or on random CIFAR-shaped
@@ -31,14 +31,13 @@ import time
 from typing import Any
 
 import torch
-
 from common import add_output_args, publish, run_header  # first: repository root on sys.path
 
 from advkit._torch import gpu_policy, loss_and_accuracy, resolve_precision
 from advkit.data import Batcher, get_dataset
 from advkit.models import get_model
-from advkit.runs import resolve_device
-from advkit.train import TrainConfig, apply_recipe, fit
+from advkit.runs.run import resolve_device
+from advkit.training.fit import TrainConfig, apply_recipe, fit
 
 ROWS = ("paper", "fast", "fast+compile")
 
@@ -49,7 +48,7 @@ class _Stop(Exception):
 
 def _paper_settings(epochs: int | None) -> tuple[TrainConfig, int]:
     """The paper profile's notebook-01 TrainConfig and batch size, as notebook 01 builds them."""
-    from advkit.pipeline import load_profile
+    from advkit.pipeline.driver import load_profile
 
     p = load_profile("paper")
     config = TrainConfig(epochs=epochs or p["epochs"], optimizer=p["optimizer"], lr=p["lr"],

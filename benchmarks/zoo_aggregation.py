@@ -1,7 +1,7 @@
 """Notebook 05 at the scale of a Stutz-size zoo: time and peak memory of its aggregation steps.
 
 Builds a synthetic flatness table of --models models (default 100, 200 and 500) with the columns
-`advkit.zoo.flatness_table` returns (taken from one real `zoo.model_metrics` row of a tiny model,
+`advkit.studies.zoo.flatness_table` returns (taken from one real `zoo.model_metrics` row of a tiny model,
 plus family/epoch/early_stopped/checkpoint/settings/compute_s and the columns merged from
 notebooks 02 and 04), named as a sweep names them: `base` and Xu et al.'s fine-tunes `fgsm`,
 `pgd`, `stadv`, then per (variant, seed) cell `<variant>_s<seed>` (final weights, 200 epochs),
@@ -41,13 +41,12 @@ from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
-
 from common import add_output_args, publish  # first: puts the repository root on sys.path
 
-from advkit import correlation, zoo
-from advkit.params import XU_ATTACKS
-from advkit.runs import EARLY_SUFFIX, Run, epoch_name
-from advkit.variants import parse_variant
+from advkit._checks import XU_ATTACKS
+from advkit.runs.run import EARLY_SUFFIX, Run, epoch_name
+from advkit.studies import correlation, zoo
+from advkit.training.variants import parse_variant
 
 # The paper profile's 12 variants, then 8 hyperparameter settings of the kind of Stutz et al.'s Fig. 6.
 VARIANTS = ("pgd_at", "trades", "trades+b3", "mart", "awp", "fgsm_rs", "pgd_at+ls0.1", "pgd_at+ln0.1",
@@ -67,6 +66,7 @@ GB = 1024 ** 3
 def template_row() -> dict[str, Any]:
     """One real `zoo.model_metrics` row (tiny model, tiny settings): the metric columns and their types."""
     import torch
+
     from advkit.models import get_model
     torch.manual_seed(0)
     model = get_model("small_cnn", 10, 1).eval()
@@ -192,12 +192,13 @@ def steps(table: pd.DataFrame, run: Run, resamples: int, figures: Path) -> list[
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import advkit.plots
+
+    import advkit.plots.figures
     confidence = confidence_tables()
 
     def scatter():
-        fig = advkit.plots.model_scatter(table, SCATTER, ncols=2)
-        advkit.plots.save_figure(fig, "05_robust_loss_vs_flatness", folder=figures)
+        fig = advkit.plots.models.model_scatter(table, SCATTER, ncols=2)
+        advkit.plots.figures.save_figure(fig, "05_robust_loss_vs_flatness", folder=figures)
         plt.close(fig)
 
     def write_read():

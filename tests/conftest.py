@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from advkit.data import Batcher, get_dataset, to_float
+from advkit._torch import to_float
+from advkit.data import Batcher, get_dataset
 from advkit.models import get_model
-from advkit.train import TrainConfig, fit
+from advkit.training.fit import TrainConfig, fit
 
 # Tiny models run fastest single-threaded (and test files may run side by side); the CIFAR-10
 # integration test asks for more threads itself.

@@ -8,14 +8,8 @@ import torch
 from torch import nn
 
 from advkit._torch import eval_mode
-from advkit.attack_model import forward_fn, split_attack_model
-from advkit.attack_utils import (
-    attack_loss,
-    logits_at,
-    pgd_ascent,
-    prepare,
-    random_point,
-)
+from advkit.attacks.ascent import attack_loss, logits_at, pgd_ascent, prepare, random_point
+from advkit.attacks.model import forward_fn, split_attack_model
 
 
 def last_iterate_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int,

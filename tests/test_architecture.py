@@ -1,4 +1,6 @@
-"""The package's shape (issue 11): no import cycle, lazy imports included, and no module over 600 lines.
+"""The package's shape: concept folders whose imports flow one way (LAYERS), no import cycle, package
+`__init__` files without re-exports, no private name imported across modules, and the notebook
+parameters known to the pipeline only.
 
 The import graph is read from the source with `ast`, so it sees every `import advkit.x`,
 `from advkit.x import y`, `from advkit import x` and relative import, at module level and inside
@@ -13,7 +15,22 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "advkit"
-MAX_LINES = 600
+
+# Lowest first: a module may import its own layer and the layers below it, never one above.
+LAYERS = [
+    ("core", ("advkit._checks", "advkit._torch", "advkit.folding", "advkit.ranks", "advkit.progress",
+              "advkit.reproducibility", "advkit.models")),
+    ("runs", ("advkit.runs",)),
+    ("data", ("advkit.data",)),
+    ("attacks", ("advkit.attacks",)),
+    ("training", ("advkit.training",)),
+    ("curvature", ("advkit.curvature",)),
+    ("landscape", ("advkit.landscape",)),
+    ("studies", ("advkit.studies",)),
+    ("plots", ("advkit.plots",)),
+    ("pipeline", ("advkit.pipeline", "advkit.__main__")),
+]
+NOTEBOOK_PARAMETERS = "advkit.pipeline.params"  # the notebooks' parameter table: the pipeline's alone
 
 
 def module_name(path: Path, root: Path = PACKAGE) -> str:
@@ -95,29 +112,59 @@ def test_the_package_has_no_import_cycle():
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 
 
-@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
-def test_no_module_is_over_600_lines(path):
-    lines = len(path.read_text().splitlines())
-    assert lines <= MAX_LINES, f"{path.relative_to(PACKAGE.parent)} has {lines} lines (at most {MAX_LINES}): split it"
+def layer(module: str) -> int | None:
+    """The index in LAYERS of the layer that holds `module` (a package holds its submodules)."""
+    for index, (_, members) in enumerate(LAYERS):
+        if any(module == m or module.startswith(m + ".") for m in members):
+            return index
+    return None
 
 
-NOTEBOOK_PARAMETERS = "advkit.params"
-PIPELINE_LAYER = frozenset({"advkit.pipeline", "advkit.stages", "advkit.distributed", "advkit.sweep", "advkit.jobs",
-                            "advkit.plan", "advkit.__main__", NOTEBOOK_PARAMETERS})
-"""The modules that run the notebooks: the only ones that may import the notebooks' parameter table."""
+def test_every_module_has_a_layer():
+    orphans = [m for m in modules() if m != "advkit" and layer(m) is None]
+    assert not orphans, f"add these modules to a layer in LAYERS: {orphans}"
 
 
-def notebook_layer_importers(graph: dict[str, set[str]]) -> list[str]:
-    """The library's modules (outside PIPELINE_LAYER) that import advkit.params."""
-    return sorted(m for m, deps in graph.items() if NOTEBOOK_PARAMETERS in deps and m not in PIPELINE_LAYER)
+def test_imports_follow_the_layers():
+    upward = sorted(f"{a} ({LAYERS[layer(a)][0]}) imports {b} ({LAYERS[layer(b)][0]})"
+                    for a, targets in import_graph().items() if a != "advkit"
+                    for b in targets if b != "advkit" and layer(b) > layer(a))
+    assert not upward, "imports against the layer order:\n" + "\n".join(upward)
 
 
-def test_the_library_does_not_import_the_notebook_parameters():
-    """The library checks its settings with its own rules (advkit._checks); advkit.params is built from
-    them and belongs to the pipeline layer, so no library module imports it."""
-    importers = notebook_layer_importers(import_graph())
-    assert not importers, f"library modules importing {NOTEBOOK_PARAMETERS} (pipeline layer only): {importers}"
-    assert set(PIPELINE_LAYER) <= set(modules()), "PIPELINE_LAYER names a module that does not exist"
+def test_only_the_pipeline_imports_the_notebook_parameters():
+    users = sorted(a for a, targets in import_graph().items() if NOTEBOOK_PARAMETERS in targets)
+    assert users and all(u.startswith("advkit.pipeline.") for u in users), users
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("__init__.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_package_init_holds_a_docstring_only(path):
+    def allowed(node: ast.stmt) -> bool:  # the docstring, and dunders such as __version__
+        if isinstance(node, ast.Expr):
+            return isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+        return isinstance(node, ast.Assign) and all(isinstance(t, ast.Name) and t.id.startswith("__")
+                                                    for t in node.targets)
+
+    assert all(allowed(n) for n in ast.parse(path.read_text()).body), (
+        f"{path.relative_to(PACKAGE.parent)}: import from the defining module, not through a package")
+
+
+def test_no_private_name_is_imported_across_modules():
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("advkit"):
+                found += [f"{path.relative_to(PACKAGE.parent)}: {a.name} from {node.module}"
+                          for a in node.names if a.name.startswith("_")]
+    assert not found, found
+
+
+def test_layer_rules_catch_an_upward_import(tmp_path):
+    root = _package(tmp_path, {"__init__.py": "", "runs/__init__.py": "", "runs/run.py": "from advkit.plots import f\n",
+                               "plots/__init__.py": "", "plots/f.py": "from advkit.runs import run\n"})
+    graph = import_graph(root)
+    assert graph["advkit.runs.run"] == {"advkit.plots.f"}
+    assert layer("advkit.plots.f") > layer("advkit.runs.run")
 
 
 # ------------------------------------------------------------------ the graph reader can fail
@@ -153,9 +200,3 @@ def test_acyclic_graph_has_no_cycle(tmp_path):
     graph = import_graph(root)
     assert graph == {"advkit": set(), "advkit.a": {"advkit.b"}, "advkit.b": set(), "advkit.c": {"advkit.a", "advkit.b"}}
     assert find_cycle(graph) is None
-
-
-def test_a_library_module_importing_the_parameters_is_found(tmp_path):
-    root = _package(tmp_path, {"__init__.py": "", "params.py": "", "pipeline.py": "from advkit import params\n",
-                               "train.py": "def f():\n    from advkit.params import PARAMS\n"})
-    assert notebook_layer_importers(import_graph(root)) == ["advkit.train"]

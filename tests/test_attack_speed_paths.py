@@ -1,4 +1,4 @@
-"""The attacks' speed paths (advkit.attack_model) give the plain path's results, on CPU.
+"""The attacks' speed paths (advkit.attacks.model) give the plain path's results, on CPU.
 
 BatchNorm folded (`fold_bn=True`), torch.compile (`compile=...`) and the output check folded
 into the attack's first forward; CIFAR-shaped inputs and a ResNet-20 with BatchNorm statistics.
@@ -17,12 +17,12 @@ from reference_attacks import last_iterate_pgd
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
-from advkit import attack_model
 from advkit._torch import WithParams
-from advkit.apgd import apgd
-from advkit.attack_model import folded_model, forward_fn, resolve_fold_bn
-from advkit.attack_utils import attack_loss, loss_and_grad
-from advkit.attacks import autoattack, fgsm, pgd
+from advkit.attacks import model as attack_model
+from advkit.attacks.apgd import apgd
+from advkit.attacks.ascent import attack_loss, loss_and_grad
+from advkit.attacks.model import folded_model, forward_fn, resolve_fold_bn
+from advkit.attacks.pgd import autoattack, fgsm, pgd
 from advkit.models import get_model
 
 EPS = 2 / 255
@@ -82,7 +82,7 @@ def count_calls(module: nn.Module) -> list[int]:
 
 
 def fast(model: nn.Module, **options) -> nn.Module:
-    """`model` with the attack runtime `options` (`advkit.attack_model.attack_model`)."""
+    """`model` with the attack runtime `options` (`advkit.attacks.model.attack_model`)."""
     return attack_model.attack_model(model, **options)
 
 

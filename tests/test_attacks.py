@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from reference_attacks import last_iterate_pgd, torchattacks_autoattack
 from torch import nn
 
-from advkit import attacks
-from advkit.apgd import apgd, checkpoints
-from advkit.attack_model import AttackRuntime, attack_model
-from advkit.attacks import ATTACKS, fgsm, get_attack, pgd
-from advkit.stadv import apply_flow, flow_loss, normalized_to_pixels, stadv
+from advkit.attacks import pgd as attacks
+from advkit.attacks.apgd import apgd, checkpoints
+from advkit.attacks.model import AttackRuntime, attack_model
+from advkit.attacks.pgd import ATTACKS, fgsm, get_attack, pgd
+from advkit.attacks.stadv import apply_flow, flow_loss, normalized_to_pixels, stadv
 
 EPS = 16 / 255  # one grey level of the digits images
 
@@ -408,7 +408,7 @@ def test_attacks_name_a_dtype_mismatch_and_a_model_without_logits(name, random_m
 def test_accuracy_of_a_model_with_nan_weights_is_an_error(random_model, random_data):
     import copy
 
-    from advkit.evaluate import accuracy as top1
+    from advkit.attacks.evaluate import accuracy as top1
 
     x, y = random_data
     broken = copy.deepcopy(random_model)

@@ -1,4 +1,4 @@
-"""advkit.augment: static adversarial augmentation (Xu et al. 2019) and its cache."""
+"""advkit.training.augment: static adversarial augmentation (Xu et al. 2019) and its cache."""
 
 import copy
 import json
@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from advkit import augment
-from advkit._torch import state_hash
-from advkit.augment import XU_ATTACKS, augmented_dataset, finetune_batcher, finetune_config, xu_budget
-from advkit.data import to_float
-from advkit.runs import StaleCacheWarning
+from advkit._checks import XU_ATTACKS
+from advkit._torch import state_hash, to_float
+from advkit.runs.run import StaleCacheWarning
+from advkit.training import augment
+from advkit.training.augment import augmented_dataset, finetune_batcher, finetune_config, xu_budget
 
 N = 48
 
@@ -194,7 +194,7 @@ def test_regenerated_augmentation_bad_input(kwargs, match):
 
 
 def test_fit_takes_the_regenerating_objective(cifar_shaped):
-    from advkit.train import fit
+    from advkit.training.fit import fit
 
     model, x, y = cifar_shaped
     model = copy.deepcopy(model)

@@ -1,5 +1,5 @@
 """benchmarks/speed_table.py (issue 12's table in one command) on CPU smoke sizes (its paper-profile
-projection is advkit.plan's, checked by hand in tests/test_plan.py). No timing is asserted."""
+projection is advkit.pipeline.plan's, checked by hand in tests/test_plan.py). No timing is asserted."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def _rows(text: str) -> dict[str, list[str]]:
 
 
 def test_speed_table_smoke_has_every_row_and_its_checks(smoke):
-    from advkit.runs import git_commit
+    from advkit.runs.run import git_commit
 
     assert "device: CPU" in smoke and f"torch {torch.__version__}" in smoke
     assert f"commit: {(git_commit() or 'none')[:10]}" in smoke

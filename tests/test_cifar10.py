@@ -7,7 +7,7 @@ import torch
 
 from advkit.data import Batcher, get_dataset
 from advkit.models import get_model
-from advkit.train import TrainConfig, fit
+from advkit.training.fit import TrainConfig, fit
 
 CIFAR = os.environ.get("ADVKIT_CIFAR10_DIR")
 pytestmark = [pytest.mark.slow,

@@ -12,10 +12,12 @@ import torch
 import xarray as xr
 from torch import nn
 
-from advkit import curvature as C
-from advkit import landscape as L
-from advkit.attacks import pgd
-from advkit.directions import explicit_directions, random_directions
+from advkit.attacks.pgd import pgd
+from advkit.landscape import bridge as C
+from advkit.landscape.directions import explicit_directions, random_directions
+from advkit.landscape.settings import SurfaceSettings
+from advkit.landscape.sharpness import quadratic_fit
+from advkit.landscape.surfaces import compute_surface, model_surfaces
 from advkit.models import get_model
 
 
@@ -57,7 +59,7 @@ def test_fit_curvature_of_an_exact_quadratic_surface_equals_dHd():
     loss = np.array([[np.mean(0.5 * (X @ (w0 + p * D[0] + q * D[1]) + b0 - Y) ** 2) for q in a] for p in a])
     ds = xr.Dataset({"loss": (("alpha", "beta"), loss)}, coords={"alpha": a, "beta": a})
     for radius in (0.5, 1.0):
-        fit = L.quadratic_fit(ds, radius=radius)
+        fit = quadratic_fit(ds, radius=radius)
         assert fit["curvature_aa"] == pytest.approx(exact[0, 0], rel=1e-4)
         assert fit["curvature_bb"] == pytest.approx(exact[1, 1], rel=1e-4)
         assert fit["curvature_ab"] == pytest.approx(exact[0, 1], rel=1e-4, abs=1e-6)
@@ -119,7 +121,7 @@ def test_hvp_equals_finite_differences_of_the_surface_itself():
     x, y = torch.rand(16, 1, 4, 4, generator=gen), torch.randint(0, 3, (16,), generator=gen)
     d = random_directions(model, 2, seed=0)
     h = 0.02
-    ds = L.compute_surface(model, d, x, y, L.SurfaceSettings(span=h, resolution=3, precision="fp32", fold_bn=False))
+    ds = compute_surface(model, d, x, y, SurfaceSettings(span=h, resolution=3, precision="fp32", fold_bn=False))
     f = ds["loss"].transpose("alpha", "beta").values.astype(np.float64)
     fd = np.array([[(f[2, 1] + f[0, 1] - 2 * f[1, 1]) / h ** 2, (f[2, 2] - f[2, 0] - f[0, 2] + f[0, 0]) / (4 * h ** 2)],
                    [0.0, (f[1, 2] + f[1, 0] - 2 * f[1, 1]) / h ** 2]])
@@ -133,8 +135,8 @@ def test_curvature_table_and_its_checks():
     gen = torch.Generator().manual_seed(1)
     x, y = torch.rand(12, 1, 4, 4, generator=gen), torch.randint(0, 3, (12,), generator=gen)
     attack = functools.partial(pgd, eps=0.05, steps=2, seed=0)
-    settings = L.SurfaceSettings(span=0.1, resolution=5, precision="fp32")
-    surfaces = L.model_surfaces({"m": model}, x, y, None, settings, seed=0, attack=attack, attack_name="pgd")
+    settings = SurfaceSettings(span=0.1, resolution=5, precision="fp32")
+    surfaces = model_surfaces({"m": model}, x, y, None, settings, seed=0, attack=attack, attack_name="pgd")
     table = C.curvature_table({"m": model}, x, y, surfaces, attack=attack, radius=0.1)
     assert list(table.index) == [("m", "clean"), ("m", "robust")]
     clean = table.loc[("m", "clean")]

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from advkit._torch import state_hash, tensors_hash
-from advkit.directions import directions_hash, explicit_directions, random_directions
+from advkit.landscape.directions import directions_hash, explicit_directions, random_directions
 
 
 def net():

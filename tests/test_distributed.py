@@ -27,15 +27,20 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from advkit import params, ranks, stages, zoo
-from advkit.attacks import pgd
+from advkit import ranks
+from advkit.attacks.pgd import pgd
 from advkit.data import Dataset
-from advkit.directions import random_directions
-from advkit.distributed import profile_values
-from advkit.landscape import SurfaceSettings, compute_surface, load_surface
+from advkit.landscape.directions import random_directions
+from advkit.landscape.files import load_surface
+from advkit.landscape.settings import SurfaceSettings
+from advkit.landscape.surfaces import compute_surface
 from advkit.models import get_model
-from advkit.pipeline import parse_assignments
-from advkit.runs import Run, save_model
+from advkit.pipeline import params, stages
+from advkit.pipeline.distributed import profile_values
+from advkit.pipeline.driver import parse_assignments
+from advkit.runs.checkpoints import save_model
+from advkit.runs.run import Run
+from advkit.studies import zoo
 
 TIMING_ATTRS = ("created", "elapsed_s")  # wall-clock facts, not values
 GRID_ROWS = 5
@@ -110,7 +115,7 @@ def _disagreeing_ranks(folder: Path) -> None:
     """Rank 0 asks for a 5 x 5 grid, rank 1 for a 7 x 7 one, into the same file: the agreement on
     the surface's settings refuses; without it, the writer's check of each received row does; the
     torchrun command refuses ranks started with other parameters. Each rank records what it saw."""
-    from advkit.distributed import main
+    from advkit.pipeline.distributed import main
 
     model, x, y = tiny_inputs()
     d2 = random_directions(model, 2, seed=0)
@@ -275,7 +280,7 @@ def test_torchrun_commands_compute_what_notebooks_04_and_05_then_find_complete(t
     overrides = [a for p in QUICK_TINY for a in ("-p", p)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    done = subprocess.run([*torchrun, "-m", "advkit.distributed", "surfaces", "flatness", "--profile", "quick",
+    done = subprocess.run([*torchrun, "-m", "advkit.pipeline.distributed", "surfaces", "flatness", "--profile", "quick",
                            "--run-name", "tiny", *overrides], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     for command in ("surfaces", "flatness"):
@@ -293,7 +298,7 @@ def test_torchrun_commands_compute_what_notebooks_04_and_05_then_find_complete(t
 
 
 def test_the_command_checks_its_values_as_the_pipeline_does(tmp_run, capsys):
-    from advkit.distributed import main
+    from advkit.pipeline.distributed import main
 
     assert main(["surfaces", "--run-name", "../x"]) == 2
     assert main(["flatness", "-p", "resolution=1"]) == 2

@@ -1,4 +1,4 @@
-"""advkit.evaluate: batched accuracies and losses, 1 - SSIM, presets."""
+"""advkit.attacks.evaluate: batched accuracies and losses, 1 - SSIM, presets."""
 
 import dataclasses
 
@@ -9,10 +9,20 @@ import torch
 import torch.nn.functional as F
 from skimage.metrics import structural_similarity
 
-from advkit import evaluate
-from advkit.attacks import fgsm, pgd
-from advkit.evaluate import (STUTZ2021, XU2019, AttackSpec, accuracy, accuracy_vs_eps, evaluate_attacks,
-                             robust_accuracy, robust_loss, ssim_distance, ssim_win_size)
+from advkit.attacks import evaluate
+from advkit.attacks.evaluate import (
+    STUTZ2021,
+    XU2019,
+    AttackSpec,
+    accuracy,
+    accuracy_vs_eps,
+    evaluate_attacks,
+    robust_accuracy,
+    robust_loss,
+    ssim_distance,
+    ssim_win_size,
+)
+from advkit.attacks.pgd import fgsm, pgd
 
 EPS = 16 / 255
 

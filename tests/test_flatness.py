@@ -11,10 +11,18 @@ from torch import nn
 from torch.autograd.functional import hessian
 from torch.func import functional_call
 
-from advkit.flatness import (adaptive_sharpness, avg_case_flatness, confidence_flatness, dataset_loss,
-                             epsilon_sharpness, feature_layer, relative_flatness,
-                             relative_flatness_closed_form, worst_case_flatness)
-from advkit.hessian import hessian_trace
+from advkit.curvature.estimators import hessian_trace
+from advkit.curvature.flatness import (
+    adaptive_sharpness,
+    avg_case_flatness,
+    confidence_flatness,
+    dataset_loss,
+    epsilon_sharpness,
+    feature_layer,
+    relative_flatness,
+    relative_flatness_closed_form,
+    worst_case_flatness,
+)
 
 
 def fgsm(model, x, y, eps=0.1):
@@ -164,7 +172,7 @@ def test_joint_ascent_is_pgd_from_a_random_start(data):
     assert joint.perturbed_loss > max(joint.loss, clean.perturbed_loss) and joint.value > 0
 
 def test_with_advkit_pgd_and_batchnorm(data):
-    attacks = pytest.importorskip("advkit.attacks")
+    attacks = pytest.importorskip("advkit.attacks.pgd")
     x, y = data
     x = x[:, :4, None, None].repeat(1, 1, 4, 4)            # (N, 4, 4, 4) images in [0, 1]
     torch.manual_seed(0)

@@ -17,15 +17,18 @@ import torch
 import torch._dynamo
 from torch import nn
 
-from advkit import landscape as L
 from advkit._torch import GPU_POLICY_ENV, autocast, gpu_policy, resolve_precision
-from advkit.attack_model import attack_model, resolve_fold_bn
-from advkit.attack_utils import prepare
-from advkit.attacks import ON_COPIES, pgd, pgd_on_copies
+from advkit.attacks.ascent import prepare
+from advkit.attacks.model import attack_model, resolve_fold_bn
+from advkit.attacks.pgd import ON_COPIES, pgd, pgd_on_copies
+from advkit.curvature.estimators import hessian_trace
 from advkit.data import Batcher
-from advkit.directions import random_directions
-from advkit.hessian import hessian_trace
-from advkit.train import TrainConfig, fit
+from advkit.landscape.directions import random_directions
+from advkit.landscape.engine import Engine
+from advkit.landscape.precision import AUTOCAST_TOLERANCE, probe_points
+from advkit.landscape.settings import SurfaceSettings, auto_points_per_forward
+from advkit.landscape.surfaces import grid, line
+from advkit.training.fit import TrainConfig, fit
 
 pytestmark = pytest.mark.gpu_policy
 
@@ -96,8 +99,8 @@ def test_the_cuda_choices_are_made_on_the_cpu(policy_on):
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     assert resolve_fold_bn(None, cpu) is True and resolve_fold_bn(False, cpu) is False
     assert prepare(torch.rand(2, 3, 4, 4)).is_contiguous(memory_format=torch.channels_last)
-    assert L.auto_points_per_forward(cpu, 1000, 10_000) == 16
-    s = L.SurfaceSettings().for_inputs(2, cpu, n_images=1000)
+    assert auto_points_per_forward(cpu, 1000, 10_000) == 16
+    s = SurfaceSettings().for_inputs(2, cpu, n_images=1000)
     assert (s.points_per_forward, s.channels_last, s.batch_size) == (16, True, 10_000)
 
 
@@ -105,7 +108,7 @@ def test_defaults_without_the_switch_are_the_plain_cpu_ones(policy_off):
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu) == "fp32" and resolve_fold_bn(None, cpu) is False
     assert prepare(torch.rand(2, 3, 4, 4)).is_contiguous()
-    s = L.SurfaceSettings().for_inputs(2, cpu, n_images=1000)
+    s = SurfaceSettings().for_inputs(2, cpu, n_images=1000)
     assert (s.points_per_forward, s.channels_last, s.batch_size) == (1, False, 1024)
 
 
@@ -115,11 +118,11 @@ def test_surface_under_the_policy_equals_the_plain_one(xy, monkeypatch):
     net = _net()
     dirs = random_directions(net, 2, seed=0)
     monkeypatch.delenv(GPU_POLICY_ENV, raising=False)
-    plain = L.grid(net, dirs, *xy, resolution=5, span=0.5)
+    plain = grid(net, dirs, *xy, resolution=5, span=0.5)
     monkeypatch.setenv(GPU_POLICY_ENV, "1")
     bn_calls = []
     hook = net[1].register_forward_hook(lambda *a: bn_calls.append(1))
-    fast = L.grid(net, dirs, *xy, resolution=5, span=0.5)
+    fast = grid(net, dirs, *xy, resolution=5, span=0.5)
     hook.remove()
     a = fast.attrs
     assert plain.attrs["points_per_forward"] == 1 and a["points_per_forward"] == 16
@@ -127,26 +130,26 @@ def test_surface_under_the_policy_equals_the_plain_one(xy, monkeypatch):
     assert a["precision"] in ("bf16", "fp32") and a["precision_probe_points"] == 7  # measured, not assumed
     assert plain.attrs["precision_probe_points"] == 0
     assert bn_calls == []  # the folded copy ran, not the model
-    probes = L.probe_points([fast.alpha.values, fast.beta.values])
+    probes = probe_points([fast.alpha.values, fast.beta.values])
     for alpha, beta in probes:
         p, f = (float(d.loss.sel(alpha=alpha, beta=beta)) for d in (plain, fast))
-        assert abs(f - p) / p <= L.AUTOCAST_TOLERANCE + 1e-5, (alpha, beta)
-    np.testing.assert_allclose(fast.loss.values, plain.loss.values, rtol=2 * L.AUTOCAST_TOLERANCE)
+        assert abs(f - p) / p <= AUTOCAST_TOLERANCE + 1e-5, (alpha, beta)
+    np.testing.assert_allclose(fast.loss.values, plain.loss.values, rtol=2 * AUTOCAST_TOLERANCE)
 
 
 def test_forced_bf16_surface_runs_under_autocast(xy, policy_on):
     net = _net()
     dirs = random_directions(net, 1, seed=0)
     exec_dtypes = []
-    real = L.Engine.fixed
+    real = Engine.fixed
 
     def spy(self, *args, **kw):
         exec_dtypes.append(self.precision)
         return real(self, *args, **kw)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(L.Engine, "fixed", spy)
-        ds = L.line(net, dirs, *xy, resolution=3, span=0.5, precision="bf16")
+        mp.setattr(Engine, "fixed", spy)
+        ds = line(net, dirs, *xy, resolution=3, span=0.5, precision="bf16")
     assert ds.attrs["precision"] == "bf16" and "bf16" in exec_dtypes
     assert isinstance(ds.attrs["autocast_relative_error"], float)
 
@@ -195,11 +198,11 @@ def test_batched_robust_copies_under_the_policy_equal_the_loop(xy, monkeypatch):
     dirs = random_directions(net, 1, seed=0)
     kw = dict(resolution=4, span=0.5, attack=attack, quantities=("robust_loss", "robust_accuracy"), precision="fp32")
     monkeypatch.delenv(GPU_POLICY_ENV, raising=False)
-    loop = L.line(net, dirs, x[:8], y[:8], **kw)
+    loop = line(net, dirs, x[:8], y[:8], **kw)
     assert calls == [1] * 4
     calls.clear()
     monkeypatch.setenv(GPU_POLICY_ENV, "1")
-    batched = L.line(net, dirs, x[:8], y[:8], **kw)
+    batched = line(net, dirs, x[:8], y[:8], **kw)
     assert calls == [4]  # four points, one call
     np.testing.assert_allclose(batched.robust_loss.values, loop.robust_loss.values, rtol=1e-2)
 
@@ -280,11 +283,11 @@ def test_a_failing_compile_falls_back_to_eager_with_one_warning(xy, failing_comp
     dirs = random_directions(net, 2, seed=0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        surface = L.grid(net, dirs, x, y, resolution=3, points_per_forward=4, compile=True)
+        surface = grid(net, dirs, x, y, resolution=3, points_per_forward=4, compile=True)
         adv = pgd(attack_model(net, fold_bn=True, compile=True), x, y, 4 / 255, steps=2, restarts=0)
     found = _compile_warnings(caught)
     assert len(found) == 1 and "at::vec" in str(found[0].message)  # one warning, naming the cause
-    plain = L.grid(net, dirs, x, y, resolution=3, points_per_forward=4)
+    plain = grid(net, dirs, x, y, resolution=3, points_per_forward=4)
     np.testing.assert_array_equal(surface.loss.values, plain.loss.values)
     assert torch.equal(adv, pgd(attack_model(net, fold_bn=True), x, y, 4 / 255, steps=2, restarts=0))
 

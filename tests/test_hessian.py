@@ -9,8 +9,8 @@ from torch import nn
 from torch.autograd.functional import hessian
 from torch.func import functional_call
 
-from advkit.hessian import (HessianOperator, hessian_eigenvalues, hessian_spectrum, hessian_trace, layer_names,
-                            per_layer, select_params)
+from advkit.curvature.estimators import hessian_eigenvalues, hessian_spectrum, hessian_trace, per_layer
+from advkit.curvature.operator import HessianOperator, layer_names, select_params
 
 
 def squared_error(out, y):
@@ -223,7 +223,7 @@ def cifar_resnet():
 
 @pytest.mark.parametrize("backend", ["reverse", "forward"])
 def test_trace_blocks_keep_probes_and_std_error(cifar_resnet, backend):
-    from advkit.hessian import hutchinson
+    from advkit.curvature.estimators import hutchinson
     model, x, y = cifar_resnet
     op = HessianOperator(model, x, y, include_bn=True, batch_size=4, backend=backend)
     one = hessian_trace(op, n_samples=8, block_size=1, seed=5)
@@ -247,7 +247,7 @@ def test_trace_blocks_keep_probes_and_std_error(cifar_resnet, backend):
 
 
 def test_batched_product_has_no_per_probe_loop(cifar_resnet):
-    from advkit.hessian_blocks import vmap_fallback
+    from advkit.curvature.blocks import vmap_fallback
     model, x, y = cifar_resnet
     for backend in ("reverse", "forward"):
         op = HessianOperator(model, x, y, include_bn=True, batch_size=8, backend=backend)
@@ -255,7 +255,7 @@ def test_batched_product_has_no_per_probe_loop(cifar_resnet):
 
 
 def test_resolve_block_size():
-    from advkit.hessian_blocks import resolve_block_size
+    from advkit.curvature.blocks import resolve_block_size
     gib = 2 ** 30
     assert resolve_block_size(100 * gib, gib, 100) == 32                    # capped
     assert resolve_block_size(100 * gib, gib, 100, cap=64) == 50            # half the free memory
@@ -272,7 +272,7 @@ def test_resolve_block_size():
 
 def test_auto_block_size_measures_one_product(monkeypatch):
     """The CUDA path of "auto" with the device's memory counters replaced by a fake (CPU only)."""
-    import advkit.hessian_blocks as hb
+    from advkit.curvature import blocks as hb
     gib = 2 ** 30
     mem = {"allocated": 10 * gib, "peak": 30 * gib}
 

@@ -1,6 +1,6 @@
 """Integrity of what the kit writes and reads: checksums, run names, leftovers and clear errors
-(advkit.runs, with the loaders of advkit.landscape, advkit.directions, advkit.augment, advkit.zoo,
-advkit.train). Each test reproduces a defect a hostile user found on CIFAR-shaped artifacts."""
+(advkit.runs, with the loaders of advkit.landscape, advkit.landscape.directions, advkit.training.augment, advkit.studies.zoo,
+advkit.training.fit). Each test reproduces a defect a hostile user found on CIFAR-shaped artifacts."""
 
 import os
 import signal
@@ -14,15 +14,24 @@ import pandas as pd
 import pytest
 import torch
 
-from advkit import landscape as L
-from advkit import artifacts, runs, zoo
-from advkit.augment import augmented_dataset
 from advkit.data import Batcher
-from advkit.directions import Directions, explicit_directions, load_loss_landscape_directions, random_directions
+from advkit.landscape.directions import (
+    Directions,
+    explicit_directions,
+    load_loss_landscape_directions,
+    random_directions,
+)
+from advkit.landscape.files import load_surface
+from advkit.landscape.surfaces import grid, line
 from advkit.models import get_model
-from advkit.runs import (CorruptArtifactError, atomic_path, load_model, run_dir, save_model, update_manifest,
-                         verified)
-from advkit.train import TrainConfig, fit
+from advkit.runs import artifacts
+from advkit.runs import run as runs
+from advkit.runs.artifacts import CorruptArtifactError, atomic_path, verified
+from advkit.runs.checkpoints import load_model, save_model
+from advkit.runs.run import run_dir, update_manifest
+from advkit.studies import zoo
+from advkit.training.augment import augmented_dataset
+from advkit.training.fit import TrainConfig, fit
 
 
 def _cifar(n=16, seed=0):
@@ -79,13 +88,13 @@ def test_garbled_surface_value_is_an_error_not_reused(tmp_path, resnet20):
     x, y = _cifar(8)
     dirs = random_directions(resnet20, 2, seed=0)
     path = tmp_path / "landscapes" / "base_grid.nc"
-    L.grid(resnet20, dirs, x, y, span=0.5, resolution=3, path=path)
+    grid(resnet20, dirs, x, y, span=0.5, resolution=3, path=path)
     with h5py.File(path, "r+") as f:  # one value changed behind the kit's back
         f["loss"][1, 1] = f["loss"][1, 1] + 1.0
     with pytest.raises(CorruptArtifactError, match=r"base_grid.nc is corrupt.*notebook 04_visualize"):
-        L.load_surface(path)
+        load_surface(path)
     with pytest.raises(CorruptArtifactError, match="base_grid.nc"):
-        L.grid(resnet20, dirs, x, y, span=0.5, resolution=3, path=path)
+        grid(resnet20, dirs, x, y, span=0.5, resolution=3, path=path)
 
 
 def test_garbled_augmentation_cache_is_an_error(tmp_path, resnet20):
@@ -143,14 +152,14 @@ def test_relative_folders_resolve_once_against_the_driver(tmp_path, monkeypatch)
 def test_truncated_surface_and_manifest_name_the_file(tmp_path, resnet20):
     x, y = _cifar(4)
     path = tmp_path / "s.nc"
-    L.line(resnet20, random_directions(resnet20, 1, seed=0), x, y, resolution=3, path=path)
+    line(resnet20, random_directions(resnet20, 1, seed=0), x, y, resolution=3, path=path)
     path.write_bytes(path.read_bytes()[:500])
     with pytest.raises(CorruptArtifactError, match="s.nc is corrupt"):
-        L.load_surface(path)
+        load_surface(path)
     runs.checksum_path(path).unlink()  # no checksum to compare with: the reader still names the file
     with pytest.warns(UserWarning, match="no recorded checksum"), \
             pytest.raises(ValueError, match="s.nc is not a readable surface file"):
-        L.load_surface(path)
+        load_surface(path)
 
     update_manifest(tmp_path, "01_train", {"epochs": 3})
     manifest = tmp_path / "manifest.json"
@@ -215,20 +224,20 @@ def test_hand_built_directions_are_checked_against_the_model(resnet20):
     d = dict(random_directions(resnet20, 1, seed=0).vectors[0])
     transposed = {**d, "linear.weight": d["linear.weight"].T.contiguous()}  # right size, wrong shape
     with pytest.raises(ValueError, match=r"direction 1\['linear.weight'\] has shape \(64, 10\), the model's is \(10, 64\)"):
-        L.line(resnet20, Directions((transposed,)), x, y, resolution=3)
+        line(resnet20, Directions((transposed,)), x, y, resolution=3)
     with pytest.raises(ValueError, match=r"direction 1\['fc.weight'\] is not a parameter"):
-        L.line(resnet20, Directions(({**d, "fc.weight": torch.zeros(10, 64)},)), x, y, resolution=3)
+        line(resnet20, Directions(({**d, "fc.weight": torch.zeros(10, 64)},)), x, y, resolution=3)
     missing = {k: v for k, v in d.items() if k != "layer1.0.conv1.weight"}
     with pytest.raises(ValueError, match=r"direction 1 has no entry for the parameters \['layer1.0.conv1.weight'\]"):
-        L.line(resnet20, Directions((missing,)), x, y, resolution=3)
+        line(resnet20, Directions((missing,)), x, y, resolution=3)
     nan = {**d, "conv1.weight": torch.full_like(d["conv1.weight"], float("nan"))}
     with pytest.raises(ValueError, match=r"direction 1\['conv1.weight'\] holds NaN"):
-        L.line(resnet20, Directions((nan,)), x, y, resolution=3)
+        line(resnet20, Directions((nan,)), x, y, resolution=3)
     # explicit_directions states the zeros: parameters it is not given stay fixed
     partial = explicit_directions(resnet20, {"linear.weight": d["linear.weight"]})
     assert set(partial.vectors[0]) == {k for k, _ in resnet20.named_parameters()}
     assert not partial.vectors[0]["conv1.weight"].any()
-    L.line(resnet20, partial, x, y, resolution=3)
+    line(resnet20, partial, x, y, resolution=3)
 
 
 # --- 5. leftovers -------------------------------------------------------------------------------------
@@ -236,7 +245,7 @@ def test_hand_built_directions_are_checked_against_the_model(resnet20):
 
 def test_killed_atomic_write_leaves_nothing_for_the_next_run(tmp_run, monkeypatch):
     run = run_dir("r")
-    code = ("import os, signal; from advkit.runs import atomic_path\n"
+    code = ("import os, signal; from advkit.runs.artifacts import atomic_path\n"
             f"with atomic_path({str(run / 'models' / 'base.pt')!r}) as tmp:\n"
             "    tmp.write_bytes(b'half'); os.kill(os.getpid(), signal.SIGKILL)\n")
     killed = subprocess.run([sys.executable, "-c", code])

@@ -1,4 +1,4 @@
-"""Directions, surfaces, files, sharpness numbers and landscape figures (advkit.directions,
+"""Directions, surfaces, files, sharpness numbers and landscape figures (advkit.landscape.directions,
 advkit.landscape, advkit.plots)."""
 
 import copy
@@ -11,13 +11,24 @@ import torch.nn.functional as F
 import xarray as xr
 from torch import nn
 
-from advkit import landscape as L
-from advkit.data import to_float
-from advkit.directions import (explicit_directions, ignored_parameters, load_loss_landscape_directions,
-                               model_difference, normalize_direction, random_directions,
-                               save_loss_landscape_directions)
+from advkit._torch import to_float
+from advkit.landscape.directions import (
+    explicit_directions,
+    ignored_parameters,
+    load_loss_landscape_directions,
+    model_difference,
+    normalize_direction,
+    random_directions,
+    save_loss_landscape_directions,
+)
+from advkit.landscape.files import load_surface
+from advkit.landscape.precision import autocast_error, choose_precision
+from advkit.landscape.settings import SurfaceSettings
+from advkit.landscape.sharpness import check_radius, mean_increase, quadratic_fit, sharpness_summary, sharpness_table
+from advkit.landscape.studies import sensitivity_analysis, sensitivity_summary, sensitivity_surfaces, sensitivity_table
+from advkit.landscape.surfaces import grid, interpolation, interpolation_pairs, line, model_surfaces, plane
 from advkit.models import get_model
-from advkit.runs import Run, StaleCacheWarning
+from advkit.runs.run import Run, StaleCacheWarning
 
 
 def _train_briefly(model, x, y, steps=15, seed=0):
@@ -136,7 +147,7 @@ def test_explicit_directions_are_used_as_given(cnn, xy):
     dirs = explicit_directions(cnn, given)
     assert dirs.kind == "explicit" and dirs.norm == "given"
     torch.testing.assert_close(dirs.vectors[0], dict(zip(names, given)))
-    ds = L.line(cnn, dirs, *xy, span=(0, 1), resolution=2)
+    ds = line(cnn, dirs, *xy, span=(0, 1), resolution=2)
     moved = copy.deepcopy(cnn)
     with torch.no_grad():
         for p, d in zip(moved.parameters(), given):
@@ -159,7 +170,7 @@ def test_directions_round_trip_through_a_loss_landscape_file(cnn, tmp_path):
 
 
 def test_surface_centre_equals_model_loss(cnn, xy):
-    ds = L.grid(cnn, random_directions(cnn, 2, seed=0), *xy, resolution=3)
+    ds = grid(cnn, random_directions(cnn, 2, seed=0), *xy, resolution=3)
     loss, acc = own_loss(cnn, *xy)
     assert ds.loss.sel(alpha=0, beta=0).item() == pytest.approx(loss, rel=1e-5)
     assert ds.accuracy.sel(alpha=0, beta=0).item() == pytest.approx(acc)
@@ -172,7 +183,7 @@ def test_interpolation_endpoints_equal_both_models(cnn, cnn_b, xy):
     diff = model_difference(cnn, cnn_b)  # parameters and BatchNorm statistics, not the step counter
     torch.testing.assert_close(diff["bn1.running_mean"], cnn_b.bn1.running_mean - cnn.bn1.running_mean)
     assert "bn1.num_batches_tracked" not in diff and "mean" not in diff  # nor the normalization constants
-    ds = L.interpolation(cnn, cnn_b, *xy, resolution=3)
+    ds = interpolation(cnn, cnn_b, *xy, resolution=3)
     assert ds.attrs["kind"] == "interpolation"
     assert ds.loss.values[0] == pytest.approx(own_loss(cnn, *xy)[0], rel=1e-5)
     assert ds.loss.values[-1] == pytest.approx(own_loss(cnn_b, *xy)[0], rel=1e-5)
@@ -180,7 +191,7 @@ def test_interpolation_endpoints_equal_both_models(cnn, cnn_b, xy):
 
 
 def test_plane_passes_through_three_models(cnn, cnn_b, cnn_c, xy):
-    ds = L.plane(cnn, cnn_b, cnn_c, *xy, span=(0, 1), resolution=2)
+    ds = plane(cnn, cnn_b, cnn_c, *xy, span=(0, 1), resolution=2)
     for model, (a, b) in ((cnn, (0, 0)), (cnn_b, (1, 0)), (cnn_c, (0, 1))):
         assert ds.loss.sel(alpha=a, beta=b).item() == pytest.approx(own_loss(model, *xy)[0], rel=1e-5)
 
@@ -198,7 +209,7 @@ def test_filter_normalized_surface_is_scale_invariant(cnn, xy):
     for norm in ("filter", "none"):
         for name, model in (("orig", cnn), ("scaled", scaled)):
             dirs = random_directions(model, 2, seed=7, norm=norm)
-            surfaces[norm, name] = L.grid(model, dirs, *xy, span=0.5, resolution=3).loss.values
+            surfaces[norm, name] = grid(model, dirs, *xy, span=0.5, resolution=3).loss.values
     np.testing.assert_allclose(surfaces["filter", "scaled"], surfaces["filter", "orig"], rtol=1e-3)
     assert np.abs(surfaces["none", "scaled"] - surfaces["none", "orig"]).max() > 0.01
 
@@ -206,7 +217,7 @@ def test_filter_normalized_surface_is_scale_invariant(cnn, xy):
 def test_resume_after_interruption_equals_one_go(cnn, xy, tmp_path):
     dirs = random_directions(cnn, 2, seed=0)
     kw = dict(resolution=4, span=0.5, model_name="cnn", data_name="digits test[:64]")
-    one_go = L.grid(cnn, dirs, *xy, **kw)
+    one_go = grid(cnn, dirs, *xy, **kw)
 
     class Interrupt(Exception):
         pass
@@ -217,16 +228,16 @@ def test_resume_after_interruption_equals_one_go(cnn, xy, tmp_path):
 
     path = tmp_path / "cnn.nc"
     with pytest.raises(Interrupt):
-        L.grid(cnn, dirs, *xy, path=path, callback=stop_halfway, **kw)
-    partial = L.load_surface(path)
+        grid(cnn, dirs, *xy, path=path, callback=stop_halfway, **kw)
+    partial = load_surface(path)
     assert partial.computed.values.sum() == 8 and np.isnan(partial.loss.values[2:]).all()
     seen = []
-    resumed = L.grid(cnn, dirs, *xy, path=path, callback=lambda d, t: seen.append(d), **kw)
+    resumed = grid(cnn, dirs, *xy, path=path, callback=lambda d, t: seen.append(d), **kw)
     assert seen == [12, 16]  # only the two missing rows were computed
     np.testing.assert_allclose(resumed.loss.values, one_go.loss.values, rtol=1e-6)
-    np.testing.assert_allclose(L.load_surface(path).accuracy.values, one_go.accuracy.values)
+    np.testing.assert_allclose(load_surface(path).accuracy.values, one_go.accuracy.values)
     # a complete file is returned as it is
-    again = L.grid(cnn, dirs, *xy, path=path, callback=lambda d, t: pytest.fail("recomputed"), **kw)
+    again = grid(cnn, dirs, *xy, path=path, callback=lambda d, t: pytest.fail("recomputed"), **kw)
     xr.testing.assert_allclose(again.loss, resumed.loss)
 
 
@@ -238,13 +249,13 @@ def test_a_partial_file_with_other_settings_is_not_resumed(cnn, xy, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        L.grid(cnn, random_directions(cnn, 2, seed=0), *xy, resolution=4, span=0.5, path=path, callback=stop_halfway)
+        grid(cnn, random_directions(cnn, 2, seed=0), *xy, resolution=4, span=0.5, path=path, callback=stop_halfway)
     other = random_directions(cnn, 2, seed=1)
     seen = []
     with pytest.warns(StaleCacheWarning, match="direction_seed=0.*direction_seed=1"):
-        ds = L.grid(cnn, other, *xy, resolution=4, span=0.5, path=path, callback=lambda d, t: seen.append(d))
+        ds = grid(cnn, other, *xy, resolution=4, span=0.5, path=path, callback=lambda d, t: seen.append(d))
     assert seen == [4, 8, 12, 16]  # every row computed again, none taken from the other seed's half
-    np.testing.assert_allclose(ds.loss.values, L.grid(cnn, other, *xy, resolution=4, span=0.5).loss.values, rtol=1e-6)
+    np.testing.assert_allclose(ds.loss.values, grid(cnn, other, *xy, resolution=4, span=0.5).loss.values, rtol=1e-6)
 
 
 def test_a_file_with_other_settings_is_recomputed_with_a_warning_naming_the_setting(cnn, cnn_b, xy, tmp_path):
@@ -262,10 +273,10 @@ def test_a_file_with_other_settings_is_recomputed_with_a_warning_naming_the_sett
     }
     for i, (setting, (made, asked)) in enumerate(changes.items()):
         path = tmp_path / f"s{i}.nc"
-        first = L.line(*made[:4], resolution=3, path=path)
+        first = line(*made[:4], resolution=3, path=path)
         with pytest.warns(StaleCacheWarning, match=rf"{path.name} was made with {setting}=.*recomputing"):
-            ds = L.line(*asked[:4], path=path, **{"resolution": 3, **(asked[4] if len(asked) > 4 else {})})
-        stored = L.load_surface(path)  # replaced by the new surface
+            ds = line(*asked[:4], path=path, **{"resolution": 3, **(asked[4] if len(asked) > 4 else {})})
+        stored = load_surface(path)  # replaced by the new surface
         assert stored.attrs["created"] == ds.attrs["created"]
         assert any(stored.attrs[k] != first.attrs[k] for k in stored.attrs if k in ("directions_sha256", "resolution",
                    "model_sha256", "data_sha256", "bn_mode")), setting
@@ -277,21 +288,21 @@ def test_a_file_with_other_settings_is_recomputed_with_a_warning_naming_the_sett
 def test_speed_options_are_recorded_but_do_not_invalidate_a_file(cnn, xy, tmp_path, recwarn):
     path = tmp_path / "s.nc"
     dirs = random_directions(cnn, 2, seed=0)
-    first = L.grid(cnn, dirs, *xy, resolution=3, path=path, batch_size=16)
+    first = grid(cnn, dirs, *xy, resolution=3, path=path, batch_size=16)
     assert first.attrs["batch_size"] == 16 and first.attrs["fold_bn"] == 1
-    again = L.grid(cnn, dirs, *xy, resolution=3, path=path, batch_size=64, points_per_forward=3, fold_bn=False,
+    again = grid(cnn, dirs, *xy, resolution=3, path=path, batch_size=64, points_per_forward=3, fold_bn=False,
                    callback=lambda d, t: pytest.fail("recomputed"))
     assert again.attrs["created"] == first.attrs["created"]
     assert not [w for w in recwarn if issubclass(w.category, StaleCacheWarning)]
 
 
 def test_surface_settings_are_the_files_attributes_and_are_checked():
-    settings = L.SurfaceSettings(span=0.5, resolution=5, model_name="base", quantities=["loss"], batch_size=32)
+    settings = SurfaceSettings(span=0.5, resolution=5, model_name="base", quantities=["loss"], batch_size=32)
     assert settings.span == (-0.5, 0.5) and settings.quantities == ("loss",)  # normalized once
     attrs = settings.as_attrs()
     assert attrs["model"] == "base" and attrs["quantities"] == "loss" and attrs["beta_span"] == "none"
     stored = {k: np.asarray(v) if isinstance(v, list) else v for k, v in attrs.items()}  # as netCDF reads them
-    assert L.SurfaceSettings.from_attrs(stored) == settings
+    assert SurfaceSettings.from_attrs(stored) == settings
     assert "batch_size" in attrs and "batch_size" not in settings.cache_key()  # speed only: not in the key
     assert settings.replace(resolution=7).cache_key()["resolution"] == 7
     for bad, match in ((dict(resolution=1), "resolution must be an integer >= 2"),
@@ -299,34 +310,34 @@ def test_surface_settings_are_the_files_attributes_and_are_checked():
                        (dict(span=(1.0, -1.0)), "low < high"), (dict(quantities=("loss", "hessian")), "hessian"),
                        (dict(points_per_forward=0), "points_per_forward"), (dict(fold_bn="yes"), "fold_bn")):
         with pytest.raises(ValueError, match=match):
-            L.SurfaceSettings(**bad)
+            SurfaceSettings(**bad)
     with pytest.raises(ValueError, match=r"unknown surface setting\(s\) \['spam'\]"):
         settings.replace(spam=1)
     with pytest.raises(ValueError, match="record no settings"):
-        L.SurfaceSettings.from_attrs({"model": "base"})
+        SurfaceSettings.from_attrs({"model": "base"})
 
 
 def test_vmap_and_folded_paths_equal_the_plain_loop(cnn, cnn_b, xy):
     dirs = random_directions(cnn, 2, seed=2)
-    plain = L.grid(cnn, dirs, *xy, resolution=3, fold_bn=False, points_per_forward=1)
+    plain = grid(cnn, dirs, *xy, resolution=3, fold_bn=False, points_per_forward=1)
     assert plain.attrs["fold_bn_pairs"] == 0
     for ppf, fold in ((1, True), (4, False), (4, True)):
-        ds = L.grid(cnn, dirs, *xy, resolution=3, fold_bn=fold, points_per_forward=ppf)
+        ds = grid(cnn, dirs, *xy, resolution=3, fold_bn=fold, points_per_forward=ppf)
         assert ds.attrs["fold_bn_pairs"] == (3 if fold else 0) and ds.attrs["fold_bn_static"] == int(fold)
         np.testing.assert_allclose(ds.loss.values, plain.loss.values, rtol=1e-5)
         np.testing.assert_allclose(ds.accuracy.values, plain.accuracy.values)
     # batched BatchNorm statistics (an interpolation) through vmap and folding too
-    a = L.interpolation(cnn, cnn_b, *xy, resolution=4, fold_bn=False)
-    b = L.interpolation(cnn, cnn_b, *xy, resolution=4, points_per_forward=3)
+    a = interpolation(cnn, cnn_b, *xy, resolution=4, fold_bn=False)
+    b = interpolation(cnn, cnn_b, *xy, resolution=4, points_per_forward=3)
     assert b.attrs["fold_bn_pairs"] == 3 and b.attrs["fold_bn_static"] == 0  # statistics move: folded per point
     np.testing.assert_allclose(b.loss.values, a.loss.values, rtol=1e-5)
 
 
 def test_channels_last_layout_gives_the_same_surface(cnn, xy):
     dirs = random_directions(cnn, 1, seed=2)
-    a = L.line(cnn, dirs, *xy, resolution=3, channels_last=False)
+    a = line(cnn, dirs, *xy, resolution=3, channels_last=False)
     for ppf in (1, 3):
-        b = L.line(cnn, dirs, *xy, resolution=3, channels_last=True, points_per_forward=ppf)
+        b = line(cnn, dirs, *xy, resolution=3, channels_last=True, points_per_forward=ppf)
         np.testing.assert_allclose(b.loss.values, a.loss.values, rtol=1e-5)
 
 
@@ -335,7 +346,7 @@ def test_recalibrated_batchnorm_matches_update_bn(cnn, train_xy, xy):
 
     dirs = random_directions(cnn, 1, seed=4)
     bn_x = train_xy[0][:128]
-    ds = L.line(cnn, dirs, *xy, span=(0, 0.5), resolution=2, bn_mode="recalibrate", bn_x=bn_x, bn_batch_size=32)
+    ds = line(cnn, dirs, *xy, span=(0, 0.5), resolution=2, bn_mode="recalibrate", bn_x=bn_x, bn_batch_size=32)
     moved = copy.deepcopy(cnn)
     with torch.no_grad():
         for name, p in moved.named_parameters():
@@ -343,7 +354,7 @@ def test_recalibrated_batchnorm_matches_update_bn(cnn, train_xy, xy):
     update_bn([bn_x[i:i + 32] for i in range(0, 128, 32)], moved)
     moved.eval()
     assert ds.loss.values[1] == pytest.approx(own_loss(moved, *xy)[0], rel=1e-5)
-    eval_mode = L.line(cnn, dirs, *xy, span=(0, 0.5), resolution=2)
+    eval_mode = line(cnn, dirs, *xy, span=(0, 0.5), resolution=2)
     assert abs(eval_mode.loss.values[1] - ds.loss.values[1]) > 1e-4  # the two modes really differ
 
 
@@ -356,13 +367,13 @@ def _fgsm(model, x, y, eps=0.1):
 def test_robust_loss_reruns_the_attack_at_each_point(cnn, xy):
     dirs = random_directions(cnn, 1, seed=0)
     attack = functools.partial(_fgsm, eps=0.1)
-    ds = L.line(cnn, dirs, *xy, span=0.5, resolution=3, attack=attack)
+    ds = line(cnn, dirs, *xy, span=0.5, resolution=3, attack=attack)
     assert "eps=0.1" in ds.attrs["attack"] and "0x" not in ds.attrs["attack"]
     assert ds.attrs["robust"] == "attack re-run at each point"
     centre_adv = attack(cnn, *xy)
     assert ds.robust_loss.values[1] == pytest.approx(own_loss(cnn, centre_adv, xy[1])[0], rel=1e-5)
     assert (ds.robust_loss.values > ds.loss.values).all()
-    fixed = L.line(cnn, dirs, *xy, span=0.5, resolution=3, x_adv=centre_adv)
+    fixed = line(cnn, dirs, *xy, span=0.5, resolution=3, x_adv=centre_adv)
     assert fixed.attrs["robust"] == "fixed adversarial examples"
     assert "fixed adversarial examples" in fixed.robust_loss.attrs["long_name"]
     assert fixed.robust_loss.values[1] == pytest.approx(ds.robust_loss.values[1], rel=1e-6)
@@ -370,15 +381,15 @@ def test_robust_loss_reruns_the_attack_at_each_point(cnn, xy):
 
 
 def test_real_pgd_can_be_passed_with_partial(cnn, xy):
-    pgd = pytest.importorskip("advkit.attacks").pgd
-    ds = L.line(cnn, random_directions(cnn, 1, seed=0), xy[0][:16], xy[1][:16], span=0.5, resolution=2,
+    pgd = pytest.importorskip("advkit.attacks.pgd").pgd
+    ds = line(cnn, random_directions(cnn, 1, seed=0), xy[0][:16], xy[1][:16], span=0.5, resolution=2,
                 attack=functools.partial(pgd, eps=0.1, steps=2), quantities=("robust_accuracy",))
     assert list(ds.data_vars) == ["robust_accuracy", "computed"]
     assert "pgd" in ds.attrs["attack"] and "steps=2" in ds.attrs["attack"]
 
 
 def test_bf16_autocast_error_helper_on_cpu(cnn, xy):
-    err = L.autocast_error(cnn, *xy)
+    err = autocast_error(cnn, *xy)
     with torch.no_grad():
         fp32 = F.cross_entropy(cnn(xy[0]), xy[1]).item()
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -386,10 +397,10 @@ def test_bf16_autocast_error_helper_on_cpu(cnn, xy):
     # a difference of two float32 means (~1e-7 relative each) of losses 3e-5 apart: 1e-2 is rounding
     assert err == pytest.approx(abs(bf16 - fp32) / fp32, rel=1e-2)
     assert 0 < err < 0.1  # bf16 really changes the loss, but not wildly
-    assert L.choose_precision(cnn, *xy, "auto") == ("fp32", None)  # CPU: fp32 unless asked
-    assert L.choose_precision(cnn, *xy, "auto", check_on_cpu=True, tolerance=err * 2)[0] == "bf16"
-    assert L.choose_precision(cnn, *xy, "auto", check_on_cpu=True, tolerance=err / 2)[0] == "fp32"
-    ds = L.line(cnn, random_directions(cnn, 1, seed=0), *xy, resolution=3, precision="bf16", fold_bn=False)
+    assert choose_precision(cnn, *xy, "auto") == ("fp32", None)  # CPU: fp32 unless asked
+    assert choose_precision(cnn, *xy, "auto", check_on_cpu=True, tolerance=err * 2)[0] == "bf16"
+    assert choose_precision(cnn, *xy, "auto", check_on_cpu=True, tolerance=err / 2)[0] == "fp32"
+    ds = line(cnn, random_directions(cnn, 1, seed=0), *xy, resolution=3, precision="bf16", fold_bn=False)
     # the largest error over the line's probe points: its centre (the model's weights), both ends
     assert ds.attrs["precision"] == "bf16" and ds.attrs["precision_probe_points"] == 3
     assert ds.attrs["autocast_relative_error"] >= err * (1 - 1e-3)
@@ -400,13 +411,13 @@ def test_bad_inputs_raise_before_computing(cnn, xy):
     with pytest.raises(ValueError, match="bn='none'.*ignore"):
         random_directions(cnn, 1, seed=0, bn="none")
     with pytest.raises(ValueError, match="bn_mode='train'"):
-        L.line(cnn, dirs, *xy, bn_mode="train")
+        line(cnn, dirs, *xy, bn_mode="train")
     with pytest.raises(ValueError, match="robust quantities need attack"):
-        L.line(cnn, dirs, *xy, quantities=("robust_loss",))
+        line(cnn, dirs, *xy, quantities=("robust_loss",))
     with pytest.raises(ValueError, match="needs 2 direction"):
-        L.grid(cnn, dirs, *xy)
+        grid(cnn, dirs, *xy)
     with pytest.raises(ValueError, match="needs bn_x"):
-        L.line(cnn, dirs, *xy, bn_mode="recalibrate")
+        line(cnn, dirs, *xy, bn_mode="recalibrate")
 
 
 # --- numbers for "sharper" ----------------------------------------------------------------------
@@ -423,20 +434,20 @@ def _quadratic(h, span=1.0, n=21, c=0.5, g=(0.0, 0.0)):
 
 def test_quadratic_fit_recovers_hessian_eigenvalues():
     h = np.array([[6.0, 1.0], [1.0, 1.0]])
-    fit = L.quadratic_fit(_quadratic(h, g=(0.3, -0.1)), radius=0.5)
+    fit = quadratic_fit(_quadratic(h, g=(0.3, -0.1)), radius=0.5)
     np.testing.assert_allclose([fit["curvature_min"], fit["curvature_max"]], np.linalg.eigvalsh(h), rtol=1e-8)
     assert fit["centre_fit"] == pytest.approx(0.5) and fit["gradient_norm"] == pytest.approx(np.hypot(0.3, 0.1))
     one_d = _quadratic(h).loss.sel(beta=0, drop=True).to_dataset()
-    assert L.quadratic_fit(one_d, radius=0.5)["curvature_max"] == pytest.approx(6.0)
+    assert quadratic_fit(one_d, radius=0.5)["curvature_max"] == pytest.approx(6.0)
     with pytest.raises(ValueError, match="radius"):
-        L.quadratic_fit(one_d, radius=0.01)
+        quadratic_fit(one_d, radius=0.01)
 
 
 def test_mean_increase_and_sharpness_table():
     flat, sharp = _quadratic(np.eye(2)), _quadratic(4 * np.eye(2))
     # mean of (a^2 + b^2) / 2 over the disc points; 4x larger for the sharper surface
-    assert L.mean_increase(sharp, radius=0.3) == pytest.approx(4 * L.mean_increase(flat, radius=0.3))
-    table = L.sharpness_table({"flat": flat, "sharp": sharp}, radius=0.3)
+    assert mean_increase(sharp, radius=0.3) == pytest.approx(4 * mean_increase(flat, radius=0.3))
+    table = sharpness_table({"flat": flat, "sharp": sharp}, radius=0.3)
     assert list(table.index) == ["flat", "sharp"]
     assert table.loc["sharp", "curvature_max"] == pytest.approx(4.0)
     assert table.loc["flat", "centre"] == pytest.approx(0.5)
@@ -451,7 +462,7 @@ def test_sensitivity_table_detects_a_changed_ordering():
         surfaces["none", span, "base"] = _quadratic(5 * np.eye(2), span=span)  # order flips
         surfaces["none", span, "pgd"] = _quadratic(3 * np.eye(2), span=span)
         surfaces["none", span, "fgsm"] = _quadratic(2 * np.eye(2), span=span)
-    table = L.sensitivity_table(surfaces)
+    table = sensitivity_table(surfaces)
     filt = table[table.norm == "filter"]
     assert filt.same_ordering.all() and (filt.ordering == "pgd > fgsm > base").all()
     none = table[table.norm == "none"]
@@ -496,14 +507,14 @@ def test_sensitivity_ordering_against_a_hand_computed_case(cnn, cnn_b, cnn_c, xy
             getattr(small, f"bn{i}").running_var.mul_(0.04)
     models = {"small": small, "b": cnn_b, "c": cnn_c}
     spans = {"filter": [0.25, 0.5], "none": [0.05]}
-    surfaces = L.sensitivity_surfaces(models, x, y, Run(tmp_path), L.SurfaceSettings(resolution=5),
+    surfaces = sensitivity_surfaces(models, x, y, Run(tmp_path), SurfaceSettings(resolution=5),
                                       norms=("filter", "none"), spans=spans)
     assert len(list((tmp_path / "landscapes" / "sensitivity").glob("*_1d.nc"))) == 9
     hand = {(n, s): {m: _hand_curvature_and_increase(model, n, s, x, y) for m, model in models.items()}
             for n in spans for s in spans[n]}
     order = {k: sorted(v, key=lambda m: -v[m][0]) for k, v in hand.items()}
     assert order["filter", 0.5] == ["b", "c", "small"] and order["none", 0.05] == ["small", "b", "c"]  # the flip
-    table = L.sensitivity_summary(surfaces, radius_fraction=1.0, reference=("filter", 0.5))
+    table = sensitivity_summary(surfaces, radius_fraction=1.0, reference=("filter", 0.5))
     for metric, k in (("curvature", 0), ("mean_increase", 1)):
         for (norm, span), values in hand.items():
             row = table[(table.metric == metric) & (table.norm == norm) & (table.span == span)].iloc[0]
@@ -523,15 +534,15 @@ def test_sensitivity_ordering_against_a_hand_computed_case(cnn, cnn_b, cnn_c, xy
 def test_sensitivity_analysis_reads_its_run_files(cnn, cnn_b, xy, tmp_path):
     x, y = xy[0][:32], xy[1][:32]
     run = Run(tmp_path)
-    table = L.sensitivity_analysis({"a": cnn, "b": cnn_b}, x, y, run, L.SurfaceSettings(resolution=11),
+    table = sensitivity_analysis({"a": cnn, "b": cnn_b}, x, y, run, SurfaceSettings(resolution=11),
                                    norms=("filter", "none"), spans=(0.5,), radius_fraction=0.4)
     assert len(table) == 2 and set(table.columns) >= {"a", "b", "kendall_tau", "same_ordering"}
     for norm in ("filter", "none"):  # each value is the fit on its file, at radius 0.4 * span
         row = table[table.norm == norm].iloc[0]
         for m in ("a", "b"):
-            ds = L.load_surface(run.sensitivity_surface(m, norm, 0.5, 1))
+            ds = load_surface(run.sensitivity_surface(m, norm, 0.5, 1))
             assert ds.attrs["model"] == m and ds.attrs["span"].tolist() == [-0.5, 0.5]
-            assert row[m] == pytest.approx(L.quadratic_fit(ds, radius=0.2)["curvature_max"])
+            assert row[m] == pytest.approx(quadratic_fit(ds, radius=0.2)["curvature_max"])
     assert table.loc[table.norm == "none", "a"].item() != pytest.approx(table.loc[table.norm == "filter", "a"].item())
 
 
@@ -539,7 +550,7 @@ def test_sensitivity_analysis_reads_its_run_files(cnn, cnn_b, xy, tmp_path):
 
 
 def test_comparison_figure_shares_one_colour_scale(tmp_path):
-    plots = pytest.importorskip("advkit.plots")
+    plots = pytest.importorskip("advkit.plots.figures")
     surfaces = {"base": _quadratic(np.eye(2)), "pgd": _quadratic(4 * np.eye(2))}
     for kind in ("contour", "contourf", "heatmap", "surface"):
         for log in (False, True):
@@ -563,10 +574,10 @@ def test_comparison_figure_shares_one_colour_scale(tmp_path):
 def test_model_surfaces_are_consistent_cached_and_checked(cnn, cnn_b, xy, tmp_path):
     x, y = xy[0][:32], xy[1][:32]
     models = {"base": cnn, "ft": cnn_b}
-    settings = L.SurfaceSettings(span=0.5, resolution=5)
+    settings = SurfaceSettings(span=0.5, resolution=5)
     kw = dict(seed=0, attack=functools.partial(_fgsm, eps=0.1), attack_name="FGSM 0.1")
     run = Run(tmp_path)
-    out = L.model_surfaces(models, x, y, run, settings, **kw)
+    out = model_surfaces(models, x, y, run, settings, **kw)
     assert set(out) == {"grid", "line", "interpolation"} and list(out["interpolation"]) == ["ft"]
     assert sorted(p.name for p in (tmp_path / "landscapes").glob("*.nc")) == [
         "base_grid.nc", "base_line.nc", "ft_grid.nc", "ft_interpolation.nc", "ft_line.nc"]
@@ -579,29 +590,29 @@ def test_model_surfaces_are_consistent_cached_and_checked(cnn, cnn_b, xy, tmp_pa
     interp = out["interpolation"]["ft"]
     assert interp.attrs["model"] == "base -> ft"
     assert interp.loss.values[[0, -1]] == pytest.approx([own_loss(cnn, x, y)[0], own_loss(cnn_b, x, y)[0]], rel=1e-5)
-    again = L.model_surfaces(models, x, y, run, settings, **kw)  # reused from the files, not recomputed
+    again = model_surfaces(models, x, y, run, settings, **kw)  # reused from the files, not recomputed
     assert again["grid"]["ft"].attrs["created"] == out["grid"]["ft"].attrs["created"]
     np.testing.assert_array_equal(again["line"]["base"].robust_loss.values, out["line"]["base"].robust_loss.values)
     with pytest.warns(StaleCacheWarning) as stale:
-        other = L.model_surfaces({"base": cnn}, x, y, run, settings, **{**kw, "seed": 1})
+        other = model_surfaces({"base": cnn}, x, y, run, settings, **{**kw, "seed": 1})
     assert sorted(str(w.message).partition(" was made with direction_seed=0, this call asks for direction_seed=1")[0]
                   .rpartition("/")[2] for w in stale) == ["base_grid.nc", "base_line.nc"]
     assert other["grid"]["base"].attrs["direction_seed"] == 1
-    assert L.load_surface(run.surface("base", "grid")).attrs["direction_seed"] == 1  # the file was replaced
-    redone = L.model_surfaces({"base": cnn}, x, y, run, settings, **{**kw, "seed": 1}, overwrite=True)
+    assert load_surface(run.surface("base", "grid")).attrs["direction_seed"] == 1  # the file was replaced
+    redone = model_surfaces({"base": cnn}, x, y, run, settings, **{**kw, "seed": 1}, overwrite=True)
     assert redone["grid"]["base"].attrs["created"] >= other["grid"]["base"].attrs["created"]
     with pytest.raises(ValueError, match="radius=0.1 holds only 1 point"):
-        L.model_surfaces(models, x, y, Run(tmp_path / "new"), settings, **kw, radius=0.1)
+        model_surfaces(models, x, y, Run(tmp_path / "new"), settings, **kw, radius=0.1)
     assert not (tmp_path / "new").exists()  # failed before computing anything
     with pytest.raises(ValueError, match="robust_resolution > 0 needs attack"):
-        L.model_surfaces(models, x, y, seed=0, robust_resolution=5)
+        model_surfaces(models, x, y, seed=0, robust_resolution=5)
     with pytest.raises(ValueError, match=r"span centred on the model"):
-        L.model_surfaces(models, x, y, settings=L.SurfaceSettings(span=(0, 1)), seed=0)
+        model_surfaces(models, x, y, settings=SurfaceSettings(span=(0, 1)), seed=0)
 
 
 def test_model_surfaces_robust_subset_and_robust_grid(cnn, xy):
     x, y = xy[0][:32], xy[1][:32]
-    out = L.model_surfaces({"base": cnn}, x, y, settings=L.SurfaceSettings(span=0.5, resolution=3, data_name="test"),
+    out = model_surfaces({"base": cnn}, x, y, settings=SurfaceSettings(span=0.5, resolution=3, data_name="test"),
                            seed=0, robust_resolution=3, robust_n=8, attack=functools.partial(_fgsm, eps=0.1))
     assert set(out) == {"grid", "line", "robust_grid"}  # one model: nothing to interpolate
     assert out["grid"]["base"].attrs["data_n"] == 32 and out["line"]["base"].attrs["data_n"] == 8
@@ -612,16 +623,16 @@ def test_model_surfaces_robust_subset_and_robust_grid(cnn, xy):
 
 
 def test_check_radius_counts_points_within_the_radius():
-    assert L.check_radius(0.2, 1.0, 21, dims=1) == 5
-    assert L.check_radius(0.2, 1.0, 21, dims=2) == 13  # (0,0), 4 at 0.1, 4 at 0.2, 4 at (0.1, 0.1)
+    assert check_radius(0.2, 1.0, 21, dims=1) == 5
+    assert check_radius(0.2, 1.0, 21, dims=2) == 13  # (0,0), 4 at 0.1, 4 at 0.2, 4 at (0.1, 0.1)
     with pytest.raises(ValueError, match="radius=0.2 holds only 1 point.*needs 7"):
-        L.check_radius(0.2, 1.0, 9, dims=2)
+        check_radius(0.2, 1.0, 9, dims=2)
 
 
 def test_sharpness_summary_has_one_row_per_model():
     clean = {"flat": _quadratic(np.eye(2)), "sharp": _quadratic(np.diag([4.0, 2.0]))}
     robust = {m: ds.rename(loss="robust_loss").sel(beta=0, drop=True) for m, ds in clean.items()}
-    table = L.sharpness_summary(clean, robust, radius=0.3)
+    table = sharpness_summary(clean, robust, radius=0.3)
     assert list(table.index) == ["flat", "sharp"] and table.index.name == "model"
     assert table.loc["sharp", "loss_curvature_max"] == pytest.approx(4.0)
     assert table.loc["sharp", "loss_curvature_min"] == pytest.approx(2.0)
@@ -629,36 +640,36 @@ def test_sharpness_summary_has_one_row_per_model():
     assert (table["surface_sharpness"] == table["loss_curvature_max"]).all()
     assert table.loc["flat", "loss_dims"] == 2 and table.loc["flat", "robust_loss_dims"] == 1
     assert table.loc["sharp", "robust_loss_mean_increase"] > table.loc["flat", "robust_loss_mean_increase"]
-    assert "robust_loss_centre" not in L.sharpness_summary(clean, radius=0.3)
+    assert "robust_loss_centre" not in sharpness_summary(clean, radius=0.3)
 
 
 def test_sensitivity_summary_per_norm_spans_and_one_model(cnn, cnn_b, xy, tmp_path):
     x, y = xy[0][:16], xy[1][:16]
     spans = {"filter": [0.1, 0.2], "none": [0.01]}
-    surfaces = L.sensitivity_surfaces({"a": cnn, "b": cnn_b}, x, y, Run(tmp_path), L.SurfaceSettings(resolution=5),
+    surfaces = sensitivity_surfaces({"a": cnn, "b": cnn_b}, x, y, Run(tmp_path), SurfaceSettings(resolution=5),
                                       norms=("filter", "none"), spans=spans)
     assert sorted(surfaces) == [("filter", 0.1, "a"), ("filter", 0.1, "b"), ("filter", 0.2, "a"),
                                 ("filter", 0.2, "b"), ("none", 0.01, "a"), ("none", 0.01, "b")]
-    table = L.sensitivity_summary(surfaces, radius_fraction=1.0, reference=("filter", 0.2))
+    table = sensitivity_summary(surfaces, radius_fraction=1.0, reference=("filter", 0.2))
     assert list(table.metric) == ["curvature"] * 3 + ["mean_increase"] * 3
     assert table.attrs["reference"] == "filter @ span 0.2"
     for row in table.itertuples():  # radius_fraction 1: each value is the metric within r = span
         for m in ("a", "b"):
             ds = surfaces[row.norm, row.span, m]
-            want = L.quadratic_fit(ds, radius=row.span)["curvature_max"] if row.metric == "curvature" else \
-                L.mean_increase(ds, radius=row.span)
+            want = quadratic_fit(ds, radius=row.span)["curvature_max"] if row.metric == "curvature" else \
+                mean_increase(ds, radius=row.span)
             assert getattr(row, m) == pytest.approx(want)
-    single = L.sensitivity_summary({k: v for k, v in surfaces.items() if k[2] == "a"}, radius_fraction=1.0)
+    single = sensitivity_summary({k: v for k, v in surfaces.items() if k[2] == "a"}, radius_fraction=1.0)
     assert single.same_ordering.all() and single.kendall_tau.isna().all()  # one model: trivially the same
     with pytest.raises(ValueError, match="spans has no entry.*'layer'"):
-        L.sensitivity_surfaces({"a": cnn}, x, y, norms=("filter", "layer"), spans=spans)
-    fig = pytest.importorskip("advkit.plots").sensitivity_figure(table)
+        sensitivity_surfaces({"a": cnn}, x, y, norms=("filter", "layer"), spans=spans)
+    fig = pytest.importorskip("advkit.plots.figures").sensitivity_figure(table)
     assert len(fig.axes) == 4  # 2 metrics x 2 normalizations
     fig.clf()
 
 
 def test_compare_curves_draws_each_model_clean_and_robust():
-    plots = pytest.importorskip("advkit.plots")
+    plots = pytest.importorskip("advkit.plots.figures")
     a = np.linspace(-1, 1, 5)
     lines = {}
     for name, k in (("base", 1.0), ("pgd", 3.0)):
@@ -688,14 +699,14 @@ def test_models_of_different_architectures_are_not_interpolated(tmp_path):
     with pytest.raises(ValueError, match=r"different architectures \(resnet32 vs resnet18\)"):
         model_difference(base, at)
     with pytest.raises(ValueError, match="different architectures"):
-        L.plane(base, ft, at, x, y, resolution=3)
+        plane(base, ft, at, x, y, resolution=3)
     hundred = get_model("resnet32", num_classes=100)  # same names, another shape
     with pytest.raises(ValueError, match=r"resnet32 vs resnet32\): '.+' is \(10, 64\) vs \(100, 64\)"):
         model_difference(base, hundred)
     models = {"base": base, "ft": ft, "pgd_at": at}
-    ok, skipped = L.interpolation_pairs(models)
+    ok, skipped = interpolation_pairs(models)
     assert ok == ["ft"] and list(skipped) == ["pgd_at"] and "resnet32 vs resnet18" in skipped["pgd_at"]
-    out = L.model_surfaces(models, x, y, Run(tmp_path), L.SurfaceSettings(span=0.5, resolution=3), seed=0)
+    out = model_surfaces(models, x, y, Run(tmp_path), SurfaceSettings(span=0.5, resolution=3), seed=0)
     assert list(out["interpolation"]) == ["ft"] and set(out["grid"]) == set(models)
     # random directions are drawn per architecture: the ResNet-18 grid is centred on its own loss
     assert out["grid"]["pgd_at"].loss.sel(alpha=0, beta=0).item() == pytest.approx(

@@ -1,4 +1,4 @@
-"""Walter et al. 2025 (advkit.local_global) against hand-computable cases."""
+"""Walter et al. 2025 (advkit.curvature.local_global) against hand-computable cases."""
 
 import math
 
@@ -8,9 +8,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advkit.flatness import relative_flatness
-from advkit.local_global import (bound_vs_eps, flatness_bound, kappa_along_path, loss_change_bound,
-                                 rescaling_study, scale_logits, transfer_across_eps)
+from advkit.curvature.flatness import relative_flatness
+from advkit.curvature.local_global import (
+    bound_vs_eps,
+    flatness_bound,
+    kappa_along_path,
+    loss_change_bound,
+    rescaling_study,
+    scale_logits,
+    transfer_across_eps,
+)
 
 
 def linear_softmax(weight, bias=None):
@@ -176,8 +183,8 @@ def test_transfer_across_eps():
 def test_summary_lines_state_each_claim_and_enter_the_notebook_summary():
     import pandas as pd
 
-    from advkit import correlation
-    from advkit.local_global import summary_lines
+    from advkit.curvature.local_global import summary_lines
+    from advkit.studies import correlation
     curve = pd.DataFrame({"eps": [0.01, 0.1], "bound_holds": [1.0, 0.3], "spearman_kappa_change": [0.9, 0.1],
                           "spearman_p": [1e-5, 0.5], "n": [64, 64]})
     scaled = pd.DataFrame({"scale": [1.0, 16.0], "kappa_median": [3.0, 0.0], "robust_accuracy_ce": [0.1, 0.3],

@@ -107,7 +107,7 @@ def test_normalization_constants_must_be_finite_and_positive(kwargs):
 
 @pytest.mark.filterwarnings("ignore:.*has no recorded checksum")  # the hand-edited files
 def test_saved_models_with_bad_normalization_or_nan_weights_are_refused(tmp_path):
-    from advkit.checkpoints import load_model, save_model
+    from advkit.runs.checkpoints import load_model, save_model
 
     model = get_model("small_cnn", 10, 1)
     path = save_model(tmp_path / "m.pt", model)

@@ -1,16 +1,17 @@
-"""advkit.objectives: adversarial training objectives pluggable into advkit.train.fit."""
+"""advkit.training.objectives: adversarial training objectives pluggable into advkit.training.fit.fit."""
 
 import copy
 
 import pytest
 import torch
-
-from advkit.data import Batcher, to_float
-from advkit.models import get_model
-from advkit.attack_model import attack_model
-from advkit.objectives import AWP, FGSMRS, MART, OBJECTIVES, PGDAT, TRADES, Clean, get_objective
-from advkit.train import TrainConfig, fit, paper_config
 from reference_attacks import last_iterate_pgd
+
+from advkit._torch import to_float
+from advkit.attacks.model import attack_model
+from advkit.data import Batcher
+from advkit.models import get_model
+from advkit.training.fit import TrainConfig, fit, paper_config
+from advkit.training.objectives import AWP, FGSMRS, MART, OBJECTIVES, PGDAT, TRADES, Clean, get_objective
 
 EPS = 0.1  # digits have 17 grey levels (steps of 16/255): 8/255 would be half a level
 ATTACK = dict(eps=EPS, alpha=0.04, steps=3)

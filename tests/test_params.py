@@ -1,4 +1,4 @@
-"""The parameter declarations (advkit.params) against the notebooks, the profiles and the package."""
+"""The parameter declarations (advkit.pipeline.params) against the notebooks, the profiles and the package."""
 
 import ast
 import subprocess
@@ -6,9 +6,10 @@ import sys
 
 import pytest
 
-from advkit import params, pipeline
 from advkit._checks import OPTIMIZERS, QUADRATIC_FIT_POINTS, RECIPES, points_within
-from advkit.params import PARAMS, notebook_parameters
+from advkit.pipeline import driver as pipeline
+from advkit.pipeline import params
+from advkit.pipeline.params import PARAMS, notebook_parameters
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def test_notebook_defaults_are_the_quick_profile(declared, notebook):
     cell = {name: info["default"] for name, info in declared[stem].items()}
     differ = {name: (value, quick.get(name, "<missing>")) for name, value in cell.items()
               if name not in quick or _typed(quick[name]) != _typed(value)}
-    assert not differ, f"{stem}'s parameters cell differs from advkit/profiles/quick.yaml: {{name: (cell, yaml)}} {differ}"
+    assert not differ, f"{stem}'s parameters cell differs from advkit/pipeline/profiles/quick.yaml: {{name: (cell, yaml)}} {differ}"
 
 
 @pytest.mark.parametrize("profile", ["quick", "paper", "study"])
@@ -97,9 +98,11 @@ def _rejects(make, value):
 
 def test_every_value_the_settings_reject_fails_the_parameter_check_first():
     """The settings dataclasses check themselves (advkit._checks) without this table; a notebook
-    parameter that feeds a setting (notebook 01: TrainConfig, notebook 05: advkit.stages'
+    parameter that feeds a setting (notebook 01: TrainConfig, notebook 05: advkit.pipeline.stages'
     ZOO_SETTINGS_PARAMETERS) rejects every value the setting rejects, before any notebook starts."""
-    from advkit import stages, train, zoo
+    from advkit.pipeline import stages
+    from advkit.studies import zoo
+    from advkit.training import fit as train
 
     notebook_01 = {name: name for name in ("epochs", "optimizer", "lr", "weight_decay", "schedule", "seed", "recipe")}
     feeds = {train.TrainConfig: notebook_01, zoo.ZooSettings: stages.ZOO_SETTINGS_PARAMETERS}
@@ -116,7 +119,7 @@ def test_every_value_the_settings_reject_fails_the_parameter_check_first():
 
 def test_validation_does_not_import_torch():
     """The declarations, the rules and the profiles are checked without torch (well under a second)."""
-    code = ("import sys\nfrom advkit import pipeline\n"
+    code = ("import sys\nfrom advkit.pipeline import driver as pipeline\n"
             "d = pipeline.notebook_parameters(pipeline.notebook_paths())\n"
             "pipeline.params.validate(pipeline.load_profile('paper'), d)\n"
             "for bad in ({'epochs': -1}, {'resolution': 11}, {'eps_grid': [2.0]}):\n"
@@ -124,7 +127,7 @@ def test_validation_does_not_import_torch():
             "    else:\n        raise SystemExit(f'accepted {bad}')\n"
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('advkit')))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-    assert out.stdout.strip() == ("['advkit', 'advkit._checks', 'advkit.params', 'advkit.pipeline', "
+    assert out.stdout.strip() == ("['advkit', 'advkit._checks', 'advkit.pipeline.params', 'advkit.pipeline', "
                                   "'advkit.progress']"), out.stdout
 
 
@@ -147,7 +150,12 @@ def test_notebook_parameters_read_like_papermill(declared, notebook, caplog):
 
 
 def test_copied_registries_equal_the_package():
-    from advkit import augment, correlation, data, directions, evaluate, models, train, zoo
+    from advkit import data, models
+    from advkit.attacks import evaluate
+    from advkit.landscape import directions
+    from advkit.studies import correlation, zoo
+    from advkit.training import augment
+    from advkit.training import fit as train
 
     assert set(params.MODELS) == set(models.MODELS)
     assert set(params.DATASETS) == set(data.DATASETS)
@@ -175,7 +183,7 @@ def test_the_radius_rule_is_check_radius(radius, span, resolution, dims, n):
     the centre, 4 at 0.1, 4 at 0.2 and 4 at (0.1, 0.1))."""
     import numpy as np
 
-    from advkit.landscape import check_radius
+    from advkit.landscape.sharpness import check_radius
 
     assert points_within(radius, np.linspace(-span, span, resolution), dims) == n
     rule = next(r for r in params.RULES if r.names == ("radius", "span", "resolution" if dims == 2 else "line_resolution"))
@@ -214,7 +222,7 @@ def test_expected_models_name_variants_and_kept_epochs():
 
 
 def test_a_sweep_cell_trains_its_parts_under_its_suffix():
-    """zoo_parts and model_suffix (set per cell by advkit.sweep) pick and name notebook 03's models."""
+    """zoo_parts and model_suffix (set per cell by advkit.pipeline.sweep) pick and name notebook 03's models."""
     cell = {"xu_attacks": ["fgsm"], "at_variants": ["trades"], "keep_epochs": [2], "zoo_parts": ["at"],
             "model_suffix": "_s1"}
     assert params.expected_models(cell) == ["base", "trades_s1", "trades_s1_early", "trades_s1_e002"]

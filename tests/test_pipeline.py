@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from advkit import pipeline
-from advkit.pipeline import load_profile, notebook_parameters, notebook_paths, parse_assignments, validate
+from advkit.pipeline import driver as pipeline
+from advkit.pipeline.driver import load_profile, notebook_parameters, notebook_paths, parse_assignments, validate
 
 
 @pytest.fixture(scope="module")
@@ -144,8 +144,8 @@ def test_numeric_run_name_is_a_name(tmp_run):
 
 def test_cli_rejects_bad_parameter_before_importing_torch():
     """A real `python -m advkit` start rejects a bad value or rule with the torch-free declarations
-    (advkit.params), so in well under a second; `python -m advkit` itself exits 2."""
-    code = ("import sys\nfrom advkit.pipeline import main\ntry:\n    main(sys.argv[1:])\n"
+    (advkit.pipeline.params), so in well under a second; `python -m advkit` itself exits 2."""
+    code = ("import sys\nfrom advkit.pipeline.driver import main\ntry:\n    main(sys.argv[1:])\n"
             "except SystemExit as e:\n    print(e.code, 'torch' in sys.modules)\n")
     for bad in ("epochs=-1", "xu_attacks=[bogus]", "resolution=11"):
         argv = ["run", "--profile", "quick", "-p", bad]

@@ -1,4 +1,4 @@
-"""advkit.plan: the counting checked by hand on made-up settings and unit costs, recorded (reference) unit
+"""advkit.pipeline.plan: the counting checked by hand on made-up settings and unit costs, recorded (reference) unit
 costs, measured ones and their cache, --budget on `run` and `sweep`, and one command line. No timing is
 asserted."""
 
@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from advkit import pipeline, plan, sweep
+from advkit.pipeline import driver as pipeline
+from advkit.pipeline import plan, sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 

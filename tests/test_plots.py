@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from advkit.plots import amplified_perturbation, attack_gallery, save_figure  # noqa: E402
+from advkit.plots.figures import amplified_perturbation, attack_gallery, save_figure
 
 
 def _figure():
@@ -76,7 +76,7 @@ def _zoo_table(n, seed=0):
 
 
 def test_scatter_names_a_readable_subset_of_a_zoo():
-    from advkit.plots import MAX_LABELS, labelled, model_scatter
+    from advkit.plots.models import MAX_LABELS, labelled, model_scatter
 
     pair = [("avg_case_flatness", "robust_loss_test")]
     small = model_scatter(_zoo_table(11), pair)                    # the quick profile's size: every name
@@ -100,7 +100,7 @@ def test_compare_surfaces_wraps_a_zoo_into_a_bounded_grid():
     import numpy as np
     import xarray as xr
 
-    from advkit.plots import MAX_COLUMNS, MAX_FIGURE_INCHES, compare_surfaces, panel_grid
+    from advkit.plots.figures import MAX_COLUMNS, MAX_FIGURE_INCHES, compare_surfaces, panel_grid
 
     assert panel_grid(3)[:2] == (1, 3) and panel_grid(8)[:2] == (2, 4) and panel_grid(11)[:2] == (2, 6)
     assert panel_grid(8)[2] == (3.4 * 4 + 0.8, 3.3 * 2)           # the quick profile's figure, unchanged

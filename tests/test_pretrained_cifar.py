@@ -17,9 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from advkit import published as P
 from advkit.data import CIFAR10_CLASSES, Dataset, get_dataset, jpeg_quality
-from advkit.runs import Run
+from advkit.runs.run import Run
+from advkit.studies import published as P
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = os.environ.get("ADVKIT_CIFAR10_DIR")

@@ -18,10 +18,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from advkit import jobs, progress
+from advkit import progress
 from advkit.data import Batcher
 from advkit.models import get_model
-from advkit.train import TrainConfig, fit
+from advkit.pipeline import jobs
+from advkit.training.fit import TrainConfig, fit
 
 LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[(?P<label>[^\]]+)\] (?P<text>.*)$")
 ELAPSED_ETA = re.compile(r"\(elapsed \d+:\d\d:\d\d, ETA (\d+:\d\d:\d\d|\?)\)$")
@@ -128,16 +129,16 @@ def test_fit_writes_one_line_per_epoch(log, digits):
 
 
 def test_surfaces_attacks_and_augmentation_write_their_steps(log, digits):
-    from advkit import landscape as L
-    from advkit.augment import adversarial_examples
-    from advkit.directions import random_directions
-    from advkit.evaluate import evaluate_attacks
+    from advkit.attacks.evaluate import evaluate_attacks
+    from advkit.landscape.directions import random_directions
+    from advkit.landscape.surfaces import grid, line
+    from advkit.training.augment import adversarial_examples
 
     torch.manual_seed(0)
     model = get_model("small_cnn", 10, 1).eval()
     x, y = digits.x_test[:32], digits.y_test[:32]
-    L.grid(model, random_directions(model, 2, seed=0), x, y, resolution=3, model_name="base")
-    L.line(model, random_directions(model, 1, seed=0), x, y, resolution=3, model_name="base")
+    grid(model, random_directions(model, 2, seed=0), x, y, resolution=3, model_name="base")
+    line(model, random_directions(model, 1, seed=0), x, y, resolution=3, model_name="base")
     evaluate_attacks(model, x.float() / 255, y, {"fgsm": "fgsm"}, ssim=False, name="base")
     adversarial_examples(model, x, y, "fgsm", batch_size=16, progress=False)
     lines = [t.split(" (")[0] for t in texts(log)]
@@ -147,8 +148,9 @@ def test_surfaces_attacks_and_augmentation_write_their_steps(log, digits):
 
 
 def test_the_flatness_table_writes_one_line_per_model(log, digits, tmp_path):
-    from advkit import zoo
-    from advkit.runs import Run, save_model
+    from advkit.runs.checkpoints import save_model
+    from advkit.runs.run import Run
+    from advkit.studies import zoo
 
     run = Run(tmp_path / "run")
     for seed, name in enumerate(("base", "fgsm")):

@@ -1,4 +1,4 @@
-"""advkit.published: the seed papers' numbers with their sources, beside a run's values."""
+"""advkit.studies.published: the seed papers' numbers with their sources, beside a run's values."""
 
 import math
 import re
@@ -7,8 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from advkit import published as P
-from advkit.runs import CorruptArtifactError, Run, repo_root
+from advkit.runs.artifacts import CorruptArtifactError
+from advkit.runs.run import Run, repo_root
+from advkit.studies import published as P
 
 SEEDS = repo_root().parent / "shared" / "seeds"
 
@@ -175,6 +176,6 @@ def test_stutz_table_averages_replicate_histories(tmp_path):
                                          ("pgd_at+ls0.1_s0_e025", ("pgd_at+ls0.1_e025", 0)), ("fgsm", ("fgsm", None)),
                                          ("pgd_at_e025", ("pgd_at_e025", None)), ("stadv_s", ("stadv_s", None))])
 def test_the_one_seed_suffix_parser(name, split):
-    from advkit.runs import split_seed
+    from advkit.runs.run import split_seed
 
     assert split_seed(name) == split

@@ -1,16 +1,16 @@
-"""advkit.regularizers: label noise, AutoAugment batches; weight averaging under adversarial training."""
+"""advkit.training.regularizers: label noise, AutoAugment batches; weight averaging under adversarial training."""
 
 import numpy as np
 import pytest
 import torch
 from torchvision.transforms import v2
 
-from advkit.data import Batcher, to_float
+from advkit._torch import to_float
+from advkit.data import Batcher
 from advkit.models import get_model
-from advkit.objectives import PGDAT
-from advkit.regularizers import AutoAugmentBatcher, noisy_labels
-from advkit.train import TrainConfig, fit
-
+from advkit.training.fit import TrainConfig, fit
+from advkit.training.objectives import PGDAT
+from advkit.training.regularizers import AutoAugmentBatcher, noisy_labels
 
 
 def test_noisy_labels_corrupt_exactly_the_fraction_once(digits):

@@ -1,4 +1,4 @@
-"""advkit.replicates: the sharpness ordering as a probability over direction (and training) seeds."""
+"""advkit.landscape.replicates: the sharpness ordering as a probability over direction (and training) seeds."""
 
 import functools
 
@@ -7,9 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from advkit import replicates as R
-from advkit.attacks import pgd
-from advkit.landscape import SurfaceSettings
+from advkit.attacks.pgd import pgd
+from advkit.landscape import replicates as R
+from advkit.landscape.settings import SurfaceSettings
+from advkit.plots.figures import ordering_figure
 
 
 def _pair(k: int, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -91,7 +92,7 @@ def test_cifar_shaped_smoke(tmp_path):
     per_seed, agree = R.agreement_table(reps)
     assert len(agree) == 2 * 2 * 3 and agree["seeds"].eq(2).all()
     assert agree["same_ordering"].between(0, 1).all()
-    fig = R.ordering_figure(table)
+    fig = ordering_figure(table)
     assert len(fig.axes) == 5  # four panels and the colour bar
     # cached: a second call reads the files (seed, BatchNorm variant and robust loss in their names)
     again = R.sensitivity_replicates(models, x, y, tmp_path, settings, seeds=[0, 1],
@@ -101,7 +102,8 @@ def test_cifar_shaped_smoke(tmp_path):
 
 def test_helpers_and_summary_lines(tmp_path):
     import pandas as pd
-    from advkit.runs import Run
+
+    from advkit.runs.run import Run
 
     assert R.replicate_spans(["filter", "none"], 0.2, [0.1, 0.2], [0.01, 0.02]) == {"filter": 0.2, "none": 0.02}
     assert list(R.final_models({"base": 1, "trades": 2, "trades_early": 3, "trades_e004": 4})) == ["base", "trades"]

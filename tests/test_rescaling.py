@@ -11,12 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advkit.flatness import avg_case_flatness, relative_flatness
-from advkit.hessian import hessian_eigenvalues
+from advkit.curvature.estimators import hessian_eigenvalues
+from advkit.curvature.flatness import avg_case_flatness, relative_flatness
 from advkit.models import get_model
-from advkit.rescaling import EXPECTED, default_pairs, rescale, scale_invariance_table
-from advkit.robust_split import robust_loss_split, robust_split_table
-from advkit.runs import Run, save_model
+from advkit.runs.checkpoints import save_model
+from advkit.runs.run import Run
+from advkit.studies.rescaling import EXPECTED, default_pairs, rescale, scale_invariance_table
+from advkit.studies.robust_split import robust_loss_split, robust_split_table
 
 
 def two_layer(seed: int = 0) -> nn.Module:

@@ -1,17 +1,23 @@
-"""advkit.robust_overfitting: per-epoch robust metrics on fixed subsets and early stopping."""
+"""advkit.training.robust_overfitting: per-epoch robust metrics on fixed subsets and early stopping."""
 
 import pytest
 import torch
 
-from advkit.data import Batcher, to_float
-from advkit.evaluate import AttackSpec, robust_accuracy
+from advkit._torch import loss_and_accuracy, to_float
+from advkit.attacks.evaluate import AttackSpec, robust_accuracy
+from advkit.data import Batcher
 from advkit.models import get_model
-from advkit.objectives import PGDAT
-from advkit.regularizers import noisy_labels
-from advkit.robust_overfitting import (EARLY_STOP_ATTACK, EPOCH_ATTACK, early_stopping_indices, epoch_robust_metrics,
-                                       stutz_subsets)
-from advkit.runs import load_checkpoint, load_model
-from advkit.train import TrainConfig, fit, loss_and_accuracy
+from advkit.runs.checkpoints import load_checkpoint, load_model
+from advkit.training.fit import TrainConfig, fit
+from advkit.training.objectives import PGDAT
+from advkit.training.regularizers import noisy_labels
+from advkit.training.robust_overfitting import (
+    EARLY_STOP_ATTACK,
+    EPOCH_ATTACK,
+    early_stopping_indices,
+    epoch_robust_metrics,
+    stutz_subsets,
+)
 
 ATTACK = AttackSpec("pgd", dict(eps=0.1, alpha=0.04, steps=3))
 

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from advkit import landscape as L
 from advkit._torch import WithParams
-from advkit.attacks import fgsm, pgd, pgd_on_copies
-from advkit.directions import random_directions
+from advkit.attacks.pgd import fgsm, pgd, pgd_on_copies
+from advkit.landscape.directions import random_directions
 from advkit.landscape.engine import Engine
 from advkit.landscape.robust import PointsModule, attack_points, on_copies
+from advkit.landscape.surfaces import line
 from advkit.models import get_model
 
 EPS = 8 / 255
@@ -54,7 +54,7 @@ def xy():
 
 def _robust_line(model, xy, attack, points_per_forward, bn="ignore", **settings):
     d = random_directions(model, 1, seed=0, bn=bn)
-    ds = L.line(model, d, *xy, resolution=4, span=0.5, attack=attack, quantities=ROBUST, precision="fp32",
+    ds = line(model, d, *xy, resolution=4, span=0.5, attack=attack, quantities=ROBUST, precision="fp32",
                 points_per_forward=points_per_forward, **settings)
     return {q: ds[q].values for q in ROBUST}
 

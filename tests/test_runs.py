@@ -5,10 +5,11 @@ import pandas as pd
 import pytest
 import torch
 
-from advkit import runs
 from advkit.models import get_model
-from advkit.runs import (CorruptArtifactError, Run, atomic_path, epoch_name, file_sha256, is_epoch_name, list_models,
-                         load_model, run_dir, save_model, update_manifest, verified)
+from advkit.runs import run as runs
+from advkit.runs.artifacts import CorruptArtifactError, atomic_path, file_sha256, verified
+from advkit.runs.checkpoints import load_model, save_model
+from advkit.runs.run import Run, epoch_name, is_epoch_name, list_models, run_dir, update_manifest
 
 
 def test_run_dir_honours_env(tmp_run):
@@ -161,4 +162,4 @@ def test_notebooks_name_artifacts_through_the_run(notebook):
     code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
     for typed in ('/ "models"', '/ "attacks"', '/ "history"', '/ "checkpoints"', ".to_csv(", "json.loads(",
                   "read_text(", "run_dir("):
-        assert typed not in code, f"{notebook}: {typed!r}; name artifacts with advkit.runs.Run"
+        assert typed not in code, f"{notebook}: {typed!r}; name artifacts with advkit.runs.run.Run"

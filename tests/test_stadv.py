@@ -1,4 +1,4 @@
-"""advkit.stadv at CIFAR-10's scale: the paper preset flips a CIFAR-shaped model, the flow term's
+"""advkit.attacks.stadv at CIFAR-10's scale: the paper preset flips a CIFAR-shaped model, the flow term's
 scale does not depend on the image size, the flow-bound sweep, and crashes turned into errors."""
 
 import math
@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from advkit.attacks.evaluate import XU2019, accuracy, ssim_distance, stadv_flow_sweep
+from advkit.attacks.stadv import flow_loss, normalized_to_pixels, stadv
 from advkit.data import Batcher
-from advkit.evaluate import XU2019, accuracy, ssim_distance, stadv_flow_sweep
 from advkit.models import get_model
-from advkit.stadv import flow_loss, normalized_to_pixels, stadv
-from advkit.train import TrainConfig, fit
+from advkit.training.fit import TrainConfig, fit
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_stadv_on_nan_weights_is_an_error(cifar_shaped):
 def test_warp_with_nan_flow_does_not_crash():
     # grid_sample's CPU backward reads out of bounds at NaN coordinates (exit 139): run it in a
     # child process so that a regression fails this test instead of killing the test session.
-    code = ("import torch; from advkit.stadv import apply_flow\n"
+    code = ("import torch; from advkit.attacks.stadv import apply_flow\n"
             "x = torch.rand(2, 3, 32, 32)\n"
             "flow = torch.full((2, 2, 32, 32), float('nan'), requires_grad=True)\n"
             "apply_flow(x, flow).sum().backward(); print('ok')")

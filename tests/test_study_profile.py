@@ -1,4 +1,4 @@
-"""The study profile (advkit/profiles/study.yaml): it passes the up-front checks, gives notebook 05 at
+"""The study profile (advkit/pipeline/profiles/study.yaml): it passes the up-front checks, gives notebook 05 at
 least 20 distinct models, fits 4 H200-hours by the plan's counting, and says where it departs from the
 paper profile (in its comments and docs/study.md)."""
 
@@ -11,16 +11,18 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from advkit import correlation, params, pipeline, plan, zoo
-from advkit.runs import EARLY_SUFFIX
-from advkit.variants import parse_variant
+from advkit.pipeline import driver as pipeline
+from advkit.pipeline import params, plan
+from advkit.runs.run import EARLY_SUFFIX
+from advkit.studies import correlation, zoo
+from advkit.training.variants import parse_variant
 
 ROOT = Path(__file__).resolve().parent.parent
 GOAL_S = 4 * 3600
 
 
 def h200(at_as_training_steps: bool = False) -> plan.Costs:
-    """The recorded H200 unit costs (advkit/plan_references/h200.yaml), ResNet-32 only, so that a plan
+    """The recorded H200 unit costs (advkit/pipeline/plan_references/h200.yaml), ResNet-32 only, so that a plan
     needing any other architecture (ResNet-18's cost is unmeasured) fails. `at_as_training_steps`: an
     adversarial training step priced as K + 1 clean training steps (docs/scaling.md's cost model, which
     a launch-bound batch of 128 makes likelier) rather than a clean step plus K PGD steps."""

@@ -8,9 +8,12 @@ import torch._dynamo
 from torch import nn
 from torch._dynamo.utils import counters
 
-from advkit import landscape as L
 from advkit._torch import autocast, resolve_precision
-from advkit.directions import random_directions
+from advkit.landscape.directions import random_directions
+from advkit.landscape.engine import Engine
+from advkit.landscape.precision import autocast_error, choose_precision, choose_surface_precision, probe_points
+from advkit.landscape.settings import SurfaceSettings, auto_points_per_forward
+from advkit.landscape.surfaces import grid
 from advkit.models import get_model
 
 
@@ -39,20 +42,20 @@ def resnet(cifar_xy):
 
 
 def _engine(model, dirs, points_per_forward=1):
-    return L.Engine(model, dirs, batch_size=1024, points_per_forward=points_per_forward, precision="fp32",
+    return Engine(model, dirs, batch_size=1024, points_per_forward=points_per_forward, precision="fp32",
                     channels_last=False, fold_bn=True, bn_mode="eval", bn_x=None, bn_batch_size=256)
 
 
 def test_auto_points_per_forward_fills_a_launch_on_cuda_only():
     for device in ("cuda", torch.device("cuda"), "cuda:0"):
-        assert L.auto_points_per_forward(device, 1000, 10_000) == 16
-    assert L.auto_points_per_forward("cuda", 10_000, 10_000) == 1
-    assert L.auto_points_per_forward("cuda", 2048, 10_000) == 8
-    assert L.auto_points_per_forward("cuda", 50_000, 4096) == 4  # images per batch count, not images
-    assert L.auto_points_per_forward("cuda", 100, 10_000) == 16  # capped
-    assert L.auto_points_per_forward("cuda", 1000, 10_000, "recalibrate") == 1
-    assert L.auto_points_per_forward("cpu", 100, 1024) == 1
-    settings = L.SurfaceSettings()
+        assert auto_points_per_forward(device, 1000, 10_000) == 16
+    assert auto_points_per_forward("cuda", 10_000, 10_000) == 1
+    assert auto_points_per_forward("cuda", 2048, 10_000) == 8
+    assert auto_points_per_forward("cuda", 50_000, 4096) == 4  # images per batch count, not images
+    assert auto_points_per_forward("cuda", 100, 10_000) == 16  # capped
+    assert auto_points_per_forward("cuda", 1000, 10_000, "recalibrate") == 1
+    assert auto_points_per_forward("cpu", 100, 1024) == 1
+    settings = SurfaceSettings()
     assert settings.points_per_forward is None and "points_per_forward" not in settings.cache_key()
     assert settings.for_inputs(2, torch.device("cuda"), n_images=1000).points_per_forward == 16
     assert settings.for_inputs(2, torch.device("cuda"), n_images=20_000).points_per_forward == 1
@@ -63,10 +66,10 @@ def test_auto_points_per_forward_fills_a_launch_on_cuda_only():
 
 def test_vmapped_points_equal_one_at_a_time_on_a_cifar_resnet(resnet, cifar_xy):
     dirs = random_directions(resnet, 2, seed=1)
-    plain = L.grid(resnet, dirs, *cifar_xy, resolution=3, span=0.5, precision="fp32")
+    plain = grid(resnet, dirs, *cifar_xy, resolution=3, span=0.5, precision="fp32")
     assert plain.attrs["points_per_forward"] == 1 and plain.attrs["fold_bn_pairs"] > 0  # CPU default
     for ppf in (4, 9):
-        ds = L.grid(resnet, dirs, *cifar_xy, resolution=3, span=0.5, precision="fp32", points_per_forward=ppf)
+        ds = grid(resnet, dirs, *cifar_xy, resolution=3, span=0.5, precision="fp32", points_per_forward=ppf)
         assert ds.attrs["points_per_forward"] == ppf
         np.testing.assert_allclose(ds.loss.values, plain.loss.values, rtol=1e-5)
         np.testing.assert_allclose(ds.accuracy.values, plain.accuracy.values)
@@ -75,37 +78,37 @@ def test_vmapped_points_equal_one_at_a_time_on_a_cifar_resnet(resnet, cifar_xy):
 
 def test_probe_points_are_centre_extremes_and_random_grid_points():
     a, b = np.linspace(-1, 1, 5), np.linspace(-0.5, 2, 6)
-    pts = L.probe_points([a, b], n_random=2)
+    pts = probe_points([a, b], n_random=2)
     assert pts.shape == (7, 2) and (pts[0] == 0).all()
     assert {tuple(p) for p in pts[1:5]} == {(-1, -0.5), (-1, 2), (1, -0.5), (1, 2)}
     assert all(p[0] in a and p[1] in b for p in pts[5:])
-    assert [tuple(p) for p in L.probe_points([np.linspace(0, 1, 3)], n_random=0)] == [(0.0,), (1.0,)]  # no repeats
+    assert [tuple(p) for p in probe_points([np.linspace(0, 1, 3)], n_random=0)] == [(0.0,), (1.0,)]  # no repeats
 
 
 def test_auto_precision_checks_the_surfaces_corners_not_only_its_centre(resnet, cifar_xy):
     x, y = cifar_xy
     dirs = random_directions(resnet, 2, seed=0)
     engine = _engine(resnet, dirs, points_per_forward=3)
-    centre_model = L.autocast_error(resnet, x, y)
-    centre_engine = L.choose_surface_precision(engine, torch.zeros(1, 2), x, y, "bf16").errors["bf16"]
-    probes = torch.tensor(L.probe_points([np.linspace(-1, 1, 11)] * 2), dtype=torch.float32)
-    full = L.choose_surface_precision(engine, probes, x, y, "bf16")
+    centre_model = autocast_error(resnet, x, y)
+    centre_engine = choose_surface_precision(engine, torch.zeros(1, 2), x, y, "bf16").errors["bf16"]
+    probes = torch.tensor(probe_points([np.linspace(-1, 1, 11)] * 2), dtype=torch.float32)
+    full = choose_surface_precision(engine, probes, x, y, "bf16")
     assert full.n_points == 7 and full.n_images == 32
     tolerance = 2 * max(centre_model, centre_engine)
     assert full.errors["bf16"] > tolerance  # the perturbed corners lose more to bf16 than the centre
     # the old rule (the model's own weights) accepts bf16; the surface's own points refuse it
-    assert L.choose_precision(resnet, x, y, "auto", check_on_cpu=True, tolerance=tolerance)[0] == "bf16"
-    refused = L.choose_surface_precision(engine, probes, x, y, "auto", check_on_cpu=True, tolerance=tolerance)
+    assert choose_precision(resnet, x, y, "auto", check_on_cpu=True, tolerance=tolerance)[0] == "bf16"
+    refused = choose_surface_precision(engine, probes, x, y, "auto", check_on_cpu=True, tolerance=tolerance)
     assert refused.precision == "fp32" and refused.errors == full.errors  # no TF32 off CUDA
-    accepted = L.choose_surface_precision(engine, probes, x, y, "auto", check_on_cpu=True,
+    accepted = choose_surface_precision(engine, probes, x, y, "auto", check_on_cpu=True,
                                           tolerance=2 * full.errors["bf16"])
     assert accepted.precision == "bf16"
-    assert L.choose_surface_precision(engine, probes, x, y, "auto") == ("fp32", {}, 0, 0)  # CPU: unchecked
-    assert L.choose_surface_precision(engine, probes, x, y, "tf32").precision == "fp32"  # no TF32 off CUDA
+    assert choose_surface_precision(engine, probes, x, y, "auto") == ("fp32", {}, 0, 0)  # CPU: unchecked
+    assert choose_surface_precision(engine, probes, x, y, "tf32").precision == "fp32"  # no TF32 off CUDA
     # a surface records the largest error over its probe points
-    ds = L.grid(resnet, dirs, x[:8], y[:8], resolution=3, precision="bf16", points_per_forward=3)
-    expected = L.choose_surface_precision(
-        engine, torch.tensor(L.probe_points([np.linspace(-1, 1, 3)] * 2), dtype=torch.float32), x[:8], y[:8],
+    ds = grid(resnet, dirs, x[:8], y[:8], resolution=3, precision="bf16", points_per_forward=3)
+    expected = choose_surface_precision(
+        engine, torch.tensor(probe_points([np.linspace(-1, 1, 3)] * 2), dtype=torch.float32), x[:8], y[:8],
         "bf16").errors["bf16"]
     assert ds.attrs["precision"] == "bf16" and ds.attrs["precision_probe_points"] == 7
     assert ds.attrs["autocast_relative_error"] == pytest.approx(expected, rel=1e-6)
@@ -124,8 +127,8 @@ def test_fp32_is_strict_and_tf32_allows_tf32_on_cuda_and_is_fp32_elsewhere(recwa
     with autocast("cpu", "tf32"):
         assert flags() == before and not torch.is_autocast_enabled("cpu")
     with pytest.raises(ValueError, match="precision='fp16'"):
-        L.SurfaceSettings(precision="fp16")
-    assert L.SurfaceSettings(precision="tf32").precision == "tf32"
+        SurfaceSettings(precision="fp16")
+    assert SurfaceSettings(precision="tf32").precision == "tf32"
 
 
 @pytest.mark.gpu_policy
@@ -137,10 +140,10 @@ def test_compiled_surface_equals_the_plain_one():
     y = torch.randint(0, 10, (16,))
     net = _with_bn_statistics(net, torch.rand(64, 3, 8, 8))
     dirs = random_directions(net, 2, seed=0)
-    plain = L.grid(net, dirs, x, y, resolution=3, points_per_forward=4)
+    plain = grid(net, dirs, x, y, resolution=3, points_per_forward=4)
     torch._dynamo.reset()
     counters.clear()
-    compiled = L.grid(net, dirs, x, y, resolution=3, points_per_forward=4, compile=True)  # 4 + 4 + 1 points
+    compiled = grid(net, dirs, x, y, resolution=3, points_per_forward=4, compile=True)  # 4 + 4 + 1 points
     assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]  # vmapped and 1-point, whole
     assert compiled.attrs["compile"] == 1 and plain.attrs["compile"] == 0
     np.testing.assert_allclose(compiled.loss.values, plain.loss.values, rtol=1e-5)

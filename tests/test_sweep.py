@@ -19,8 +19,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from advkit import jobs, pipeline, sweep
-from advkit.runs import Run
+from advkit.pipeline import driver as pipeline
+from advkit.pipeline import jobs, sweep
+from advkit.runs.run import Run
 
 RUN = "sw"
 # notebooks 01-02 on 200 digits, one epoch: the prerequisites of the sweep's cells
@@ -64,7 +65,7 @@ def test_axes_read_like_parameters_and_cells_name_their_models(tmp_run):
     # an axis of neither part trains both; xu_attacks names the fine-tunes
     both = sweep.plan("quick", {"seed": [3]}, {"xu_attacks": ["fgsm"], "at_variants": ["awp"]}, "x")[0]
     assert both.values["zoo_parts"] == ["xu", "at"] and both.models[:2] == ("fgsm_s3", "awp_s3")
-    # the seed tag comes last whatever the axes' order, so advkit.runs.split_seed finds the replicate
+    # the seed tag comes last whatever the axes' order, so advkit.runs.run.split_seed finds the replicate
     mixed = sweep.plan("quick", {"seed": [1], "at_eps": [0.03]}, {"at_variants": ["pgd_at"]}, "x")[0]
     assert mixed.name == "at_eps0.03_s1" and mixed.models[0] == "pgd_at_at_eps0.03_s1"
 
@@ -192,7 +193,7 @@ def test_a_failing_cell_is_reported_by_name_with_its_notebook(prepared):
 # ---------------------------------------------------------------- the bookkeeping at scale
 def test_a_hundred_placeholder_jobs_keep_their_books(tmp_run):
     run = Run.named("hundred")
-    from advkit.artifacts import write_json
+    from advkit.runs.artifacts import write_json
 
     run.model("base").parent.mkdir(parents=True, exist_ok=True)
     write_json(run.model("base"), {})  # the prerequisites' files, checksummed
@@ -214,7 +215,7 @@ def test_a_hundred_placeholder_jobs_keep_their_books(tmp_run):
 
 def test_jobs_per_gpu_packs_cells_into_one_job(tmp_run):
     run = Run.named("packed")
-    from advkit.artifacts import write_json
+    from advkit.runs.artifacts import write_json
 
     run.model("base").parent.mkdir(parents=True, exist_ok=True)
     write_json(run.model("base"), {})
@@ -274,7 +275,7 @@ def test_a_terminated_sweep_cancels_its_jobs_and_their_kernels(tmp_run, sig, cod
     import json
     import os
 
-    from advkit.artifacts import write_json
+    from advkit.runs.artifacts import write_json
 
     run = Run.named("term")
     run.model("base").parent.mkdir(parents=True, exist_ok=True)
@@ -289,7 +290,7 @@ def test_a_terminated_sweep_cancels_its_jobs_and_their_kernels(tmp_run, sig, cod
     notebook.write_text(json.dumps({"cells": cells, "nbformat": 4, "nbformat_minor": 5, "metadata": {
         "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"}}}))
     (tmp_run / "slowcell.py").write_text(f"NOTEBOOK, MARK = {str(notebook)!r}, {str(mark)!r}\n" + SLOW_CELL)
-    code_ = ("import functools, sys\nimport slowcell\nfrom advkit import sweep\n"
+    code_ = ("import functools, sys\nimport slowcell\nfrom advkit.pipeline import sweep\n"
              "sweep.sweep = functools.partial(sweep.sweep, cell_function=slowcell.cell)\nsweep.main(sys.argv[1:])\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_run), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-c", code_, "-g", "seed=0", "-p", "at_variants=[pgd_at]",

@@ -2,9 +2,10 @@ import pandas as pd
 import pytest
 import torch
 
+from advkit._torch import loss_and_accuracy
 from advkit.data import Batcher
 from advkit.models import get_model
-from advkit.train import TrainConfig, fit, loss_and_accuracy
+from advkit.training.fit import TrainConfig, fit
 
 
 def _small(digits, n=256):
@@ -64,7 +65,7 @@ def test_a_fresh_and_a_resumed_fit_return_and_plot_the_same_history(digits, tmp_
     import matplotlib
 
     matplotlib.use("Agg")
-    from advkit.plots import learning_curves, save_figure
+    from advkit.plots.figures import learning_curves, save_figure
 
     results = [fit(get_model("small_cnn", 10, 1), _batcher(*_small(digits, 128)), _config(epochs=2),
                    test=(digits.x_test[:64], digits.y_test[:64]), run=tmp_path, name="m", progress=False)
@@ -129,7 +130,7 @@ def test_bad_config_names_the_setting(bad, match):
 
 
 def test_label_smoothing_reaches_named_objectives(digits):
-    from advkit.train import _named_objective
+    from advkit.training.fit import _named_objective
     assert _named_objective("clean", 0.1).label_smoothing == 0.1
     assert _named_objective("pgd_at", 0.2).label_smoothing == 0.2
     with pytest.raises(ValueError, match="label_smoothing=0.1 but objective 'trades'"):
@@ -213,7 +214,7 @@ def test_precision_and_seed_are_checked(bad):
 # --- speed: the fast recipe, fused optimizers, torch.compile (issue 12) -------------------------------
 
 def test_fast_config_is_the_documented_recipe():
-    from advkit.train import FAST_RECIPE, apply_recipe, fast_config
+    from advkit.training.fit import FAST_RECIPE, apply_recipe, fast_config
 
     config = fast_config()
     assert FAST_RECIPE["batch_size"] == 512 and config.lr == pytest.approx(0.1 * 512 / 128)  # linear scaling
@@ -229,7 +230,8 @@ def test_fast_config_is_the_documented_recipe():
 
 
 def test_recipe_parameter_is_validated_and_paper_by_default():
-    from advkit import params, pipeline
+    from advkit.pipeline import driver as pipeline
+    from advkit.pipeline import params
 
     declared = params.notebook_parameters(pipeline.notebook_paths())
     assert declared["01_train"]["recipe"]["default"] == "paper"
@@ -243,8 +245,9 @@ def test_recipe_parameter_is_validated_and_paper_by_default():
 def test_fast_recipe_trains_through_fit_and_the_checkpoint_records_it(tmp_path):
     """notebook 01's recipe="fast" on CIFAR-shaped images and a BatchNorm ResNet: one epoch, then the
     training state names the recipe and its batch size; resuming under the paper recipe names it."""
-    from advkit.runs import Run, load_checkpoint
-    from advkit.train import apply_recipe
+    from advkit.runs.checkpoints import load_checkpoint
+    from advkit.runs.run import Run
+    from advkit.training.fit import apply_recipe
 
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (64, 3, 32, 32), generator=g, dtype=torch.uint8)
@@ -263,7 +266,9 @@ def test_fast_recipe_trains_through_fit_and_the_checkpoint_records_it(tmp_path):
 
 
 def test_checkpoint_from_before_recipe_and_compile_resumes_with_their_defaults(digits, tmp_path):
-    from advkit.runs import Run, atomic_path, load_checkpoint
+    from advkit.runs.artifacts import atomic_path
+    from advkit.runs.checkpoints import load_checkpoint
+    from advkit.runs.run import Run
 
     fit(get_model("small_cnn", 10, 1), _batcher(*_small(digits)), _config(epochs=2), run=tmp_path, name="m",
         stop_after=1, progress=False)
@@ -285,7 +290,7 @@ def test_checkpoint_from_before_recipe_and_compile_resumes_with_their_defaults(d
 def test_fused_optimizer_only_on_cuda_and_kept_across_devices(optimizer):
     """The fused kernels are asked for on CUDA only (a device string stands in for the GPU); a state
     saved by one implementation loads into the other and keeps the loading optimizer's."""
-    from advkit.train import _load_optimizer, _make_optimizer
+    from advkit.training.fit import _load_optimizer, _make_optimizer
 
     model = get_model("small_cnn", 10, 1)
     config = _config(optimizer=optimizer, lr=1e-3)
@@ -306,7 +311,7 @@ def test_fused_optimizer_only_on_cuda_and_kept_across_devices(optimizer):
 def test_fused_update_is_the_default_update(optimizer):
     """The options given to the fused kernels (Nesterov, momentum, weight decay) mean what they mean
     for torch's default: three steps of torch's CPU fused implementation match it."""
-    from advkit.train import _make_optimizer
+    from advkit.training.fit import _make_optimizer
 
     config = _config(optimizer=optimizer, lr=0.05 if optimizer == "sgd" else 1e-3, weight_decay=5e-4)
     torch.manual_seed(0)

@@ -1,12 +1,13 @@
-"""advkit.variants: Stutz et al. Table 1 variants as specs; one train_variant call per notebook-03 variant."""
+"""advkit.training.variants: Stutz et al. Table 1 variants as specs; one train_variant call per notebook-03 variant."""
 
 import pytest
 import torch
 
-from advkit.objectives import AWP, FGSMRS, MART, PGDAT, TRADES
-from advkit.robust_overfitting import epoch_robust_metrics, stutz_subsets
-from advkit.runs import list_models, load_checkpoint, load_model
-from advkit.variants import OBJECTIVE_TOKENS, parse_variant, train_variant, variant_config, variant_objective
+from advkit.runs.checkpoints import load_checkpoint, load_model
+from advkit.runs.run import list_models
+from advkit.training.objectives import AWP, FGSMRS, MART, PGDAT, TRADES
+from advkit.training.robust_overfitting import epoch_robust_metrics, stutz_subsets
+from advkit.training.variants import OBJECTIVE_TOKENS, parse_variant, train_variant, variant_config, variant_objective
 
 EPS = 8 / 255
 # Every objective and regularizer of Stutz et al. Table 1 that advkit has, as one at_variants list.
@@ -71,7 +72,7 @@ def test_every_objective_builds_with_the_budget():
 def test_train_variant_saves_final_and_early_stopped_weights(digits, tmp_path, spec):
     s = stutz_subsets(digits, n_train=32, n_test=32, n_val=32)
     attack = dict(eps=0.1, alpha=0.04, steps=2)
-    from advkit.evaluate import AttackSpec
+    from advkit.attacks.evaluate import AttackSpec
     evaluate = epoch_robust_metrics(None, s["test_sub"], s["val"], AttackSpec("pgd", attack))
     train = (s["train"][0][:64], s["train"][1][:64])
     result = train_variant(spec, "small_cnn", train, epochs=2, eps=0.1, steps=2, alpha=0.04, num_classes=10,
@@ -86,7 +87,7 @@ def test_train_variant_saves_final_and_early_stopped_weights(digits, tmp_path, s
 
 
 def test_label_noise_variant_trains_on_noisy_labels(digits, tmp_path, monkeypatch):
-    import advkit.variants as variants
+    from advkit.training import variants
 
     seen = {}
     real_fit = variants.fit

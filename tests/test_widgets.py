@@ -1,4 +1,4 @@
-"""The landscape slicer (advkit.widgets): driven by setting widget values, checked on the plot data."""
+"""The landscape slicer (advkit.plots.slicer): driven by setting widget values, checked on the plot data."""
 
 import io
 import json
@@ -8,11 +8,12 @@ import pytest
 import torch
 import xarray as xr
 
-from advkit import landscape as L
-from advkit.directions import random_directions
+from advkit.landscape.directions import random_directions
+from advkit.landscape.files import write_surface
+from advkit.landscape.surfaces import grid, line
 from advkit.models import get_model
-from advkit.runs import Run
-from advkit.widgets import LandscapeSlicer, profile
+from advkit.plots.slicer import LandscapeSlicer, profile
+from advkit.runs.run import Run
 
 
 def _surface(path, scale, model):
@@ -23,7 +24,7 @@ def _surface(path, scale, model):
     ds = xr.Dataset({"loss": (("alpha", "beta"), loss), "accuracy": (("alpha", "beta"), 1 / (1 + loss)),
                      "computed": (("alpha", "beta"), np.ones_like(loss, dtype=np.int8))},
                     coords={"alpha": a, "beta": b}, attrs={"model": model, "direction_norm": "filter"})
-    L.write_surface(ds, path)  # with its checksum, as advkit.landscape writes surfaces
+    write_surface(ds, path)  # with its checksum, as advkit.landscape writes surfaces
     return ds
 
 
@@ -75,13 +76,13 @@ def test_profile_snaps_to_the_nearest_grid_value(files):
 def test_slicer_reads_files_written_by_landscape(tmp_path, files):
     model = get_model("small_cnn", 10, 1, width=4).eval()
     x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
-    L.grid(model, random_directions(model, 2, seed=0), x, y, resolution=3, path=tmp_path / "m.nc", model_name="m")
+    grid(model, random_directions(model, 2, seed=0), x, y, resolution=3, path=tmp_path / "m.nc", model_name="m")
     s = LandscapeSlicer(tmp_path)  # a folder: every .nc file in it
     assert s.models_widget.options == ("base", "m", "pgd")
     assert "loss" in s.quantity_widget.options and "computed" not in s.quantity_widget.options
     with pytest.raises(ValueError, match="quantity='robust_loss'"):
         LandscapeSlicer(tmp_path, quantity="robust_loss")
-    L.line(model, random_directions(model, 1, seed=0), x, y, resolution=3, path=tmp_path / "line.nc")
+    line(model, random_directions(model, 1, seed=0), x, y, resolution=3, path=tmp_path / "line.nc")
     with pytest.raises(ValueError, match="1D surface"):
         LandscapeSlicer([tmp_path / "line.nc"])
 
@@ -92,7 +93,7 @@ def test_slicer_executes_under_papermill(files, tmp_path):
     paths, _ = files
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell(
-        "from advkit.widgets import LandscapeSlicer\n"
+        "from advkit.plots.slicer import LandscapeSlicer\n"
         f"slicer = LandscapeSlicer({json.dumps({k: str(v) for k, v in paths.items()})})\n"
         "slicer.position_widget.value = 0.25\n"
         "slicer")]
@@ -103,7 +104,7 @@ def test_slicer_executes_under_papermill(files, tmp_path):
     executed = nbformat.read(out, as_version=4)
     outputs = executed.cells[0].outputs
     assert not [o for o in outputs if o.get("output_type") == "error"]
-    # the figure reaches the front end as an Image widget (no Output widget: see advkit.widgets)
+    # the figure reaches the front end as an Image widget (no Output widget: see advkit.plots.slicer)
     models = executed.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"].values()
     names = {m["model_name"] for m in models}
     assert "ImageModel" in names and "OutputModel" not in names
@@ -125,13 +126,13 @@ def _grid_file(path, model, n, quantities=("loss", "accuracy"), scale=1.0):
     ds = xr.Dataset({q: (("alpha", "beta"), values[q]) for q in quantities}
                     | {"computed": (("alpha", "beta"), np.ones_like(loss, dtype=np.int8))},
                     coords={"alpha": a, "beta": a}, attrs={"model": model, "kind": "grid"})
-    L.write_surface(ds, path)  # with its checksum, as advkit.landscape writes surfaces
+    write_surface(ds, path)  # with its checksum, as advkit.landscape writes surfaces
     return ds
 
 
 def _line_file(path, model):
     a = np.linspace(-1, 1, 51)
-    L.write_surface(xr.Dataset({"loss": ("alpha", a ** 2), "computed": ("alpha", np.ones(51, dtype=np.int8))},
+    write_surface(xr.Dataset({"loss": ("alpha", a ** 2), "computed": ("alpha", np.ones(51, dtype=np.int8))},
                                coords={"alpha": a}, attrs={"model": model, "kind": "line"}), path)
 
 

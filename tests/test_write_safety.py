@@ -1,5 +1,5 @@
 """Shared run files under concurrent writers, kills between a write's steps, full disks and files in the
-way (advkit.artifacts, advkit.runs, the driver's run lock and kernel files in advkit.pipeline)."""
+way (advkit.runs.artifacts, advkit.runs, the driver's run lock and kernel files in advkit.pipeline)."""
 
 import json
 import multiprocessing
@@ -10,11 +10,23 @@ import signal
 import pytest
 import torch
 
-from advkit import artifacts, pipeline
-from advkit.artifacts import (ArtifactWriteError, CorruptArtifactError, LockHeld, atomic_path, atomic_write_text,
-                              checksum_path, file_lock, read_json, recorded_hashes, verified)
 from advkit.models import get_model
-from advkit.runs import Run, figures_dir, load_model, one_at_a_time, run_dir, save_model, update_manifest
+from advkit.pipeline import driver as pipeline
+from advkit.runs import artifacts
+from advkit.runs.artifacts import (
+    ArtifactWriteError,
+    CorruptArtifactError,
+    LockHeld,
+    atomic_path,
+    atomic_write_text,
+    checksum_path,
+    file_lock,
+    read_json,
+    recorded_hashes,
+    verified,
+)
+from advkit.runs.checkpoints import load_model, save_model
+from advkit.runs.run import Run, figures_dir, one_at_a_time, run_dir, update_manifest
 
 FORK = multiprocessing.get_context("fork")  # the children share the test's imports (no torch import each)
 
@@ -273,7 +285,7 @@ def test_the_model_kept_by_a_killed_write_loads(tmp_path, monkeypatch):
 
 
 def test_a_second_sweep_of_a_run_is_refused_naming_the_holder(tmp_run):
-    from advkit import sweep
+    from advkit.pipeline import sweep
 
     run = Run(run_dir("busy"))
     atomic_write_text(run.model("base"), "placeholder")  # notebooks 01-02's results, as far as the sweep checks

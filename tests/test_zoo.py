@@ -11,9 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from advkit import correlation, zoo
 from advkit.models import get_model
-from advkit.runs import CorruptArtifactError, Run, StaleCacheWarning, save_model
+from advkit.runs.artifacts import CorruptArtifactError
+from advkit.runs.checkpoints import save_model
+from advkit.runs.run import Run, StaleCacheWarning
+from advkit.studies import correlation, zoo
 
 TINY = zoo.ZooSettings(dataset="digits", n_eval=24, pgd_eps=0.1, pgd_steps=2, pgd_alpha=None, pgd_restarts=1,
                        n_autoattack=24, aa_steps=5, flatness_samples=2, worst_steps=2, hessian_iters=3,

@@ -21,8 +21,8 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from advkit._torch import Attack, CompiledOrEager, WithParams, autocast, chunks, eval_mode, model_device, train_mode
-from advkit.directions import Directions, perturbable_state
 from advkit.folding import conv_bn_pairs, folded_copy
+from advkit.landscape.directions import Directions, perturbable_state
 from advkit.landscape.robust import ATTACK_EXAMPLES_PER_CALL, PointsModule, attack_points, on_copies
 
 

@@ -1,5 +1,5 @@
 """Surface files: self-describing netCDF (xarray + h5netcdf), written atomically with a checksum,
-read verified, and reused only under the kit's one cache policy (`advkit.runs.cache_is_current`)."""
+read verified, and reused only under the kit's one cache policy (`advkit.runs.run.cache_is_current`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from typing import Any
 import xarray as xr
 
 from advkit.landscape.settings import SurfaceSettings, plain
-from advkit.runs import atomic_path, cache_is_current, verified
+from advkit.runs.artifacts import atomic_path, verified
+from advkit.runs.run import cache_is_current
 
 
 def load_surface(path: str | Path) -> xr.Dataset:
@@ -31,7 +32,7 @@ def load_surface(path: str | Path) -> xr.Dataset:
 
 
 def write_surface(ds: xr.Dataset, path: str | Path) -> Path:
-    """Write a surface atomically, with its checksum recorded (`advkit.runs.atomic_path`)."""
+    """Write a surface atomically, with its checksum recorded (`advkit.runs.artifacts.atomic_path`)."""
     with atomic_path(path) as tmp:
         ds.to_netcdf(tmp, engine="h5netcdf")
     return Path(path)

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from advkit._torch import (check_int, check_number, check_precision, gpu_policy, loss_and_accuracy, model_device,
-                           resolve_precision)
+from advkit._checks import check_int, check_number
+from advkit._torch import check_precision, gpu_policy, loss_and_accuracy, model_device, resolve_precision
 
 if TYPE_CHECKING:
     from advkit.landscape.engine import Engine

@@ -3,7 +3,7 @@ attack re-run at every point), on P stacked copies of a batch, copy p run at poi
 
 The kit's attacks are per example (summed loss, eval mode: no coupling between examples), so
 attacking the (P*B) stack is attacking each point on its own; an attack takes part through its
-version on copies (`advkit.attacks.ON_COPIES`: pgd's `pgd_on_copies`, fgsm), which draws each
+version on copies (`advkit.attacks.pgd.ON_COPIES`: pgd's `pgd_on_copies`, fgsm), which draws each
 copy's random start as a call on that copy alone would. Other attacks (e.g. AutoAttack, which re-selects subsets of its
 inputs) are run point by point.
 """
@@ -19,7 +19,7 @@ from torch import nn
 from torch.func import vmap
 
 from advkit._torch import Attack, WithParams
-from advkit.attacks import ON_COPIES
+from advkit.attacks.pgd import ON_COPIES
 
 ATTACK_EXAMPLES_PER_CALL = 8192
 """Most examples (P copies x batch) one batched attack call holds with input gradients (a CIFAR
@@ -29,7 +29,7 @@ PointForward = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
 
 
 def on_copies(attack: Attack) -> Attack | None:
-    """`attack` (one of `advkit.attacks.ON_COPIES`, or a functools.partial of one) as the version
+    """`attack` (one of `advkit.attacks.pgd.ON_COPIES`, or a functools.partial of one) as the version
     that takes `copies` (stacked copies of a batch), with the same settings; None for any other."""
     func, args, kw = attack, (), {}
     if isinstance(attack, functools.partial):
@@ -70,6 +70,6 @@ def attack_points(attack: Attack, module: PointsModule, x: torch.Tensor, y: torc
     p = module.points
     stacked = on_copies(attack)
     if stacked is None:
-        raise ValueError("the attack has no version on stacked copies (advkit.attacks.ON_COPIES)")
+        raise ValueError("the attack has no version on stacked copies (advkit.attacks.pgd.ON_COPIES)")
     x_adv = stacked(module, x.repeat(p, *([1] * (x.dim() - 1))), y.repeat(p), copies=p)
     return x_adv.detach().unflatten(0, (p, -1))

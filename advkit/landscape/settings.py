@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from advkit._torch import check_choice, check_int, check_precision, gpu_policy
-from advkit.runs import describe_callable
+from advkit._checks import check_choice, check_int
+from advkit._torch import check_precision, gpu_policy
+from advkit.runs.run import describe_callable
 
 QUANTITIES = ("loss", "accuracy", "robust_loss", "robust_accuracy")
 BN_MODES = ("eval", "recalibrate")
@@ -225,7 +226,7 @@ def settings_with(settings: SurfaceSettings | None, overrides: Mapping[str, Any]
     """`settings` (None: SurfaceSettings(**defaults)) with keyword `overrides` of its fields; a
     given `settings` without a kind takes the default `kind`."""
     if settings is not None and not isinstance(settings, SurfaceSettings):
-        raise ValueError(f"settings must be an advkit.landscape.SurfaceSettings, got {type(settings).__name__}")
+        raise ValueError(f"settings must be an advkit.landscape.settings.SurfaceSettings, got {type(settings).__name__}")
     if settings is None:
         settings = SurfaceSettings(**defaults)
     elif settings.kind is None and "kind" in defaults:

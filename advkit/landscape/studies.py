@@ -6,17 +6,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
 import pandas as pd
 import torch
 import xarray as xr
 from torch import nn
 
-from advkit._torch import Attack, check_choice, check_number
-from advkit.directions import NORMS, random_directions
+from advkit._checks import check_choice, check_number
+from advkit._torch import Attack
+from advkit.landscape.directions import NORMS, random_directions
 from advkit.landscape.settings import SurfaceSettings, settings_with
 from advkit.landscape.sharpness import mean_increase, quadratic_fit
 from advkit.landscape.surfaces import grid, line
-from advkit.runs import Run
+from advkit.runs.run import Run
 
 METRICS = ("curvature", "mean_increase")
 SensitivitySurfaces = Mapping[tuple[str, float, str], xr.Dataset]
@@ -39,7 +41,7 @@ def sensitivity_surfaces(models: Mapping[str, nn.Module], x: torch.Tensor, y: to
     directions are far longer than the weights, so their informative range is far smaller.
     `bn` ("ignore"/"include": BatchNorm parameters perturbed or not), `attack` (robust loss,
     re-run at every point) and `bn_x` (for `settings.bn_mode="recalibrate"`) extend the sweep
-    (`advkit.replicates.sensitivity_replicates`); a non-default seed, `bn` or `bn_mode` is part
+    (`advkit.landscape.replicates.sensitivity_replicates`); a non-default seed, `bn` or `bn_mode` is part
     of the cache file's name, so the variants never overwrite each other's files; so is `tag`
     (another study's files beside these).
     """

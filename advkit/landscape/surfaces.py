@@ -4,7 +4,7 @@ surfaces notebook 04 compares (`model_surfaces`).
 theta(alpha, beta) = theta* + alpha d1 + beta d2 (Li et al. 2018; Xu et al. 2019, Eq. 5-6).
 Each surface is an xarray Dataset, written to its file after every row, so an interrupted
 computation resumes where it stopped; a file made with other settings is recomputed and
-replaced with a StaleCacheWarning (`advkit.runs.cache_is_current`). Under torchrun the rows are
+replaced with a StaleCacheWarning (`advkit.runs.run.cache_is_current`). Under torchrun the rows are
 shared out across the ranks (`advkit.ranks.in_rounds`: one row per rank and round, rank 0 writes
 after each round): the same file, with bit for bit the values one process computes.
 """
@@ -23,16 +23,23 @@ import xarray as xr
 from torch import nn
 
 from advkit import ranks
-from advkit._torch import Attack, check_choice, check_int, eval_mode, model_device, state_hash, tensors_hash, to_float
-from advkit.directions import (NORMS, Directions, architecture_mismatch, interpolation_directions,
-                               plane_directions, random_directions)
+from advkit._checks import check_choice, check_int
+from advkit._torch import Attack, eval_mode, model_device, state_hash, tensors_hash, to_float
+from advkit.landscape.directions import (
+    NORMS,
+    Directions,
+    architecture_mismatch,
+    interpolation_directions,
+    plane_directions,
+    random_directions,
+)
 from advkit.landscape.engine import Engine
-from advkit.landscape.precision import AUTOCAST_TOLERANCE, choose_surface_precision, probe_points
 from advkit.landscape.files import cached_surface, write_surface
+from advkit.landscape.precision import AUTOCAST_TOLERANCE, choose_surface_precision, probe_points
 from advkit.landscape.settings import LONG_NAMES, SurfaceSettings, settings_with
 from advkit.landscape.sharpness import check_radius
 from advkit.progress import LoopProgress
-from advkit.runs import Run
+from advkit.runs.run import Run
 
 SURFACE_KINDS = ("grid", "line", "robust_grid", "interpolation")
 
@@ -54,7 +61,7 @@ def compute_surface(model: nn.Module, directions: Directions, x: torch.Tensor, y
     """
     settings = settings_with(settings, overrides)
     if not isinstance(directions, Directions):
-        raise ValueError(f"directions must be an advkit.directions.Directions, got {type(directions).__name__}")
+        raise ValueError(f"directions must be an advkit.landscape.directions.Directions, got {type(directions).__name__}")
     directions.check(model)
     if len(y) != len(x) or len(y) == 0:
         raise ValueError(f"x and y must be non-empty and of equal length, got {len(x)} and {len(y)}")

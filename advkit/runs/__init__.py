@@ -1,0 +1,1 @@
+"""A run directory: its checksummed, atomically written artifacts, checkpoints and cache policy."""

@@ -1,0 +1,1 @@
+"""Studies across models: the zoo table, correlations, published numbers, rescaling audit, robust split."""
