@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PROFILE ?= quick
 STAMP := $(VENV)/.advkit-installed
 
-.PHONY: run test browser-test notebooks lab clean
+.PHONY: run test lint browser-test notebooks lab clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ run: $(STAMP)
 ## unit tests and nbval notebook regression tests
 test: $(STAMP)
 	$(BIN)/python -m pytest --nbval --nbval-sanitize-with nbval_sanitize.cfg tests notebooks
+
+## ruff over the repository (pyproject.toml's [tool.ruff]: pycodestyle, pyflakes, import order, lines <= 120)
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 ## the real-browser slicer test alone (installs Debian's chromium and playwright when missing)
 browser-test: $(STAMP)

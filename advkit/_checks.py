@@ -2,7 +2,7 @@
 that names the parameter before any long computation starts.
 
 Torch-free, so that `advkit.pipeline.params` checks a run's parameters in well under a second with the
-very functions the library's dataclasses and functions use; `advkit._torch` re-exports them. The
+very functions the library's dataclasses and functions use. The
 library's torch-free facts (optimizer names, Xu et al.'s attacks, the seed range, the device rule,
 the quadratic-fit point rule) are here too, for the same reason.
 """
@@ -62,7 +62,8 @@ def check_number(name: str, value: Any, low: float = 0.0, high: float = math.inf
 OPTIMIZERS = ("sgd", "adam")                                 # advkit.training.fit.TrainConfig.optimizer
 SCHEDULES = ("constant", "multistep", "cosine", "onecycle")  # advkit.training.fit.TrainConfig.schedule
 RECIPES = ("paper", "fast")                                  # advkit.training.fit: as given, or FAST_RECIPE
-XU_ATTACKS = ("fgsm", "pgd", "stadv")  # Xu et al. 2019's fine-tunes, named after their attack (advkit.attacks.evaluate.XU2019)
+# Xu et al. 2019's fine-tunes, named after their attack (advkit.attacks.evaluate.XU2019)
+XU_ATTACKS = ("fgsm", "pgd", "stadv")
 MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit; torch takes these too
 QUADRATIC_FIT_POINTS = {1: 4, 2: 7}
 """Grid points within the radius that the sharpness's quadratic fit needs, 1D and 2D

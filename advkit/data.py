@@ -267,7 +267,8 @@ def random_crop_flip(x: torch.Tensor, padding: int, flip: bool, generator: torch
         dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(dev)
         rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
         cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, None, :]
-        x = padded[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None], rows, cols]
+        x = padded[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
+                   rows, cols]
     if flip:
         mask = (torch.rand(n, generator=generator) < 0.5).to(x.device)[:, None, None, None]
         x = torch.where(mask, x.flip(-1), x)

@@ -81,8 +81,9 @@ def part_at(data: Dataset, args, device: torch.device, run: Path) -> tuple[str, 
     model = get_model(args.arch, 10, 3).to(device)
     config = paper_config("pgd_at", epochs=args.epochs, seed=args.seed)
     objective = PGDAT()  # eps 8/255, step 2/255, 10 steps, train-mode attack (Rice et al.)
-    result = fit(model, Batcher(x_train, y_train, 128, augment=True, padding=4, seed=args.seed, device=device), config, objective=objective,
-                 evaluate=evaluate, select="val_robust_loss", run=run, name=f"pgd_at_{args.arch}", progress=True)
+    result = fit(model, Batcher(x_train, y_train, 128, augment=True, padding=4, seed=args.seed, device=device), config,
+                 objective=objective, evaluate=evaluate, select="val_robust_loss", run=run, name=f"pgd_at_{args.arch}",
+                 progress=True)
     history = result.history
     train_time = (history["time_s"] - history["eval_time_s"]).mean()
     final = result.model
@@ -114,7 +115,8 @@ def part_xu(data: Dataset, args, device: torch.device, run: Path) -> tuple[str, 
     base_config = TrainConfig(epochs=args.xu_base_epochs, lr=0.1, schedule="multistep",
                               weight_decay=1e-4, seed=args.seed)
     t0 = time.perf_counter()
-    fit(base, Batcher(x_train, y_train, 128, augment=True, padding=4, seed=args.seed, device=device), base_config, run=run, name=f"base_{args.xu_arch}")
+    fit(base, Batcher(x_train, y_train, 128, augment=True, padding=4, seed=args.seed, device=device), base_config,
+        run=run, name=f"base_{args.xu_arch}")
     times = {"base": time.perf_counter() - t0}
     models = {"base": base.eval()}
     for attack in XU_ATTACKS:
@@ -124,8 +126,8 @@ def part_xu(data: Dataset, args, device: torch.device, run: Path) -> tuple[str, 
         times[f"generate {attack}"] = time.perf_counter() - t0
         model = copy.deepcopy(base)
         t0 = time.perf_counter()
-        fit(model, finetune_batcher(x2, y2, seed=args.seed, device=device), finetune_config(args.xu_epochs, seed=args.seed), run=run,
-            name=f"{attack}_augmented_{args.xu_arch}")
+        fit(model, finetune_batcher(x2, y2, seed=args.seed, device=device),
+            finetune_config(args.xu_epochs, seed=args.seed), run=run, name=f"{attack}_augmented_{args.xu_arch}")
         times[f"fine-tune {attack}"] = time.perf_counter() - t0
         models[f"{attack}-augmented"] = model.eval()
     table = pd.DataFrame({name: evaluate_attacks(m, to_float(x_test), y_test, XU2019, ssim=False,

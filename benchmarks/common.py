@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 sys.path.insert(0, str(ROOT))
 
-from advkit.runs.run import git_commit
+from advkit.runs.run import git_commit  # noqa: E402 (needs the repository root on sys.path, set above)
 
 
 def load_images(n: int, data_dir: str | None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, str]:

@@ -19,7 +19,8 @@ images unless --data-dir holds CIFAR-10), in one run on one device:
 
 Both compute the same numbers: the table reports the largest relative loss difference at the
 points both evaluated. With random weights (no --checkpoint), BatchNorm statistics are first
-set on the images (update_bn) so that the losses are those of a normalized network. Warm-up (CUDA context, cuDNN autotuning) is excluded for both.
+set on the images (update_bn) so that the losses are those of a normalized network. Warm-up (CUDA
+context, cuDNN autotuning) is excluded for both.
 
     python benchmarks/landscape_speed.py                     # GPU: 51 x 51 on 10,000 images
     python benchmarks/landscape_speed.py --n 128 --resolution 3 --reference-points 3   # CPU smoke

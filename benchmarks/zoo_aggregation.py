@@ -193,12 +193,13 @@ def steps(table: pd.DataFrame, run: Run, resamples: int, figures: Path) -> list[
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    import advkit.plots.figures
+    from advkit.plots.figures import save_figure
+    from advkit.plots.models import model_scatter
     confidence = confidence_tables()
 
     def scatter():
-        fig = advkit.plots.models.model_scatter(table, SCATTER, ncols=2)
-        advkit.plots.figures.save_figure(fig, "05_robust_loss_vs_flatness", folder=figures)
+        fig = model_scatter(table, SCATTER, ncols=2)
+        save_figure(fig, "05_robust_loss_vs_flatness", folder=figures)
         plt.close(fig)
 
     def write_read():

@@ -159,6 +159,31 @@ def test_no_private_name_is_imported_across_modules():
     assert not found, found
 
 
+def defined_names(path: Path) -> set[str]:
+    """The names a module defines itself (functions, classes, assignments), not those it imports."""
+    names: set[str] = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                names |= {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
+    return names
+
+
+def test_every_name_is_imported_from_the_module_that_defines_it():
+    """No re-exports: `from advkit.x import name` finds `name` defined in advkit.x (or names a submodule)."""
+    mods = modules()
+    relayed = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and not node.level and node.module in mods:
+                own = defined_names(mods[node.module])
+                relayed += [f"{path.relative_to(PACKAGE.parent)}: {a.name} from {node.module}" for a in node.names
+                            if a.name not in own and f"{node.module}.{a.name}" not in mods]
+    assert not relayed, relayed
+
+
 def test_layer_rules_catch_an_upward_import(tmp_path):
     root = _package(tmp_path, {"__init__.py": "", "runs/__init__.py": "", "runs/run.py": "from advkit.plots import f\n",
                                "plots/__init__.py": "", "plots/f.py": "from advkit.runs import run\n"})

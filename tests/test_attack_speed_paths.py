@@ -91,6 +91,7 @@ def seeded_last_iterate(model, x, y, eps, steps):
     return last_iterate_pgd(model, x, y, eps, 2.5 * eps / steps, steps, torch.Generator().manual_seed(0))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attack", [seeded_last_iterate, pgd])
 def test_pgd_with_folded_batchnorm_matches_plain(model, data, attack):
     x, y = data
@@ -106,6 +107,7 @@ def test_pgd_with_folded_batchnorm_matches_plain(model, data, attack):
     bn._forward_hooks.clear()
 
 
+@pytest.mark.slow
 def test_fgsm_apgd_and_autoattack_with_folded_batchnorm_match_plain(model, data):
     x, y = data
     for attack, kw in [(fgsm, {}), (apgd, {"steps": 4}), (autoattack, {"steps": 4, "n_target_classes": 2})]:
@@ -125,6 +127,7 @@ def test_cpu_default_is_the_plain_model(model, data):
         fast(model, compile="fast")
 
 
+@pytest.mark.slow
 def test_folded_copy_follows_changes_of_the_model(data):
     x, _ = data
     model = resnet(seed=3)
@@ -240,6 +243,7 @@ def test_nan_weights_and_bad_labels_still_raise(data, attack, fold_bn):
 # --- torch.compile (slow on CPU: one small model, one test) -----------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.gpu_policy
 def test_compiled_folded_pgd_matches_plain():
     torch.manual_seed(0)

@@ -69,6 +69,7 @@ def assert_within_budget(x, x_adv, norm, budget):
         assert delta.norm(dim=1).max() <= budget * (1 + 1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,kwargs,budget", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
 @pytest.mark.parametrize("which", ["random", "trained"])
 def test_attack_keeps_budget_and_box(name, kwargs, budget, which, random_model, random_data, trained_cnn,
@@ -274,6 +275,7 @@ def test_pgd_matches_torchattacks(trained_cnn, digits_test):
     assert abs(accuracy(trained_cnn, ours, y) - accuracy(trained_cnn, ref, y)) <= 0.01
 
 
+@pytest.mark.slow
 def test_apgd_matches_torchattacks(trained_cnn, digits_test):
     torchattacks = pytest.importorskip("torchattacks")
     x, y = digits_test[0][:128], digits_test[1][:128]

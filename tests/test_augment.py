@@ -1,6 +1,7 @@
 """advkit.training.augment: static adversarial augmentation (Xu et al. 2019) and its cache."""
 
 import copy
+import dataclasses
 import json
 import math
 
@@ -10,7 +11,8 @@ import torch.nn.functional as F
 
 from advkit._checks import XU_ATTACKS
 from advkit._torch import state_hash, to_float
-from advkit.runs.run import StaleCacheWarning
+from advkit.runs.checkpoints import load_model, save_model
+from advkit.runs.run import Run, StaleCacheWarning
 from advkit.training import augment
 from advkit.training.augment import augmented_dataset, finetune_batcher, finetune_config, xu_budget
 
@@ -215,3 +217,29 @@ def test_a_fine_tune_made_with_other_switches_is_not_resumed_silently(tmp_path):
     (tmp_path / "checkpoints" / "fgsm.state.pt").write_bytes(b"")  # made before the switches: uint8, static
     with pytest.raises(ValueError, match="storage='uint8'"):
         augment.check_finetune_settings(tmp_path, "fgsm", settings)
+
+
+@pytest.mark.parametrize("mode, dtype", [("static", "float32"), ("regenerate", None)])
+def test_xu_finetune_is_the_fine_tune_of_its_mode(trained_cnn, digits, tmp_path, mode, dtype):
+    from advkit.training.fit import fit
+
+    data = dataclasses.replace(digits, x_train=digits.x_train[:N], y_train=digits.y_train[:N])
+    runs = [Run(tmp_path / name) for name in ("xu", "by_hand")]
+    for run in runs:
+        save_model(run.model("base"), trained_cnn, {})
+    config = finetune_config(1, seed=3)
+    done = augment.xu_finetune(runs[0], data, "fgsm", {}, config, mode=mode, storage="float32", batch_size=16)
+    model = load_model(runs[1].model("base"))
+    if mode == "static":  # 1:1 set made once against the base model, batches of 16
+        x, y = augmented_dataset(load_model(runs[1].model("base")), data.x_train, data.y_train, "fgsm",
+                                 run=runs[1], seed=3, dtype=dtype)
+        batches, objective = finetune_batcher(x, y, 16, padding=1, seed=3), "clean"
+    else:  # 8 clean images a batch, each with its example against the current weights
+        batches = finetune_batcher(data.x_train, data.y_train, 8, padding=1, seed=3)
+        objective = augment.RegeneratedAugmentation("fgsm")
+    by_hand = fit(model, batches, config, objective=objective, run=runs[1], name="fgsm")
+    assert runs[0].model("fgsm").exists()
+    for a, b in zip(done.model.parameters(), by_hand.model.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="mode"):
+        augment.xu_finetune(runs[0], data, "fgsm", {}, config, mode="dynamic")

@@ -43,6 +43,7 @@ def _rows(text: str) -> dict[str, list[str]]:
     return out
 
 
+@pytest.mark.slow
 def test_speed_table_smoke_has_every_row_and_its_checks(smoke):
     from advkit.runs.run import git_commit
 
@@ -73,6 +74,7 @@ def test_speed_table_smoke_has_every_row_and_its_checks(smoke):
     assert "| **all** | total vs goal 1 h |" in smoke
 
 
+@pytest.mark.slow
 def test_missing_reference_libraries_are_reported_not_fatal(tmp_path):
     results = tmp_path / "RESULTS.md"
     script = ("import runpy, sys; sys.modules['torchattacks'] = sys.modules['pyhessian'] = None; "  # imports fail

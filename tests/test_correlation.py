@@ -27,7 +27,7 @@ from advkit.studies.correlation import (
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-import advkit.plots.figures
+from advkit.plots.models import confidence_flatness_plot, flatness_through_training, model_scatter
 
 SCIPY = {"pearson": scipy.stats.pearsonr, "spearman": scipy.stats.spearmanr, "kendall": scipy.stats.kendalltau}
 
@@ -320,18 +320,18 @@ def test_summary_is_honest_about_few_models():
 
 def test_figures():
     table = model_table()
-    fig = advkit.plots.models.model_scatter(table, [("avg_case_flatness", "robust_loss_test"),
+    fig = model_scatter(table, [("avg_case_flatness", "robust_loss_test"),
                                              ("one_minus_ssim", "surface_sharpness"), ("nope", "robust_gap")])
     titles = [ax.get_title() for ax in fig.axes[:3]]
     assert titles[0].startswith("Spearman ρ = ") and "(n = 10)" in titles[0]
     assert "(n = 3)" in titles[1]
     assert fig.axes[2].texts[0].get_text() == "no models with both values"
-    fig = advkit.plots.models.flatness_through_training(table, {"pgd_at": pd.DataFrame(
+    fig = flatness_through_training(table, {"pgd_at": pd.DataFrame(
         {"epoch": [1, 2, 3], "train_robust_loss": [1, 0.9, 0.8], "test_robust_loss": [1.1, 1.0, 1.05]})})
     assert len(fig.axes) == 3 and fig.axes[1].get_xlabel() == "epoch"
     with pytest.raises(ValueError, match="two or more epochs"):
-        advkit.plots.models.flatness_through_training(table.head(4))
-    fig = advkit.plots.models.confidence_flatness_plot(*confidence_tables())
+        flatness_through_training(table.head(4))
+    fig = confidence_flatness_plot(*confidence_tables())
     assert [ax.get_title() for ax in fig.axes] == ["clean inputs", "adversarial inputs"]
     plt.close("all")
 

@@ -189,3 +189,25 @@ def test_backends_agree():
     fwd = C.directional_curvature(model, d, x, y, backend="forward", batch_size=3).matrix
     np.testing.assert_allclose(C.directional_curvature(model, d, x, y, backend="reverse").matrix, fwd,
                                rtol=1e-4, atol=1e-7)
+
+
+def test_eigen_maps_are_each_models_maps_in_its_surface_plane():
+    models = {"base": small_bn_net(1), "b": small_bn_net(2)}
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.rand(12, 1, 4, 4, generator=gen), torch.randint(0, 3, (12,), generator=gen)
+    attack = functools.partial(pgd, eps=0.05, steps=2, seed=0)
+    surfaces = model_surfaces(models, x, y, None, SurfaceSettings(span=0.1, resolution=3, precision="fp32"), seed=0)
+    coords = [-0.1, 0.0, 0.1]
+    maps = C.eigen_maps(models, surfaces["grid"], x, y, coords, names=["b", "absent"], n_images=6, attack=attack,
+                        steps=3, seed=2)
+    assert list(maps) == ["b"] and list(maps["b"]) == ["clean", "robust"]
+    d = C.surface_directions(models["b"], surfaces["grid"]["b"], x, y)
+    for loss, a in (("clean", None), ("robust", attack)):
+        xr.testing.assert_identical(maps["b"][loss], C.hessian_eigen_map(models["b"], d, x[:6], y[:6], coords,
+                                                                         attack=a, steps=3, seed=2))
+    assert list(C.eigen_maps(models, surfaces["grid"], x, y, coords, names=["base"], steps=3)["base"]) == ["clean"]
+    summary = C.eigen_map_summary(maps)
+    assert list(summary.index) == [("b", "clean"), ("b", "robust")]
+    clean = maps["b"]["clean"]
+    assert summary.loc[("b", "clean"), "lambda_max_centre"] == float(clean["lambda_max"][1, 1])
+    assert summary.loc[("b", "clean"), "ratio_max"] == float(clean["ratio"].max())

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from advkit._torch import state_hash, tensors_hash
-from advkit.landscape.directions import directions_hash, explicit_directions, random_directions
+from advkit.landscape.directions import Directions, directions_hash, explicit_directions, random_directions
+from advkit.landscape.surfaces import compute_surface
 
 
 def net():
@@ -52,3 +53,17 @@ def test_state_hash_of_a_model_with_batchnorm():
     assert state_hash(model) != before
     model[1].num_batches_tracked -= 1
     assert state_hash(model) == before
+
+
+def test_nothing_to_perturb_is_an_error():
+    # A model without parameters (or with only biases and normalization parameters under bn="ignore")
+    # gave empty or zero directions and a flat surface: a silent, meaningless result.
+    with pytest.raises(ValueError, match="no parameters to perturb"):
+        random_directions(nn.Flatten(), seed=0)
+    norm_only = nn.Sequential(nn.BatchNorm1d(4))
+    with pytest.raises(ValueError, match="bn='ignore' leaves fixed"):
+        random_directions(norm_only, seed=0)
+    assert random_directions(norm_only, seed=0, bn="include").ndim == 2
+    with pytest.raises(ValueError, match="direction 1 is empty"):
+        compute_surface(nn.Flatten(), Directions(({}, {})), torch.rand(2, 1, 2, 2),
+                        torch.zeros(2, dtype=torch.int64))

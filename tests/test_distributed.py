@@ -7,7 +7,9 @@ as the test process (tests/conftest.py), so that the float path is the same."""
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import dataclasses
 import functools
 import io
 import json
@@ -189,6 +191,7 @@ def test_outside_torchrun_there_is_one_rank_and_nothing_is_sent():
     assert ranks.device("cuda") == torch.device("cuda")  # no group: the device as given
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_compute_the_same_surfaces_as_one_process(tmp_path):
     surfaces(tmp_path / "one")
     spawn("surfaces", tmp_path / "two", tmp_path)
@@ -200,6 +203,7 @@ def test_two_gloo_ranks_compute_the_same_surfaces_as_one_process(tmp_path):
     assert np.isfinite(robust["robust_loss"].values).all()
 
 
+@pytest.mark.slow
 def test_a_killed_two_rank_surface_resumes_from_the_rounds_on_disk(tmp_path):
     surfaces(tmp_path / "one", only_grid=True)
     with pytest.raises(Exception):  # rank 1 is killed; mp.spawn stops rank 0 and reports it
@@ -215,6 +219,7 @@ def test_a_killed_two_rank_surface_resumes_from_the_rounds_on_disk(tmp_path):
     assert_same_surface(tmp_path / "one" / "grid.nc", tmp_path / "two" / "grid.nc")
 
 
+@pytest.mark.slow
 def test_ranks_with_other_settings_stop_before_writing_and_leave_no_wrong_points(tmp_path):
     folder = tmp_path / "two"
     folder.mkdir()
@@ -241,6 +246,7 @@ def _zoo(folder: Path) -> Run:
     return run
 
 
+@pytest.mark.slow
 def test_flatness_table_split_over_two_ranks_equals_one_process(tmp_path):
     one = _zoo(tmp_path / "one")
     shutil.copytree(one.root, tmp_path / "two")  # the same checkpoint files (and hashes)
@@ -259,7 +265,21 @@ def test_the_studies_read_only_their_notebooks_parameters():
     assert set(stages.LANDSCAPE_PARAMETERS) <= set(cells["04_visualize"])
     assert set(stages.FLATNESS_PARAMETERS) <= set(cells["05_flatness_correlation"])
     with pytest.raises(KeyError, match="notebook 04_visualize needs .*'span'"):
-        stages.landscape_study({k: 0 for k in stages.LANDSCAPE_PARAMETERS if k != "span"})
+        stages.LandscapeParameters.from_values({k: 0 for k in stages.LANDSCAPE_PARAMETERS if k != "span"})
+    assert stages.FlatnessParameters.from_values({k: 0 for k in stages.FLATNESS_PARAMETERS}).recompute == 0
+
+
+@pytest.mark.parametrize("notebook, cls", [("04_visualize", stages.LandscapeParameters),
+                                           ("05_flatness_correlation", stages.FlatnessParameters)])
+def test_the_notebooks_pass_every_parameter_by_name(notebook, cls):
+    """The notebook builds its settings keyword by keyword from its own parameter variables."""
+    cells = json.loads(Path(f"notebooks/{notebook}.ipynb").read_text())["cells"]
+    tree = ast.parse("\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code"))
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+             and n.func.attr == cls.__name__]
+    assert len(calls) == 1 and not calls[0].args
+    passed = {k.arg: k.value.id for k in calls[0].keywords if isinstance(k.value, ast.Name)}
+    assert list(passed) == [f.name for f in dataclasses.fields(cls)] and all(k == v for k, v in passed.items())
 
 
 # ------------------------------------------------------------------ the torchrun command
@@ -270,6 +290,7 @@ QUICK_TINY = ["n_images=16", "resolution=11", "radius=0.3", "line_resolution=21"
               "curvature_images=8", "invariance_images=8"]
 
 
+@pytest.mark.slow
 def test_torchrun_commands_compute_what_notebooks_04_and_05_then_find_complete(tmp_run):
     run = Run.named("tiny")
     for seed, name in enumerate(("base", "fgsm")):
@@ -289,9 +310,9 @@ def test_torchrun_commands_compute_what_notebooks_04_and_05_then_find_complete(t
     assert len(files) == 2 * 3 + 1 + 2 + 1  # grid, line, robust grid per model, 1 interpolation, 2 sensitivity lines
     before = {f: (f.stat().st_mtime_ns if f.suffix == ".nc" else 0, f.read_bytes()) for f in files}
     values = profile_values("quick", "tiny", parse_assignments(QUICK_TINY))
-    study = stages.landscape_study(values)  # what notebook 04 does: finds every file complete
+    study = stages.landscape_study(stages.LandscapeParameters.from_values(values))  # as notebook 04: all complete
     assert len(study.surfaces()["grid"]) == 2 and len(study.sensitivity_surfaces()) == 2
-    table = stages.flatness_study(values).table(progress=False)
+    table = stages.flatness_study(stages.FlatnessParameters.from_values(values)).table(progress=False)
     assert list(table.index) == ["base", "fgsm"]
     # nothing recomputed: the surface files untouched, flatness.csv rewritten with the same rows
     assert {f: (f.stat().st_mtime_ns if f.suffix == ".nc" else 0, f.read_bytes()) for f in files} == before

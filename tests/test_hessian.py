@@ -221,6 +221,7 @@ def cifar_resnet():
     return model, torch.rand(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["reverse", "forward"])
 def test_trace_blocks_keep_probes_and_std_error(cifar_resnet, backend):
     from advkit.curvature.estimators import hutchinson

@@ -1,6 +1,7 @@
 """Integrity of what the kit writes and reads: checksums, run names, leftovers and clear errors
-(advkit.runs, with the loaders of advkit.landscape, advkit.landscape.directions, advkit.training.augment, advkit.studies.zoo,
-advkit.training.fit). Each test reproduces a defect a hostile user found on CIFAR-shaped artifacts."""
+(advkit.runs, with the loaders of advkit.landscape, advkit.landscape.directions, advkit.training.augment,
+advkit.studies.zoo, advkit.training.fit). Each test reproduces a defect a hostile user found on CIFAR-shaped
+artifacts."""
 
 import os
 import signal
@@ -27,7 +28,7 @@ from advkit.models import get_model
 from advkit.runs import artifacts
 from advkit.runs import run as runs
 from advkit.runs.artifacts import CorruptArtifactError, atomic_path, verified
-from advkit.runs.checkpoints import load_model, save_model
+from advkit.runs.checkpoints import check_model_spec, load_model, save_model
 from advkit.runs.run import run_dir, update_manifest
 from advkit.studies import zoo
 from advkit.training.augment import augmented_dataset
@@ -69,7 +70,8 @@ def test_garbled_training_state_is_an_error_and_keeps_the_good_model(tmp_path):
     _garble(state)
     torch.load(state, weights_only=True)  # the defect: the garbled file loads without complaint
     with pytest.raises(CorruptArtifactError, match=r"base.state.pt is corrupt.*notebook 01_train"):
-        fit(get_model("resnet20", 10, 3), Batcher(x, y, 8, augment=True), config, run=tmp_path, name="base", progress=False)
+        fit(get_model("resnet20", 10, 3), Batcher(x, y, 8, augment=True), config, run=tmp_path, name="base",
+            progress=False)
     assert (tmp_path / "models" / "base.pt").read_bytes() == good
 
 
@@ -156,7 +158,7 @@ def test_truncated_surface_and_manifest_name_the_file(tmp_path, resnet20):
     path.write_bytes(path.read_bytes()[:500])
     with pytest.raises(CorruptArtifactError, match="s.nc is corrupt"):
         load_surface(path)
-    runs.checksum_path(path).unlink()  # no checksum to compare with: the reader still names the file
+    artifacts.checksum_path(path).unlink()  # no checksum to compare with: the reader still names the file
     with pytest.warns(UserWarning, match="no recorded checksum"), \
             pytest.raises(ValueError, match="s.nc is not a readable surface file"):
         load_surface(path)
@@ -166,7 +168,7 @@ def test_truncated_surface_and_manifest_name_the_file(tmp_path, resnet20):
     manifest.write_text(manifest.read_text()[:20])
     with pytest.raises(CorruptArtifactError, match="manifest.json is corrupt"):
         update_manifest(tmp_path, "02_attack", {})
-    runs.checksum_path(manifest).unlink()
+    artifacts.checksum_path(manifest).unlink()
     with pytest.warns(UserWarning), pytest.raises(ValueError, match="manifest.json is not valid JSON"):
         update_manifest(tmp_path, "02_attack", {})
 
@@ -207,7 +209,7 @@ def test_untrusted_spec_is_bounded_before_building(tmp_path, changes, message):
 def test_resnet_spec_with_unknown_arch_is_an_error(tmp_path):
     path = tmp_path / "m.pt"
     save_model(path, get_model("resnet32", 10, 3))
-    assert runs.check_model_spec(torch.load(path, weights_only=True)["spec"])["arch"] == "resnet32"
+    assert check_model_spec(torch.load(path, weights_only=True)["spec"])["arch"] == "resnet32"
     payload = torch.load(path, weights_only=True)
     payload["arch"] = "resnet33"
     with atomic_path(path) as tmp:
@@ -223,7 +225,8 @@ def test_hand_built_directions_are_checked_against_the_model(resnet20):
     x, y = _cifar(4)
     d = dict(random_directions(resnet20, 1, seed=0).vectors[0])
     transposed = {**d, "linear.weight": d["linear.weight"].T.contiguous()}  # right size, wrong shape
-    with pytest.raises(ValueError, match=r"direction 1\['linear.weight'\] has shape \(64, 10\), the model's is \(10, 64\)"):
+    with pytest.raises(ValueError,
+                       match=r"direction 1\['linear.weight'\] has shape \(64, 10\), the model's is \(10, 64\)"):
         line(resnet20, Directions((transposed,)), x, y, resolution=3)
     with pytest.raises(ValueError, match=r"direction 1\['fc.weight'\] is not a parameter"):
         line(resnet20, Directions(({**d, "fc.weight": torch.zeros(10, 64)},)), x, y, resolution=3)
@@ -243,6 +246,7 @@ def test_hand_built_directions_are_checked_against_the_model(resnet20):
 # --- 5. leftovers -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_killed_atomic_write_leaves_nothing_for_the_next_run(tmp_run, monkeypatch):
     run = run_dir("r")
     code = ("import os, signal; from advkit.runs.artifacts import atomic_path\n"

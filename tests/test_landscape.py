@@ -571,6 +571,7 @@ def test_comparison_figure_shares_one_colour_scale(tmp_path):
 # --- the notebook's helpers (model_surfaces, sharpness_summary, sensitivity_summary, compare_curves) -----
 
 
+@pytest.mark.slow
 def test_model_surfaces_are_consistent_cached_and_checked(cnn, cnn_b, xy, tmp_path):
     x, y = xy[0][:32], xy[1][:32]
     models = {"base": cnn, "ft": cnn_b}
@@ -690,6 +691,7 @@ def test_compare_curves_draws_each_model_clean_and_robust():
         plots.compare_curves({"base": _quadratic(np.eye(2))})
 
 
+@pytest.mark.slow
 def test_models_of_different_architectures_are_not_interpolated(tmp_path):
     """The paper profile's AT models are ResNet-18s beside a ResNet-32 base: interpolations and
     planes need one parameter space, so they are skipped with the reason (or refused clearly)."""

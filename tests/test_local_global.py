@@ -17,6 +17,7 @@ from advkit.curvature.local_global import (
     rescaling_study,
     scale_logits,
     transfer_across_eps,
+    walter_models,
 )
 
 
@@ -88,7 +89,8 @@ def test_rescaling_keeps_predictions_and_changes_kappa_as_predicted(three_class)
 
 
 def test_feature_reparametrization_leaves_kappa_unchanged():
-    # phi -> c phi (ReLU layer scaled by c), W -> W / c: the same function and, as relative flatness promises, the same kappa
+    # phi -> c phi (ReLU layer scaled by c), W -> W / c: the same function and, as relative flatness promises,
+    # the same kappa
     torch.manual_seed(1)
     net = nn.Sequential(nn.Flatten(), nn.Linear(2, 5), nn.ReLU(), nn.Linear(5, 3)).double()
     x = torch.rand(8, 1, 1, 2, dtype=torch.float64)
@@ -122,8 +124,9 @@ def test_bound_holds_locally_by_brute_force_and_needs_the_flatness_term():
 
 
 def test_bound_is_local_not_global():
-    # a confidently correct point (p_y = 0.98): the curvature grows as the features move, so the dropped O(delta^3)
-    # remainder is negligible for small delta and dominates for large delta (two classes: the bound is tight at 2nd order)
+    # a confidently correct point (p_y = 0.98): the curvature grows as the features move, so the dropped
+    # O(delta^3) remainder is negligible for small delta and dominates for large delta (two classes: the bound
+    # is tight at 2nd order)
     W = torch.tensor([[4.0, 0.0], [0.0, 4.0]], dtype=torch.float64)
     b = torch.zeros(2, dtype=torch.float64)
     phi, y = torch.tensor([1.0, 0.0], dtype=torch.float64), torch.tensor([0])
@@ -140,7 +143,10 @@ def test_loss_change_bound_measures_delta_and_loss(three_class):
     df = loss_change_bound(model, x, x_adv, y)
     phi, phi_adv = x.flatten(1), x_adv.flatten(1)
     np.testing.assert_allclose(df["delta"], ((phi_adv - phi).norm(dim=1) / phi.norm(dim=1)).numpy(), rtol=1e-9)
-    ce = lambda v: F.cross_entropy(model(v), y, reduction="none")
+
+    def ce(v):
+        return F.cross_entropy(model(v), y, reduction="none")
+
     np.testing.assert_allclose(df["loss_change"], (ce(x_adv) - ce(x)).detach().numpy(), rtol=1e-9, atol=1e-12)
     assert df["holds"].all()
 
@@ -189,8 +195,8 @@ def test_summary_lines_state_each_claim_and_enter_the_notebook_summary():
                           "spearman_p": [1e-5, 0.5], "n": [64, 64]})
     scaled = pd.DataFrame({"scale": [1.0, 16.0], "kappa_median": [3.0, 0.0], "robust_accuracy_ce": [0.1, 0.3],
                            "robust_accuracy_margin": [0.1, 0.1]})
-    moved = {"eps_small": 0.01, "eps_large": 0.1, "fooled_small": 0.2, "also_fooled_large": 1.0, "robust_accuracy_large": 0.1,
-             "robust_accuracy_large_warm": 0.1}
+    moved = {"eps_small": 0.01, "eps_large": 0.1, "fooled_small": 0.2, "also_fooled_large": 1.0,
+             "robust_accuracy_large": 0.1, "robust_accuracy_large_warm": 0.1}
     lines = summary_lines({"base": curve}, {"base": scaled}, {"base": moved})
     assert len(lines) == 3 and "SUPPORTED" in lines[0] and "gradient masking" in lines[1]
     assert "NOT SUPPORTED" in summary_lines({"base": curve.assign(bound_holds=[0.5, 0.3])}, {"base": scaled},
@@ -216,3 +222,10 @@ def test_cifar_shaped_resnet_runs_every_analysis():
     assert scaled["accuracy"].nunique() == 1  # logit rescaling keeps every prediction
     moved = transfer_across_eps(model, x, y, 2 / 255, 8 / 255, steps=2)
     assert 0 <= moved["fooled_small"] <= 1
+
+
+def test_walter_models_set_the_first_robust_model_the_run_has_beside_the_reference():
+    assert walter_models("base", ["base", "fgsm", "trades", "pgd_at"]) == ["base", "pgd_at"]
+    assert walter_models("base", ["base", "trades"]) == ["base", "trades"]
+    assert walter_models("pgd_at", ["base", "pgd_at", "trades"]) == ["pgd_at", "trades"]
+    assert walter_models("base", ["base", "fgsm"]) == ["base"]

@@ -6,8 +6,10 @@ from advkit.models import MODELS, get_model, load_akamaster_checkpoint, num_para
 
 def akamaster_resnet_keys(depth: int, num_classes: int = 10) -> dict[str, tuple[int, ...]]:
     """State-dict keys and shapes of akamaster/pytorch_resnet_cifar10's resnet.py (option A)."""
-    bn = lambda p, c: {f"{p}.weight": (c,), f"{p}.bias": (c,), f"{p}.running_mean": (c,),
-                       f"{p}.running_var": (c,), f"{p}.num_batches_tracked": ()}
+    def bn(p, c):
+        return {f"{p}.weight": (c,), f"{p}.bias": (c,), f"{p}.running_mean": (c,),
+                f"{p}.running_var": (c,), f"{p}.num_batches_tracked": ()}
+
     keys = {"conv1.weight": (16, 3, 3, 3), **bn("bn1", 16)}
     n, in_planes = (depth - 2) // 6, 16
     for stage, planes in enumerate((16, 32, 64), start=1):

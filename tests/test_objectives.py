@@ -203,7 +203,8 @@ def test_interrupted_adversarial_training_resumes_exactly(digits, tmp_path, name
 
 def test_paper_configs():
     rice = paper_config("pgd_at")
-    assert (rice.epochs, rice.lr, rice.weight_decay, rice.milestones, rice.nesterov) == (200, 0.1, 5e-4, (0.5, 0.75), False)
+    assert ((rice.epochs, rice.lr, rice.weight_decay, rice.milestones, rice.nesterov)
+            == (200, 0.1, 5e-4, (0.5, 0.75), False))
     assert paper_config("trades", epochs=8).epochs == 8 and paper_config("trades").weight_decay == 2e-4
     assert paper_config("mart", lr=0.05).lr == 0.05
     with pytest.raises(ValueError, match="objective='bogus'"):

@@ -57,7 +57,8 @@ def test_notebook_defaults_are_the_quick_profile(declared, notebook):
     cell = {name: info["default"] for name, info in declared[stem].items()}
     differ = {name: (value, quick.get(name, "<missing>")) for name, value in cell.items()
               if name not in quick or _typed(quick[name]) != _typed(value)}
-    assert not differ, f"{stem}'s parameters cell differs from advkit/pipeline/profiles/quick.yaml: {{name: (cell, yaml)}} {differ}"
+    assert not differ, (f"{stem}'s parameters cell differs from advkit/pipeline/profiles/quick.yaml: "
+                        f"{{name: (cell, yaml)}} {differ}")
 
 
 @pytest.mark.parametrize("profile", ["quick", "paper", "study"])
@@ -127,8 +128,8 @@ def test_validation_does_not_import_torch():
             "    else:\n        raise SystemExit(f'accepted {bad}')\n"
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('advkit')))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-    assert out.stdout.strip() == ("['advkit', 'advkit._checks', 'advkit.pipeline.params', 'advkit.pipeline', "
-                                  "'advkit.progress']"), out.stdout
+    assert out.stdout.strip() == ("['advkit', 'advkit._checks', 'advkit.pipeline', 'advkit.pipeline.driver', "
+                                  "'advkit.pipeline.params', 'advkit.progress']"), out.stdout
 
 
 @pytest.mark.parametrize("notebook", ["01", "02", "03", "04", "05"])
@@ -186,7 +187,8 @@ def test_the_radius_rule_is_check_radius(radius, span, resolution, dims, n):
     from advkit.landscape.sharpness import check_radius
 
     assert points_within(radius, np.linspace(-span, span, resolution), dims) == n
-    rule = next(r for r in params.RULES if r.names == ("radius", "span", "resolution" if dims == 2 else "line_resolution"))
+    rule = next(r for r in params.RULES
+                if r.names == ("radius", "span", "resolution" if dims == 2 else "line_resolution"))
     enough = n >= QUADRATIC_FIT_POINTS[dims]
     assert (rule.check(radius, span, resolution) is None) == enough
     if enough:
@@ -207,6 +209,27 @@ def test_list_elements_and_non_finite_values_are_checked():
     assert "robust_resolution must be an integer in [3, 1000]" in params.check_value("robust_resolution", 2,
                                                                                      PARAMS["robust_resolution"])
     assert params.check_value("keep_epochs", [], PARAMS["keep_epochs"]) is None
+
+
+@pytest.mark.parametrize("name, value, repeated", [
+    ("eps_grid", [0.1, 0.0, 0.1], "0.1"), ("stadv_flow_grid", [0.2, 0.4, 0.2], "0.2"),
+    ("sensitivity_radii", [0.1, 0.1], "0.1"), ("sensitivity_none_radii", [0.01, 0.01], "0.01"),
+    ("replicate_dims", [1, 2, 1], "1")])
+def test_grids_refuse_a_repeated_value(name, value, repeated):
+    # A repeated eps or flow bound passed validation and broke notebook 02's pivot 34 s later.
+    problem = params.check_value(name, value, PARAMS[name])
+    assert problem and f"{name}=" in problem and f"repeats an element, {repeated}:" in problem
+    assert params.check_value(name, sorted(set(value)), PARAMS[name]) is None
+    assert params.check_value("keep_epochs", [2, 2], PARAMS["keep_epochs"]) is None  # harmless: saved once
+
+
+def test_an_unknown_name_suggests_the_closest(declared):
+    # A typo listed all ~110 names; a close name is suggested instead, the list stays when none is close.
+    with pytest.raises(ValueError, match=r"unknown parameter 'epoch'; did you mean 'epochs'") as err:
+        params.validate({"epoch": 2}, declared)
+    assert "the notebooks take" not in str(err.value)
+    with pytest.raises(ValueError, match="unknown parameter 'zzqqxx'; the notebooks take: aa_eps, "):
+        params.validate({"zzqqxx": 2}, declared)
 
 
 def test_coerce_reads_declared_types():

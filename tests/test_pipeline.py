@@ -176,6 +176,7 @@ def _running(pid: int) -> bool:
     return state != "Z"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
 def test_killed_driver_stops_its_kernel(tmp_path):
     temp = tmp_path / "tmp"  # the driver's temporary folder: the kernel's IPC sockets and connection file
@@ -213,7 +214,8 @@ def test_run_gives_each_notebook_every_parameter_it_declares_from_the_profile(tm
     """Each profile is complete, so a notebook gets a value for every parameter of its cell, and
     the value is the profile's (or the override's): none is left to the cell's quick default."""
     calls = {}
-    monkeypatch.setattr(pipeline, "_execute", lambda path, out, parameters, log_output: calls.update({path.stem: parameters}))
+    monkeypatch.setattr(pipeline, "_execute",
+                        lambda path, out, parameters, log_output: calls.update({path.stem: parameters}))
     pipeline.run(profile, overrides={"epochs": 2})
     values = {**load_profile(profile), "epochs": 2}
     assert list(calls) == [p.stem for p in notebook_paths()]
@@ -224,14 +226,18 @@ def test_run_gives_each_notebook_every_parameter_it_declares_from_the_profile(tm
 
 def test_refresh_executes_the_notebooks_in_place_with_their_defaults(monkeypatch):
     calls = []
-    monkeypatch.setattr(pipeline, "_execute", lambda path, out, parameters, log_output: calls.append((path, out, parameters)))
+    monkeypatch.setattr(pipeline, "_execute",
+                        lambda path, out, parameters, log_output: calls.append((path, out, parameters)))
     pipeline.main(["refresh", "--only", "02,4"])
     assert [(p.stem, o == p, par) for p, o, par in calls] == [("02_attack", True, {}), ("04_visualize", True, {})]
 
 
+@pytest.mark.slow
 def test_pipeline_runs_notebook_01(tmp_run, capfd, monkeypatch):
     monkeypatch.delenv("ADVKIT_FIGURES_DIR")  # as `make run`: the figures go into the run
-    committed = {p: p.stat().st_mtime_ns for p in (Path(pipeline.__file__).parent.parent / "figures").glob("*")}
+    figures = Path(pipeline.__file__).resolve().parents[2] / "figures"
+    committed = {p: p.stat().st_mtime_ns for p in figures.glob("*")}
+    assert committed, f"no committed figures in {figures}"
     out = pipeline.run("quick", only=["01"], overrides={"epochs": 2, "run": "smoke"})
     printed = capfd.readouterr()  # the kernel's stderr too
     assert "without encryption" not in printed.err and "KeyboardInterrupt" not in printed.err, printed.err
@@ -242,7 +248,8 @@ def test_pipeline_runs_notebook_01(tmp_run, capfd, monkeypatch):
     assert {p: p.stat().st_mtime_ns for p in committed} == committed  # the checkout's figures/ untouched
     import json
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["pipeline"]["parameters"]["epochs"] == 2 and manifest["pipeline"]["environment"]["versions"]["torch"]
+    assert manifest["pipeline"]["parameters"]["epochs"] == 2
+    assert manifest["pipeline"]["environment"]["versions"]["torch"]
 
 
 def test_a_run_draws_its_figures_into_the_run_and_never_into_the_committed_figures(tmp_run, monkeypatch):
@@ -325,6 +332,26 @@ def test_eigen_map_models_may_name_the_models_the_run_has(tmp_run, declared):
     models.mkdir(parents=True)
     (models / "mine.pt").write_bytes(b"")
     validate({**load_profile("quick"), "eigen_map_models": ["mine"]}, declared)
+
+
+def test_a_later_notebook_refuses_another_dataset_than_the_base_models(tmp_run, monkeypatch, capsys):
+    # `--only 02 -p dataset=cifar10` on a run whose 01 trained on digits failed in torch's conv2d 46 s in.
+    from advkit.runs.run import run_dir, update_manifest
+
+    update_manifest(run_dir("quick"), "01_train", {"dataset": "digits", "model": "small_cnn", "seed": 0})
+    monkeypatch.setattr(pipeline, "_execute", lambda *a, **k: pytest.fail("a refused run executed a notebook"))
+    for assignment, name, wanted, trained in (("dataset=cifar10", "dataset", "'cifar10'", "'digits'"),
+                                              ("model=resnet20", "model", "'resnet20'", "'small_cnn'")):
+        with pytest.raises(SystemExit) as exit_:
+            pipeline.main(["run", "--only", "02,4", "-p", assignment])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and f"error: parameter {name}={wanted}" in err, err
+        assert f"01_train with {name}={trained}" in err
+    calls = []
+    monkeypatch.setattr(pipeline, "_execute", lambda path, out, parameters, log_output: calls.append(path.stem))
+    pipeline.run("quick", only=["02"])  # the base model's dataset: runs
+    pipeline.run("quick", only=["01", "02"], overrides={"dataset": "cifar10"})  # 01 trains it again: runs
+    assert calls == ["02_attack", "01_train", "02_attack"]
 
 
 def test_a_profile_sets_every_parameter_once(tmp_path, monkeypatch):

@@ -105,6 +105,7 @@ def test_reference_resnet18_is_the_upper_end_of_its_range():
     assert costs.units["resnet18"].attack == pytest.approx(8.05 * costs.units["resnet32"].attack)
 
 
+@pytest.mark.slow
 def test_measured_plan_of_the_quick_profile_and_its_cache(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ADVKIT_CACHE_DIR", str(tmp_path))
     pipeline.plan_main(["--profile", "quick"])
@@ -115,6 +116,49 @@ def test_measured_plan_of_the_quick_profile_and_its_cache(tmp_path, monkeypatch,
     monkeypatch.setattr(plan, "measure", lambda *a, **k: pytest.fail("measured again"))
     pipeline.plan_main(["--profile", "quick"])  # the same device and settings: the cache
     assert capsys.readouterr().out == out
+
+
+def test_measuring_allocates_no_more_than_its_timed_batches(monkeypatch):
+    # batch_size=10**9 made the measurement allocate 10**9 random images (256 GB) before timing batches of at
+    # most max(n_eval-sized, 8) images: a traceback from the plan instead of a plan.
+    import torch
+
+    rand, sizes = torch.rand, []
+
+    def bounded_rand(*shape, **kw):
+        sizes.append(shape[0])
+        if sizes[-1] > 10**5:
+            raise MemoryError(f"the plan allocated {sizes[-1]} images")
+        return rand(*shape, **kw)
+
+    monkeypatch.setattr(torch, "rand", bounded_rand)
+    monkeypatch.setattr(plan, "measure_overhead", lambda values: 0.0)
+    costs = plan.measure(_values(batch_size=10**9, at_batch_size=10**9), only=["01"], steps=1)
+    assert costs.units["small_cnn"].train > 0 and sizes and max(sizes) <= 10**5
+
+
+def test_an_unwritable_cost_cache_warns_and_plans(tmp_path, monkeypatch):
+    # A read-only home or ADVKIT_CACHE_DIR naming a file: the optional cache stopped the run with an OSError.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setattr(plan, "measure", lambda values, only=None: _costs(train=1.0))
+    monkeypatch.setattr(plan, "UNWRITABLE_CACHES", set())
+    for env, value in (("ADVKIT_CACHE_DIR", str(blocker)), ("HOME", str(blocker))):
+        monkeypatch.delenv("ADVKIT_CACHE_DIR", raising=False)
+        monkeypatch.setenv(env, value)
+        with pytest.warns(RuntimeWarning, match=f"cannot write the plan's cost cache {blocker}"):
+            assert plan.measured_costs(_values()).units["small_cnn"].train == 1.0
+    assert blocker.read_text() == ""
+
+
+def test_a_bad_budget_is_refused_before_measuring(tmp_run, monkeypatch, capsys):
+    monkeypatch.setattr(plan, "measure", lambda *a, **k: pytest.fail("measured for a bad --budget"))
+    for bad in ("-1", "nan", "0", "soon"):
+        for main, argv in ((pipeline.plan_main, []), (pipeline.main, ["run"]), (sweep.main, ["-g", "seed=0,1"])):
+            with pytest.raises(SystemExit) as exit_:
+                main([*argv, "--budget", bad])
+            err = capsys.readouterr().err
+            assert exit_.value.code == 2 and f"--budget {bad}: give a number of hours > 0" in err, err
 
 
 def test_run_prints_the_plan_before_the_first_notebook(tmp_run, monkeypatch, capsys):

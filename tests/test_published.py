@@ -135,9 +135,10 @@ def test_stutz_table_from_histories_and_flatness(tmp_path):
     assert table[table.model == "trades"].reproduced.isna().all()
 
 
-@pytest.mark.parametrize("model, row", [("pgd_at", "AT (baseline)"), ("awp", "AT-AWP"), ("pgd_at+wd0.005", "Weight decay"),
-                                        ("pgd_at+ema0.999", "Weight averaging"), ("pgd_at+eps0.0353", "Larger ε=9/255"),
-                                        ("pgd_at+aa", "AutoAugment"), ("trades+b3", None), ("fgsm", None)])
+@pytest.mark.parametrize("model, row", [("pgd_at", "AT (baseline)"), ("awp", "AT-AWP"),
+                                        ("pgd_at+wd0.005", "Weight decay"), ("pgd_at+ema0.999", "Weight averaging"),
+                                        ("pgd_at+eps0.0353", "Larger ε=9/255"), ("pgd_at+aa", "AutoAugment"),
+                                        ("trades+b3", None), ("fgsm", None)])
 def test_stutz_rows_for_variant_names(model, row):
     assert P.stutz_row(model) == row
 

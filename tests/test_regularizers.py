@@ -17,7 +17,8 @@ def test_noisy_labels_corrupt_exactly_the_fraction_once(digits):
     y = digits.y_train
     noisy = noisy_labels(y, 0.2, 10, seed=3)
     assert (noisy != y).sum() == round(0.2 * len(y))
-    assert torch.equal(noisy, noisy_labels(y, 0.2, 10, seed=3)) and not torch.equal(noisy, noisy_labels(y, 0.2, 10, seed=4))
+    assert torch.equal(noisy, noisy_labels(y, 0.2, 10, seed=3))
+    assert not torch.equal(noisy, noisy_labels(y, 0.2, 10, seed=4))
     assert torch.equal(noisy_labels(y, 0.0), y) and (noisy_labels(y, 1.0) != y).all()
     assert noisy.min() >= 0 and noisy.max() <= 9 and torch.equal(y, digits.y_train)  # input untouched
     counts = torch.bincount(noisy[noisy != y], minlength=10)

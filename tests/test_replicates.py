@@ -75,6 +75,7 @@ def _tiny(seed: int) -> nn.Module:
                          nn.Flatten(), nn.Linear(16, 10)).eval()
 
 
+@pytest.mark.slow
 def test_cifar_shaped_smoke(tmp_path):
     x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
     models = {"base": _tiny(0), "pgd_s0": _tiny(1), "pgd_s1": _tiny(2)}

@@ -90,6 +90,7 @@ def test_relative_measures_are_invariant_and_the_hessian_is_not_on_a_relu_networ
     assert not math.isclose(h0, h1, rel_tol=0.05)
 
 
+@pytest.mark.slow
 def test_scale_invariance_table_separates_relative_from_raw_measures(trained_cnn, digits_test):
     x, y = digits_test[0][:48], digits_test[1][:48]
     table = scale_invariance_table(trained_cnn, x, y, factors=(0.5, 3.0), n_samples=2, steps=2,

@@ -56,6 +56,7 @@ def test_robust_metrics_columns_and_values(trained_cnn, digits):
     assert evaluate(trained_cnn)["test_robust_loss"] == row["test_robust_loss"]  # same starts every epoch
 
 
+@pytest.mark.slow
 def test_early_stopping_keeps_the_epoch_with_lowest_held_out_robust_loss(digits, tmp_path):
     s = stutz_subsets(digits, n_train=64, n_test=64, n_val=100)
     x, y = s["train"][0][:128], s["train"][1][:128]

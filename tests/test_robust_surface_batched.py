@@ -59,6 +59,7 @@ def _robust_line(model, xy, attack, points_per_forward, bn="ignore", **settings)
     return {q: ds[q].values for q in ROBUST}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attack, points, settings", [
     (PGD_FIXED_START, 3, {}),  # groups of 3 and 1 points
     (PGD_FIXED_START, 4, {"channels_last": True}),
@@ -127,6 +128,7 @@ def test_points_module_float32_logits_match_each_point(xy):
         assert module(x[:1]).isnan().all()  # point 1's non-finite logits are not hidden by point 0's
 
 
+@pytest.mark.slow
 def test_attacks_without_copies_run_point_by_point(resnet, xy):
     """An attack without a version on copies (here a lambda) gets the per-point loop, bit for bit."""
     attack = lambda model, x, y: PROFILE_PGD(model, x, y)  # noqa: E731
@@ -151,6 +153,7 @@ def test_pgd_copies_draws_each_copys_start_as_a_call_on_it_alone(xy):
         on_copies(attack)(model, x, y, copies=3)  # 8 images are not 3 copies
 
 
+@pytest.mark.slow
 def test_large_groups_are_attacked_in_sub_groups_with_the_same_result(resnet, xy, monkeypatch):
     """Groups above ATTACK_EXAMPLES_PER_CALL examples go in sub-groups of points (here 2 points of 8
     images per call for a group of 4): each copy is still its own point's attack."""

@@ -7,7 +7,7 @@ import torch
 
 from advkit.models import get_model
 from advkit.runs import run as runs
-from advkit.runs.artifacts import CorruptArtifactError, atomic_path, file_sha256, verified
+from advkit.runs.artifacts import CorruptArtifactError, atomic_path, checksum_path, file_sha256, verified
 from advkit.runs.checkpoints import load_model, save_model
 from advkit.runs.run import Run, epoch_name, is_epoch_name, list_models, run_dir, update_manifest
 
@@ -103,7 +103,7 @@ def test_write_table_is_atomic_and_read_table_verifies(tmp_path):
     path = run.attack_table("table1_accuracy")
     table = pd.DataFrame({"fgsm": [0.25, 0.5]}, index=pd.Index(["base", "pgd"], name="model"))
     run.write_table(path, table)
-    assert runs.checksum_path(path).read_text().split() == [file_sha256(path), path.name]
+    assert checksum_path(path).read_text().split() == [file_sha256(path), path.name]
     pd.testing.assert_frame_equal(run.read_table(path, index_col="model"), table)
 
     class Breaks:  # a table whose writing fails half-way: the old file stays
@@ -163,3 +163,21 @@ def test_notebooks_name_artifacts_through_the_run(notebook):
     for typed in ('/ "models"', '/ "attacks"', '/ "history"', '/ "checkpoints"', ".to_csv(", "json.loads(",
                   "read_text(", "run_dir("):
         assert typed not in code, f"{notebook}: {typed!r}; name artifacts with advkit.runs.run.Run"
+
+
+def test_a_read_only_run_folder_is_an_error_naming_it(tmp_run, monkeypatch):
+    # A read-only file system (root ignores chmod, so it is simulated) gave a raw OSError traceback.
+    import errno
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with pytest.raises(ValueError, match=f"cannot write the run folder {tmp_run / 'runs' / 'new'}: Read-only file"):
+        run_dir("new")
+    monkeypatch.undo()
+    lock = run_dir("old") / "run.lock"
+    monkeypatch.setattr(runs.os, "open", read_only)
+    with pytest.raises(ValueError, match=f"cannot write the run folder {lock.parent}: Read-only file system"):
+        with runs.one_at_a_time(lock, "python -m advkit run"):
+            pass

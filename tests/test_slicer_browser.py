@@ -33,7 +33,8 @@ SMALL_04 = ["resolution=15", "line_resolution=15", "robust=false", "radius=0.3",
 PROBE = '''import json as _json, numpy as _np
 def _slicer_state(s=slicer):
     box = s.ax_cbar.get_window_extent()
-    return {"step": s.position_widget.step, "quantity": s.quantity_widget.value, "axis": s.axis_widget.value, "position": s.position_widget.value,
+    return {"step": s.position_widget.step, "quantity": s.quantity_widget.value, "axis": s.axis_widget.value,
+            "position": s.position_widget.value,
             "models": list(s.models_widget.value), "log": s.log_widget.value, "log_disabled": s.log_widget.disabled,
             "log_applied": s.log_applied, "yscale": s.ax_profile.get_yscale(), "draws": s.draws,
             "lines_ok": all(_np.allclose(s.lines[n].get_ydata(), s.profile(n)[1], equal_nan=True) for n in s.selected),

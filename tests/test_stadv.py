@@ -37,6 +37,7 @@ def cifar_shaped():
     return model.eval(), images[600:].float() / 255, y[600:]
 
 
+@pytest.mark.slow
 def test_paper_preset_flips_cifar_shaped_model(cifar_shaped):
     # Regression for the root cause: with Eq. 5 summed over the 32x32 pixels, tau = 0.05 made zero
     # flow the objective's minimizer and stAdv changed no prediction (max |flow| ~1e-3 px).
@@ -93,6 +94,7 @@ def test_stadv_on_nan_weights_is_an_error(cifar_shaped):
         stadv(model, x[:4], y[:4], steps=3)
 
 
+@pytest.mark.slow
 def test_warp_with_nan_flow_does_not_crash():
     # grid_sample's CPU backward reads out of bounds at NaN coordinates (exit 139): run it in a
     # child process so that a regression fails this test instead of killing the test session.
@@ -102,3 +104,14 @@ def test_warp_with_nan_flow_does_not_crash():
             "apply_flow(x, flow).sum().backward(); print('ok')")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])
+def test_stadv_on_empty_batch_returns_empty(optimizer):
+    # L-BFGS's first step reduced over the empty batch (a RuntimeError deep in torch): an empty
+    # batch has nothing to attack, as for pgd.
+    model = get_model("small_cnn", 10, 3, width=8).eval()
+    x, y = torch.rand(2, 3, 32, 32)[:0], torch.zeros(0, dtype=torch.int64)
+    x_adv, flow = stadv(model, x, y, steps=3, optimizer=optimizer, return_flow=True)
+    assert x_adv.shape == (0, 3, 32, 32) and flow.shape == (0, 2, 32, 32)
+    assert stadv(model, x, y, steps=3).shape == (0, 3, 32, 32)

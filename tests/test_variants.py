@@ -105,6 +105,7 @@ def test_label_noise_variant_trains_on_noisy_labels(digits, tmp_path, monkeypatc
         {"batch_size": 50, "augment": True, "padding": 1, "seed": 4}  # the batcher fit uses as given
 
 
+@pytest.mark.slow
 def test_resnet18_pgd7_variant_on_cifar_shaped_images(tmp_path):
     """Stutz et al.'s AT model and attack (ResNet-18, PGD-7 at 8/255) at CIFAR-10's shape."""
     gen = torch.Generator().manual_seed(0)

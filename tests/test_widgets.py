@@ -87,6 +87,7 @@ def test_slicer_reads_files_written_by_landscape(tmp_path, files):
         LandscapeSlicer([tmp_path / "line.nc"])
 
 
+@pytest.mark.slow
 def test_slicer_executes_under_papermill(files, tmp_path):
     nbformat = pytest.importorskip("nbformat")
     papermill = pytest.importorskip("papermill")
@@ -158,6 +159,7 @@ def _cbar_size(s) -> tuple[float, float]:
     return float(box.height), float(box.width)
 
 
+@pytest.mark.slow
 def test_colour_bar_keeps_its_size_over_many_redraws(landscapes):
     s = LandscapeSlicer(landscapes, log=True)
     first = _cbar_size(s)

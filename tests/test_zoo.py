@@ -128,6 +128,7 @@ def test_split_name():
     assert zoo.split_name("pgd_at_early") == ("pgd_at_early", None)  # a model of its own, not an epoch
 
 
+@pytest.mark.slow
 def test_early_stopped_models_are_zoo_members(run, digits):
     save(run, "pgd_at", 3, epoch=6)
     save(run, "pgd_at_early", 4, epoch=3, early_stopped=True, select="val_robust_loss")
@@ -165,6 +166,7 @@ def test_table_metrics_are_consistent(run, digits):
     assert list(on_disk.index) == list(table.index) and "settings" in on_disk
 
 
+@pytest.mark.slow
 def test_cache_policy_reuses_only_rows_made_the_same_way(run, digits, monkeypatch):
     """The one cache policy: a row made with other settings, another ZOO_VERSION or other weights is recomputed
     with a StaleCacheWarning naming the file, the row and the setting; matching rows are reused silently."""

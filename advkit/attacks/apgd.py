@@ -2,7 +2,7 @@
 from the best point, with the cross-entropy (APGD-CE) or the DLR loss (APGD-DLR, APGD-T).
 
 Step sizes are per example and every decision is a `torch.where`, so the step loop never
-synchronises with the host. Call shape as in `advkit.attacks`: apgd_ce(model, x, y, eps=...).
+synchronises with the host. Call shape as in `advkit.attacks.pgd`: apgd_ce(model, x, y, eps=...).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Shared pieces of the attacks: input checks, losses, input gradients, the one PGD step and loop.
 
-Every attack in `advkit.attacks`, `advkit.attacks.apgd` and `advkit.attacks.stadv` (and the inner maximization
+Every attack in `advkit.attacks.pgd`, `advkit.attacks.apgd` and `advkit.attacks.stadv` (and the inner maximization
 of the training objectives) is built from these, so they all treat the model the same way:
 gradients taken with `torch.autograd.grad` w.r.t. the input only (nothing accumulates in
 `param.grad`), one precision vocabulary (`advkit._torch.PRECISIONS`), channels_last under the GPU policy, and

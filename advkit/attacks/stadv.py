@@ -121,6 +121,8 @@ def stadv(model: nn.Module, x: torch.Tensor, y: torch.Tensor, tau: float = 0.05,
         check_number("max_flow", max_flow, 0.0, float(max(x.shape[2:])), low_open=True)
     lr = (1.0 if optimizer == "lbfgs" else 0.01) if lr is None else lr
     check_number("lr", lr, low_open=True)
+    if len(x) == 0:  # nothing to attack (as pgd returns); L-BFGS cannot reduce over an empty batch
+        return (x.clone(), x.new_zeros((0, 2, *x.shape[2:]))) if return_flow else x.clone()
     with eval_mode(model), torch.enable_grad():
         forward = forward_fn(model, runtime.compile)
         x = prepare(x, runtime.channels_last)

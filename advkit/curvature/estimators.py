@@ -300,7 +300,7 @@ def hessian_trace(model: nn.Module | HessianOperator, x: torch.Tensor | None = N
     method="hutchinson": mean of z^T H z over Rademacher z; "hutchpp": Hutch++ (lower
     variance when a few eigenvalues dominate). Converged when std error <= rtol |estimate|.
     `block_size` > 1 applies H to that many probes at once with vmap (GPU); "auto": 1 on CPU,
-    on CUDA what fits in memory (`hessian_blocks.auto_block_size`, one more HVP to measure it).
+    on CUDA what fits in memory (`advkit.curvature.blocks.auto_block_size`, one more HVP to measure it).
     The probes and the estimate do not depend on it (up to float rounding).
     """
     check_choice("method", method, ("hutchinson", "hutchpp"))

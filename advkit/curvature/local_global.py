@@ -3,7 +3,7 @@
 - `flatness_bound`: the loss change that relative flatness kappa of the feature layer allows under a
   relative feature perturbation delta (Petzka et al. 2021's feature robustness, per example, as
   Walter et al. carry it to input space); `bound_vs_eps` compares it with PGD's measured loss change as eps grows.
-- `kappa_along_path`: kappa at every PGD iterate (`attack_utils.pgd_ascent(on_step=...)`).
+- `kappa_along_path`: kappa at every PGD iterate (`advkit.attacks.ascent.pgd_ascent(on_step=...)`).
 - `scale_logits`, `rescaling_study`: their last-layer rescaling (same predictions, other kappa) and
   its effect on robust accuracy under CE- and margin-PGD.
 - `transfer_across_eps`: do adversarial points found at a small eps carry over to a larger one?
@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import numpy as np
 import pandas as pd
@@ -38,7 +38,8 @@ def flatness_bound(weight: torch.Tensor, phi: torch.Tensor, logits: torch.Tensor
     2021's feature-robustness theorem, per example, as Walter et al. 2025 carry relative flatness to
     input space (the seed copy of their paper is a summary without the theorem's statement, so this is
     the form implemented, not a transcription): the quadratic term is at most
-    delta^2/2 ||phi||^2 lambda_max(W^T (diag p - p p^T) W) <= delta^2/2 kappa (the trace, `relative_flatness_closed_form`).
+    delta^2/2 ||phi||^2 lambda_max(W^T (diag p - p p^T) W) <= delta^2/2 kappa (the trace,
+    `relative_flatness_closed_form`).
     Assumptions: a last linear layer; delta small (the O(delta^3) remainder is dropped, so the bound is
     local); the first-order term, which vanishes at a critical point of the training loss (their
     setting), is kept because one example's gradient is not zero. Input space enters through delta:
@@ -176,6 +177,13 @@ def transfer_across_eps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_
             "also_fooled_large": float(fooled["large"][fooled["small"]].float().mean()) if n_small else np.nan,
             "robust_accuracy_large": float(1 - fooled["large"].float().mean()),
             "robust_accuracy_large_warm": float(1 - fooled["warm"].float().mean())}
+
+
+def walter_models(reference: str, available: Collection[str],
+                  robust: Sequence[str] = ("pgd_at", "trades")) -> list[str]:
+    """The models of the local-vs-global study: `reference` and, beside it, the first adversarially trained
+    model of `robust` that `available` holds (none when the run has none)."""
+    return [reference] + [m for m in robust if m in available and m != reference][:1]
 
 
 def summary_lines(curves: dict[str, pd.DataFrame], rescaled: dict[str, pd.DataFrame],

@@ -14,7 +14,7 @@ so A's entries estimate the numbers above, blurred by the higher-order terms wit
 plot_hessian_eigen, Li et al. 2018) at every point of a coarse grid of the same plane.
 
 Robust loss (Danskin): the Hessian at the attacked inputs x_adv(θ) held fixed
-(`hessian.adversarial_inputs`, the attack re-run at each grid point). It equals the second
+(`curvature.operator.adversarial_inputs`, the attack re-run at each grid point). It equals the second
 derivative of the robust loss max_δ L(θ, x + δ) where the maximizer is locally constant in θ (at
 the corners of the L∞ ball that PGD ends on); at an interior maximizer the true second derivative
 is larger by the PSD term H_θx (−H_xx)⁻¹ H_xθ, so the fixed-input value is a lower bound there.
@@ -105,7 +105,7 @@ def directional_curvature(model: nn.Module, directions: Directions, x: torch.Ten
     ∂²f/∂α², ∂²f/∂β², ∂²f/∂α∂β at 0 of the surface f(α, β) = L(θ* + α d1 + β d2) drawn with these
     directions on (x, y), BatchNorm in eval mode; `loss_fn` per example (default cross-entropy). With
     `attack`: the robust loss's Hessian at the attacked inputs held fixed (Danskin; see the module
-    docstring for when that is exact). `backend`: `hessian.HessianOperator`'s (reverse: one cached
+    docstring for when that is exact). `backend`: `curvature.operator.HessianOperator`'s (reverse: one cached
     gradient graph of the whole subset, several times faster; forward: memory of one chunk)."""
     op, vectors = plane_operator(model, directions, x, y, attack=attack, loss_fn=loss_fn, batch_size=batch_size,
                                  backend=backend)
@@ -186,7 +186,7 @@ def hessian_eigen_map(model: nn.Module, directions: Directions, x: torch.Tensor,
     Same parameter space, images and BatchNorm mode as the surface (`plane_operator`); with `attack`
     the robust loss's Hessian, the attack re-run at every point (Danskin). `steps` Lanczos steps per
     point (`extreme_eigenvalues`); `converged` says where both extremes settled. `backend`: the
-    HVP backend of `hessian.HessianOperator` (reverse: one cached gradient graph per point)."""
+    HVP backend of `curvature.operator.HessianOperator` (reverse: one cached gradient graph per point)."""
     check_int("steps", steps, minimum=2)
     coords = np.asarray(coords, dtype=float)
     if directions.ndim != 2 or coords.ndim != 1 or len(coords) == 0:
@@ -205,3 +205,30 @@ def hessian_eigen_map(model: nn.Module, directions: Directions, x: torch.Tensor,
     return xr.Dataset(data, coords={"alpha": coords, "beta": coords},
                       attrs={"loss": "robust (Danskin)" if attack is not None else "clean", "steps": steps,
                              "seed": seed, "n_images": len(y), **directions.settings()})
+
+
+def eigen_maps(models: Mapping[str, nn.Module], surfaces: Mapping[str, xr.Dataset], x: torch.Tensor,
+               y: torch.Tensor, coords: Sequence[float], *, names: Sequence[str], n_images: int | None = None,
+               attack: Attack | None = None, steps: int = 10, seed: int = 0) -> dict[str, dict[str, xr.Dataset]]:
+    """{model: {"clean"[, "robust"]: `hessian_eigen_map`}} for those of `names` that `models` holds, each in the
+    plane of its 2D surface in `surfaces` (drawn on x, y: `surface_directions`), on the first `n_images`
+    images; the robust loss's map only with `attack`."""
+    losses = {"clean": None, **({"robust": attack} if attack is not None else {})}
+    maps = {}
+    for name in [m for m in names if m in models]:
+        d = surface_directions(models[name], surfaces[name], x, y)
+        maps[name] = {loss: hessian_eigen_map(models[name], d, x[:n_images], y[:n_images], coords, attack=a,
+                                              steps=steps, seed=seed)
+                      for loss, a in losses.items()}
+    return maps
+
+
+def eigen_map_summary(maps: Mapping[str, Mapping[str, xr.Dataset]]) -> pd.DataFrame:
+    """One row per (model, loss) of `eigen_maps`: λmax, λmin and |λmin/λmax| at the centre, the largest
+    |λmin/λmax| of the map and whether every point converged."""
+    rows = [{"model": name, "loss": loss,
+             **{f"{k}_centre": float(m[k].sel(alpha=0, beta=0, method="nearest"))
+                for k in ("lambda_max", "lambda_min", "ratio")},
+             "ratio_max": float(m["ratio"].max()), "converged": bool(m["converged"].all())}
+            for name, per in maps.items() for loss, m in per.items()]
+    return pd.DataFrame(rows).set_index(["model", "loss"])

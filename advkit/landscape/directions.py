@@ -150,6 +150,11 @@ def random_directions(model: nn.Module, n: int = 2, *, seed: int, norm: str = "f
     check_int("seed", seed, minimum=0)
     params = dict(model.named_parameters())
     ignored = ignored_parameters(model) if bn == "ignore" else set()
+    if not params:
+        raise ValueError(f"{type(model).__name__} has no parameters to perturb: its loss surface would be flat")
+    if set(params) <= ignored:
+        raise ValueError(f"every parameter of {type(model).__name__} is a bias or normalization parameter, which "
+                         "bn='ignore' leaves fixed: nothing to perturb (use bn='include')")
     device = model_device(model)
     gen = torch.Generator().manual_seed(int(seed))
     vectors = []
@@ -195,6 +200,8 @@ def check_directions(model: nn.Module, directions: Directions) -> None:
         label = f"direction {i + 1}"
         if not isinstance(d, Mapping):
             raise ValueError(f"{label} must be a mapping name -> tensor, got {type(d).__name__}")
+        if not d:
+            raise ValueError(f"{label} is empty: the model has no parameters to perturb (a flat, meaningless surface)")
         for k, v in d.items():
             if k not in state:
                 raise ValueError(f"{label}[{k!r}] is not a parameter or float buffer of the model; "

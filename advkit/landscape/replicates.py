@@ -1,6 +1,6 @@
 """Is "sharper" more than one draw? Sharpness of filter-normalized surfaces (Li et al. 2018; Xu et al.
 2019, Eq. 5-6) replicated over direction seeds and, where a sweep made them (`<name>_s<k>`,
-`runs.split_seed`), over training seeds; the ordering of two models as a probability with a bootstrap
+`runs.run.split_seed`), over training seeds; the ordering of two models as a probability with a bootstrap
 interval, and how often other normalizations, BatchNorm choices, 2D surfaces and the robust loss
 order the models as filter normalization does, across seeds."""
 
@@ -99,7 +99,7 @@ def sensitivity_replicates(models: Mapping[str, nn.Module], x: torch.Tensor, y: 
 def sharpness_values(replicates: Mapping[tuple[int, int, str], Mapping[tuple[str, float, str], xr.Dataset]], *,
                      variant: str = "filter", radius_fraction: float = 1.0) -> pd.DataFrame:
     """Long table of the curvature of the quadratic fit within radius_fraction * span (the largest
-    eigenvalue; `landscape.quadratic_fit`) of every `variant` surface: one row per (quantity, dims,
+    eigenvalue; `landscape.sharpness.quadratic_fit`) of every `variant` surface: one row per (quantity, dims,
     model, training seed, direction seed); `family` is the model's name without its seed suffix."""
     check_number("radius_fraction", radius_fraction, low_open=True)
     rows = []
@@ -264,8 +264,8 @@ def summary_lines(run: Run | str | Path, reference: str = "base") -> list[str]:
         if found:
             n = int(table["direction_seeds"].max())
             counts = {v: sum(line.endswith(f": {v}") for line in found) for v in ("sharper", "flatter", "undecided")}
-            lines.append(f"- Sharper than {reference} over replicates ({label} loss, {n} direction seeds; 'sharper' when "
-                         "the 95% bootstrap interval of P(model sharper) lies above 1/2): "
+            lines.append(f"- Sharper than {reference} over replicates ({label} loss, {n} direction seeds; 'sharper' "
+                         "when the 95% bootstrap interval of P(model sharper) lies above 1/2): "
                          + ", ".join(f"{k} {v}" for k, v in counts.items()) + f" of {len(found)} - "
                          + "; ".join(found))
     return lines

@@ -226,7 +226,8 @@ def settings_with(settings: SurfaceSettings | None, overrides: Mapping[str, Any]
     """`settings` (None: SurfaceSettings(**defaults)) with keyword `overrides` of its fields; a
     given `settings` without a kind takes the default `kind`."""
     if settings is not None and not isinstance(settings, SurfaceSettings):
-        raise ValueError(f"settings must be an advkit.landscape.settings.SurfaceSettings, got {type(settings).__name__}")
+        raise ValueError("settings must be an advkit.landscape.settings.SurfaceSettings, "
+                         f"got {type(settings).__name__}")
     if settings is None:
         settings = SurfaceSettings(**defaults)
     elif settings.kind is None and "kind" in defaults:

@@ -36,7 +36,7 @@ def quadratic_fit(ds: xr.Dataset, quantity: str = "loss", radius: float = 0.2) -
     Returns the fitted centre value, gradient norm and the curvature: the eigenvalues of H
     (2D; `curvature_max`, `curvature_min`) or L'' (1D; both equal) in units of the
     direction's scale, and H's entries `curvature_aa`, `curvature_bb`, `curvature_ab` (1D: aa),
-    estimates of d1ᵀHd1, d2ᵀHd2, d1ᵀHd2 (`advkit.curvature`).
+    estimates of d1ᵀHd1, d2ᵀHd2, d1ᵀHd2 (`advkit.landscape.bridge` computes them exactly).
     """
     xy, vals = _points(ds, quantity, radius)
     d = xy.shape[1]

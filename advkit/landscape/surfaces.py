@@ -61,7 +61,8 @@ def compute_surface(model: nn.Module, directions: Directions, x: torch.Tensor, y
     """
     settings = settings_with(settings, overrides)
     if not isinstance(directions, Directions):
-        raise ValueError(f"directions must be an advkit.landscape.directions.Directions, got {type(directions).__name__}")
+        raise ValueError("directions must be an advkit.landscape.directions.Directions, "
+                         f"got {type(directions).__name__}")
     directions.check(model)
     if len(y) != len(x) or len(y) == 0:
         raise ValueError(f"x and y must be non-empty and of equal length, got {len(x)} and {len(y)}")

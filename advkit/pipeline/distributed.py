@@ -54,21 +54,22 @@ def compute(command: str, values: dict[str, Any]) -> str:
     from advkit.pipeline import stages
 
     if command == "surfaces":
-        study = stages.landscape_study(values)
+        study = stages.landscape_study(stages.LandscapeParameters.from_values(values))
         surfaces = study.surfaces()
         sensitivity = study.sensitivity_surfaces()
         n = sum(len(s) for s in surfaces.values()) + len(sensitivity)
         where = f"{study.run.landscapes} ({ranks.world_size()} process(es))"
         return f"{n} surfaces of {len(study.models)} model(s) in {where}"
     if command == "flatness":
-        study = stages.flatness_study(values)
+        study = stages.flatness_study(stages.FlatnessParameters.from_values(values))
         table = study.table(progress=ranks.is_writer())
         return f"{len(table)} model(s) in {study.run.flatness} ({ranks.world_size()} process(es))"
     raise ValueError(f"command={command!r}: choose one of {sorted(COMMANDS)}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m advkit.pipeline.distributed surfaces|flatness [flatness] --profile P --run-name NAME [-p name=value ...]`."""
+    """`python -m advkit.pipeline.distributed surfaces|flatness [flatness] --profile P --run-name NAME
+    [-p name=value ...]`."""
     parser = argparse.ArgumentParser(prog="torchrun --nproc_per_node=N -m advkit.pipeline.distributed",
                                      description="Notebook 04's surfaces or notebook 05's flatness.csv across "
                                                  "torchrun's processes (one process without torchrun).")

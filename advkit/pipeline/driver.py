@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import json
 import os
 import signal
 import sys
@@ -157,6 +158,26 @@ def check_environment(values: dict[str, Any]) -> None:
                              f"{sorted(set(expected + present))}; {shown(unknown)} is not one")
 
 
+def check_base_model(values: dict[str, Any], only: Sequence[str] | None) -> None:
+    """Without notebook 01 in this invocation, the run's base model must be the one asked for: its `dataset` and
+    `model` as notebook 01 recorded them in the run's manifest.json (a digits model fed CIFAR-10 fails in torch
+    half a minute in). A run without that record is left to the notebooks' own checks."""
+    if only is None or "01" in only:
+        return
+    from advkit.runs import run as runs
+
+    manifest = runs.Run(runs.run_dir(runs.check_run_name(values.get("run", "quick")), create=False)).manifest
+    try:
+        trained = json.loads(manifest.read_text()).get("01_train") or {}
+    except (OSError, ValueError, AttributeError):
+        return
+    for name in ("dataset", "model"):
+        if name in trained and name in values and trained[name] != values[name]:
+            raise ValueError(f"parameter {name}={shown(values[name])}: the run's base model was trained by notebook "
+                             f"01_train with {name}={shown(trained[name])} ({manifest}); pass -p {name}="
+                             f"{trained[name]}, or add 01 to --only to train it again")
+
+
 MAX_YAML_NODES = 10_000
 """Values a YAML document may expand to: aliases share nodes, so ten nested lists of nine aliases
 (`&a0 [x, x, ...]`, `&a1 [*a0, *a0, ...]`, ...) are 9**10 values, which no parameter needs."""
@@ -268,7 +289,8 @@ def kernel_manager_class():
     """papermill's kernel manager, made quiet: IPC transport (ipykernel warns that TCP runs
     without encryption; sockets in the temporary folder, named by this process) and no SIGINT
     before a graceful shutdown (jupyter_client >= 8 interrupts every kernel first, so a kernel that
-    finished logs "KeyboardInterrupt caught in kernel."). `kill_all()` stops the kernels it started (their process groups), from any thread."""
+    finished logs "KeyboardInterrupt caught in kernel."). `kill_all()` stops the kernels it started
+    (their process groups), from any thread."""
     from jupyter_client.manager import AsyncKernelManager
 
     class QuietKernelManager(AsyncKernelManager):
@@ -408,6 +430,7 @@ def run(profile: str = "quick", only: Sequence[str] | None = None, overrides: di
     declared = notebook_parameters(notebook_paths())
     paths = notebook_paths(only)
     validate(values, declared)  # against every notebook, so a profile stays valid with --only
+    check_base_model(values, only)
     if plan is not None:  # its total before the first notebook; ValueError above plan.budget_h
         plan.announce([resolve_paths(values)], only)
     from advkit.runs.run import (
@@ -516,7 +539,8 @@ def plan_main(argv: Sequence[str] | None = None) -> None:
     from advkit.pipeline.plan import add_arguments, budget_table, check_budget, costs_for, plan_text, project
 
     p = argparse.ArgumentParser(prog="python -m advkit plan",
-                                description="the run's cost before it starts, notebook by notebook (advkit.pipeline.plan)")
+                                description="the run's cost before it starts, notebook by notebook "
+                                            "(advkit.pipeline.plan)")
     p.add_argument("--profile", default="quick", help=f"one of {available_profiles()}")
     p.add_argument("--only", default=None, help="comma-separated notebook numbers, e.g. 01,02")
     p.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",

@@ -2,7 +2,7 @@
 runs (notebook 03 for its cells, with papermill) and the submit-and-wait loop (advkit.pipeline.sweep drives it).
 
 A job's process imports only this module (and papermill when it executes a notebook), so a job
-starts in a fraction of a second; the argument checks and advkit.pipeline load where used.
+starts in a fraction of a second; the argument checks and advkit.pipeline.driver load where used.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ settings dataclasses check themselves with the same validators and never import 
 
 Torch-free: only the pipeline layer (advkit.pipeline and the modules that run it) imports it, and
 `validate` fails on a bad value in well under a second. The checks that need the library (variant
-specs) or the machine (run name, device, files) are `advkit.pipeline`'s. `notebook_parameters` reads
+specs) or the machine (run name, device, files) are `advkit.pipeline.driver`'s. `notebook_parameters` reads
 the notebooks' `parameters` cells with `ast`; tests/test_params.py keeps this table, those
 cells and the profiles in step.
 """
@@ -16,6 +16,7 @@ cells and the profiles in step.
 from __future__ import annotations
 
 import ast
+import difflib
 import io
 import json
 import math
@@ -72,7 +73,7 @@ MAX_SUFFIX_BYTES = 100
 class Param:
     """How one parameter is checked: its `kind` (int, float, str, bool, list), `check(name, value)`
     raising ValueError (`allowed` says the rule in words), None accepted when `optional`, and
-    `item` checking each element of a list of at least `min_len`."""
+    `item` checking each element of a list of at least `min_len`, no value twice when `distinct`."""
 
     kind: type
     allowed: str = ""
@@ -80,6 +81,7 @@ class Param:
     optional: bool = False
     item: Param | None = None
     min_len: int = 0
+    distinct: bool = False
 
 
 def _or_none(words: str, optional: bool) -> str:
@@ -134,10 +136,12 @@ def flag() -> Param:
     return Param(bool, "true or false", _check_flag)
 
 
-def listof(item: Param, min_len: int = 1) -> Param:
-    """A list whose elements each pass `item` (no repeats for names), with at least `min_len`."""
+def listof(item: Param, min_len: int = 1, distinct: bool | None = None) -> Param:
+    """A list whose elements each pass `item`, with at least `min_len`; `distinct` (default: for names) refuses
+    repeats, for the grids whose values index a table (a repeated eps breaks notebook 02's pivot)."""
     words = f"a list{' of at least one element' if min_len else ''}, each {item.allowed}"
-    return Param(list, words, None, item=item, min_len=min_len)
+    return Param(list, words, None, item=item, min_len=min_len,
+                 distinct=item.kind is str if distinct is None else distinct)
 
 
 def _grid(max_points: float, dims: int, lo: int = 3) -> Param:
@@ -192,12 +196,12 @@ PARAMS: dict[str, Param] = {
     "stadv_tau": number(0),
     "stadv_steps": STEPS,
     "stadv_max_flow": number(0, lo_open=True, optional=True),
-    "stadv_flow_grid": listof(number(0, lo_open=True)),  # pixels; each <= the image side (RULES)
+    "stadv_flow_grid": listof(number(0, lo_open=True), distinct=True),  # pixels; each <= the image side (RULES)
     "n_autoattack": integer(1),
     "aa_eps": EPS,
     "aa_steps": STEPS,
     "aa_targets": integer(1, NUM_CLASSES - 1),
-    "eps_grid": listof(EPS),
+    "eps_grid": listof(EPS, distinct=True),
     # 03 zoo
     "xu_attacks": listof(choice(XU_ATTACKS)),
     "finetune_epochs": integer(1),
@@ -206,7 +210,8 @@ PARAMS: dict[str, Param] = {
     "xu_augment_eps": number(0, 1, lo_open=True, optional=True),
     "xu_augment_mode": choice(AUGMENT_MODES),
     "xu_storage": choice(AUGMENT_DTYPES),
-    # each spec is parsed by advkit.training.variants.parse_variant (imports torch): advkit.pipeline.driver.check_variants
+    # each spec is parsed by advkit.training.variants.parse_variant (imports torch):
+    # advkit.pipeline.driver.check_variants
     "at_variants": listof(text(allowed="a variant objective[+modifier...] (advkit.training.variants)")),
     "at_model": choice(MODELS, optional=True),
     "at_epochs": integer(1),
@@ -240,19 +245,20 @@ PARAMS: dict[str, Param] = {
     "robust_resolution": Param(int, f"0 (off) or {_grid(MAX_GRID_POINTS, 2).allowed}", _check_robust_resolution),
     "radius": number(0, lo_open=True),
     "sensitivity_norms": listof(choice(NORMS)),
-    "sensitivity_radii": listof(number(0, lo_open=True)),
-    "sensitivity_none_radii": listof(number(0, lo_open=True)),
+    "sensitivity_radii": listof(number(0, lo_open=True), distinct=True),
+    "sensitivity_none_radii": listof(number(0, lo_open=True), distinct=True),
     "sensitivity_resolution": _grid(MAX_GRID_POINTS, 1, lo=4),
     "direction_replicates": integer(2, 1000),  # advkit.landscape.replicates: direction seeds per surface
     "replicate_norms": listof(choice(NORMS)),
-    "replicate_dims": listof(integer(1, 2)),
+    "replicate_dims": listof(integer(1, 2), distinct=True),
     "replicate_resolution": _grid(MAX_GRID_POINTS, 2, lo=5),
     "replicate_n_images": integer(1),
     "replicate_robust": choice(("filter", "all")),
-    "curvature_images": integer(1),  # advkit.curvature: first images of the landscape subset for the eigenvalue maps
+    "curvature_images": integer(1),  # advkit.landscape.bridge: eigenvalue maps on the landscape subset's first images
     "eigen_map_resolution": _grid(MAX_GRID_POINTS, 2),
     "eigen_map_steps": integer(2, 1000),
-    "eigen_map_models": listof(text(allowed="a model of the run"), min_len=0),  # advkit.pipeline.driver.check_environment
+    # advkit.pipeline.driver.check_environment
+    "eigen_map_models": listof(text(allowed="a model of the run"), min_len=0),
     "overwrite": flag(),
     # 05 flatness and correlation
     "n_subset": integer(1),
@@ -331,7 +337,8 @@ def _sensitivity(norms):
 def _pretrained(checkpoint, dataset, model):
     if checkpoint is None or (dataset == "cifar10" and model in AKAMASTER_MODELS):
         return None
-    return f"pretrained_checkpoint (akamaster's CIFAR-10 ResNets) needs dataset='cifar10' and model in {list(AKAMASTER_MODELS)}"
+    return ("pretrained_checkpoint (akamaster's CIFAR-10 ResNets) needs dataset='cifar10' and model in "
+            f"{list(AKAMASTER_MODELS)}")
 
 
 def _flow_bounds(grid, max_flow, dataset):
@@ -422,8 +429,11 @@ def check(name: str, value: Any, decl: Param) -> None:
         raise ValueError(f"{name}=[] is empty: must be {decl.allowed}")
     for i, v in enumerate(value):
         check(f"{name}[{i}]", v, decl.item)
-    if decl.item.kind is str and len(set(value)) < len(value):
-        raise ValueError(f"{name}={shown(list(value))} repeats an element")
+    seen: set[Any] = set()
+    for v in value if decl.distinct else ():
+        if v in seen:
+            raise ValueError(f"{name}={shown(list(value))} repeats an element, {shown(v)}: each value may appear once")
+        seen.add(v)
 
 
 def check_value(name: str, value: Any, decl: Param) -> str | None:
@@ -452,7 +462,10 @@ def validate(values: Mapping[str, Any], declared: Mapping[str, Mapping[str, Any]
     known = {name for params in declared.values() for name in params}
     for name, value in values.items():
         if name not in known:
-            raise ValueError(f"unknown parameter {shown(name)}; the notebooks take: {', '.join(sorted(known))}")
+            close = difflib.get_close_matches(str(name), sorted(known), n=3)
+            hint = (f"did you mean {' or '.join(map(repr, close))}?" if close
+                    else f"the notebooks take: {', '.join(sorted(known))}")
+            raise ValueError(f"unknown parameter {shown(name)}; {hint}")
         if name not in PARAMS:
             raise ValueError(f"parameter {shown(name)} has no declaration in advkit/params.py (PARAMS)")
         problem = check_value(name, value, PARAMS[name])

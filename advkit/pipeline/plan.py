@@ -22,6 +22,7 @@ HVPs and notebook 05's correlations (small beside the rest at any profile).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -30,6 +31,7 @@ import platform
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import date
@@ -411,7 +413,9 @@ def measure(values: Mapping[str, Any], only: Sequence[str] | None = None, steps:
             n = int(min(max(FORWARD_S / max(per_image, 1e-9), MEASURE_IMAGES[0]), values["n_eval"], MEASURE_IMAGES[1]))
             n = max(n, min(values["n_eval"], MEASURE_IMAGES[0]))
             reps, pgd_steps = (steps, 5) if per_image * n < FORWARD_S / 2 else (1, 2)
-            x = torch.rand(max(values["batch_size"], values["at_batch_size"], n), *ds["shape"], device=dev)
+            # the timed batches stay within max(n, 8) images, so an absurd batch_size allocates no more than they use
+            batch, at_batch = min(values["batch_size"], max(n, 8)), min(values["at_batch_size"], max(n, 8))
+            x = torch.rand(max(batch, at_batch, n), *ds["shape"], device=dev)
             y = torch.randint(0, 10, (len(x),), device=dev)
 
             def timed(fn, n: int = reps) -> float:
@@ -441,7 +445,6 @@ def measure(values: Mapping[str, Any], only: Sequence[str] | None = None, steps:
                 return step
 
             kinds, cost = key["kinds"], dict.fromkeys(KINDS, 0.0)  # a kind no picked notebook uses stays 0
-            batch, at_batch = min(values["batch_size"], max(n, 8)), min(values["at_batch_size"], max(n, 8))
             if "train" in kinds:
                 clean = train_step(lambda m, a, b: torch.nn.functional.cross_entropy(m(a), b), batch)
                 cost["train"] = timed(clean) / batch
@@ -497,7 +500,8 @@ def measure_surface(net: Any, x: Any, y: Any) -> tuple[float, float]:
     with tempfile.TemporaryDirectory(prefix="advkit-plan-") as tmp:
         def line(points: int, seed: int) -> float:
             t0 = time.perf_counter()
-            surface_line(net, random_directions(net, 1, seed=seed), x, y, resolution=points, path=Path(tmp) / f"{seed}.nc")
+            surface_line(net, random_directions(net, 1, seed=seed), x, y, resolution=points,
+                         path=Path(tmp) / f"{seed}.nc")
             return time.perf_counter() - t0
 
         line(2, 0)
@@ -506,8 +510,8 @@ def measure_surface(net: Any, x: Any, y: Any) -> tuple[float, float]:
     return max(short - 2 * row, 0.0), row
 
 
-NOTEBOOK_IMPORTS = ("import torch, pandas, matplotlib.pyplot, ipykernel, advkit.plots.figures, advkit.attacks.evaluate, "
-                    "advkit.landscape.surfaces, advkit.studies.zoo")
+NOTEBOOK_IMPORTS = ("import torch, pandas, matplotlib.pyplot, ipykernel, advkit.plots.figures, "
+                    "advkit.attacks.evaluate, advkit.landscape.surfaces, advkit.studies.zoo")
 
 
 def measure_overhead(values: Mapping[str, Any]) -> float:
@@ -545,14 +549,26 @@ def measured_costs(values: Mapping[str, Any], only: Sequence[str] | None = None,
     if path.is_file() and not fresh:
         try:
             return from_dict(json.loads(path.read_text()))
-        except (ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError):
             pass  # an unreadable cache entry is measured again
     costs = measure(values, only)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({**to_dict(costs), "key": key}, indent=1))
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({**to_dict(costs), "key": key}, indent=1))
+        tmp.replace(path)
+    except OSError as err:  # the cache only saves measuring again: a read-only home must not stop the run
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if str(path.parent) not in UNWRITABLE_CACHES:
+            UNWRITABLE_CACHES.add(str(path.parent))
+            warnings.warn(f"cannot write the plan's cost cache {path.parent} ({err.strerror or err}): the costs "
+                          "are measured again by every run; set ADVKIT_CACHE_DIR to a writable folder",
+                          RuntimeWarning, stacklevel=2)
     return costs
+
+
+UNWRITABLE_CACHES: set[str] = set()  # cache folders already warned about (one warning each per process)
 
 
 def costs_for(values: Mapping[str, Any], only: Sequence[str] | None = None, reference: str | None = None,
@@ -590,10 +606,21 @@ class Request:
         return items
 
 
+def budget_hours(text: str) -> float:
+    """--budget's value, a finite number of hours > 0, checked when the arguments are parsed (before measuring)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"--budget {text}: give a number of hours > 0")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """--budget and --reference, shared by `run`, `sweep` and `plan`."""
     parser.add_argument("--reference", default=None, metavar="NAME",
                         help=f"plan with the recorded unit costs of another device ({', '.join(references())}) "
                              f"instead of measuring this one")
-    parser.add_argument("--budget", type=float, default=None, metavar="HOURS",
+    parser.add_argument("--budget", type=budget_hours, default=None, metavar="HOURS",
                         help="refuse a run that the plan puts above this many hours")

@@ -140,7 +140,8 @@ def plan(profile: str, axes: Mapping[str, list[Any]], fixed: Mapping[str, Any], 
     cells, owner = [], {}
     for combo in itertools.product(*axes.values()):
         chosen = dict(zip(axes, combo))
-        tags = [_tag(k, chosen[k]) for k in sorted((k for k in chosen if k not in NAMING_AXES), key=lambda k: k == "seed")]
+        tags = [_tag(k, chosen[k])
+                for k in sorted((k for k in chosen if k not in NAMING_AXES), key=lambda k: k == "seed")]
         suffix = "".join("_" + t for t in tags)  # the seed last: <name>_s<seed> (advkit.runs.run.split_seed)
         values = {**base, **chosen, "zoo_parts": parts, "model_suffix": suffix}
         name = "_".join([_tag("", v) for k in NAMING_AXES if k in chosen for v in chosen[k]] + tags) or "cell"

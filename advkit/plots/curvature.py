@@ -1,4 +1,4 @@
-"""Figure of advkit.curvature: maps of the extreme Hessian eigenvalues over a landscape's plane
+"""Figure of advkit.landscape.bridge: maps of the extreme Hessian eigenvalues over a landscape's plane
 (Li et al. 2018's plot_hessian_eigen), for the clean and the robust loss, one row per model."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Figures of notebook 05's per-model tables: robustness against flatness per model (`model_scatter`),
 flatness through training (Stutz et al. 2021, Fig. 5) and confidence against relative flatness
 (Walter et al. 2025). Readable at zoo scale: at most `max_labels` names per panel, one colour per
-variant (`runs.split_seed`: a sweep's replicates `<name>_s<k>` share `<name>`'s colour).
+variant (`runs.run.split_seed`: a sweep's replicates `<name>_s<k>` share `<name>`'s colour).
 """
 
 from __future__ import annotations

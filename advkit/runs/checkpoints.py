@@ -2,7 +2,7 @@
 
 A checkpoint is untrusted input: it is loaded with `torch.load(weights_only=True)` after its
 checksum is verified, and the architecture it asks for is bounded (`check_model_spec`) before
-anything is allocated. `advkit.runs` re-exports these names.
+anything is allocated. `advkit.runs.run` re-exports these names.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from advkit.runs.artifacts import atomic_path, verified, writer_hint
+
 
 def save_model(path: str | Path, model: nn.Module, config: dict[str, Any] | None = None,
                **extra: Any) -> Path:

@@ -26,11 +26,20 @@ import torch
 from torch import nn
 
 from advkit._checks import check_device
-from advkit.runs.artifacts import (CHECKSUM_SUFFIX, CorruptArtifactError, LockHeld, as_stored, atomic_path,
-    atomic_write_text, checksum_path, clean_stale_temp_files, file_lock, file_sha256, read_json, update_json,
-    verified, write_json, writer_hint, writer_of)
-from advkit.runs.checkpoints import (MAX_PARAMETERS, SPEC_LIMITS, check_model_spec, load_checkpoint,
-    load_model, load_torch, save_model)
+from advkit.runs.artifacts import (
+    LockHeld,
+    as_stored,
+    atomic_path,
+    clean_stale_temp_files,
+    file_lock,
+    read_json,
+    update_json,
+    verified,
+    write_json,
+)
+from advkit.runs.checkpoints import (
+    load_model,
+)
 
 
 def repo_root() -> Path:
@@ -106,8 +115,12 @@ def run_dir(name: str | int = "quick", create: bool = True) -> Path:
     """
     path = check_folder(runs_root() / check_run_name(name), f"run={name}")
     if create:
-        path.mkdir(parents=True, exist_ok=True)
-        clean_stale_temp_files(path)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            clean_stale_temp_files(path)
+        except OSError as err:  # a read-only file system, no permission: an error line, not a traceback
+            raise ValueError(f"cannot write the run folder {path}: {err.strerror or err}; choose a writable "
+                             "ADVKIT_RUNS_DIR") from None
     return path
 
 
@@ -190,6 +203,9 @@ def one_at_a_time(path: str | Path, command: str) -> Iterator[None]:
         except LockHeld as err:
             raise ValueError(f"another {command} (pid {err.pid if err.pid is not None else 'unknown'}) holds {path}: "
                              f"one {command} per run at a time; wait for it to finish, or choose another run") from None
+        except OSError as err:  # a read-only run folder: an error line, not a traceback
+            raise ValueError(f"cannot write the run folder {Path(path).parent}: {err.strerror or err} "
+                             f"(its lock file {Path(path).name})") from None
         yield
 
 
@@ -248,7 +264,7 @@ def split_seed(name: str) -> tuple[str, int | None]:
 class Run(os.PathLike):
     """One run directory and the name of every artifact in it (docs/run-directory.md).
 
-    Notebooks, `train`, `augment`, `landscape` and `zoo` build artifact paths through this
+    Notebooks, `training`, `landscape` and `studies` build artifact paths through this
     object, never by hand, so the layout lives in one place. Tables and JSON are written
     atomically with a checksum (`write_table`, `write_json`) and read verified (`read_table`,
     `read_json`, `require`); a missing artifact is a FileNotFoundError naming the notebook that

@@ -491,7 +491,7 @@ def summary(table: pd.DataFrame, correlations: pd.DataFrame,
 
 def _xu_line(table: pd.DataFrame, base: str) -> list[str]:
     """How many of Xu et al.'s fine-tunes have a sharper surface than the base model (none if unknown).
-    Each replicate counts once: `fgsm` and `fgsm_s<k>` (`runs.split_seed`) are fine-tunes with FGSM, and
+    Each replicate counts once: `fgsm` and `fgsm_s<k>` (`runs.run.split_seed`) are fine-tunes with FGSM, and
     with replicates the line adds the count per attack; copies (`_early`, `_eNNN`) are not counted."""
     sharp = table["surface_sharpness"] if "surface_sharpness" in table.columns else pd.Series(dtype=float)
     if base not in sharp.index or not np.isfinite(sharp[base]):

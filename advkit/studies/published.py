@@ -7,7 +7,7 @@ verified) and writes one table per claim to `run.reported(claim)`
 (`runs/<run>/reported_vs_reproduced/<claim>.csv`): published value, this run's value, difference.
 Notebooks 02, 03 and 05 each call it before the later notebooks' files exist, so a missing file,
 model or attack gives NaN with a note naming it, never an error.
-Replicates: a sweep's `<name>_s<k>` (`runs.split_seed`) is replicate k of `<name>`; the run's value for
+Replicates: a sweep's `<name>_s<k>` (`runs.run.split_seed`) is replicate k of `<name>`; the run's value for
 `<name>` is then the mean over its replicates (and a plain `<name>` row, if any), with a note naming
 them and their range (`mean_over_replicates`). Runs without seed suffixes read as they are.
 """
@@ -190,7 +190,7 @@ def _lookup(table: pd.DataFrame | None, model: str, metric: str, source: str) ->
 
 
 def mean_over_replicates(table: pd.DataFrame | None) -> tuple[pd.DataFrame | None, dict[str, str]]:
-    """`table` with the rows `<name>_s<k>` (replicate k of `<name>`, `runs.split_seed`) and `<name>` replaced
+    """`table` with the rows `<name>_s<k>` (replicate k of `<name>`, `runs.run.split_seed`) and `<name>` replaced
     by one row `<name>`, the mean of their numeric values; and per such name a note listing the replicates
     and each column's range. A table without seed suffixes comes back unchanged, with no notes."""
     if table is None:

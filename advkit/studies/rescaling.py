@@ -40,7 +40,7 @@ BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def default_pairs(model: nn.Module) -> list[Pair]:
-    """Every (conv, BatchNorm) pair of the model (`landscape.conv_bn_pairs`); without BatchNorm, the
+    """Every (conv, BatchNorm) pair of the model (`advkit.folding.conv_bn_pairs`); without BatchNorm, the
     first two weight layers (Linear / Conv), which must be separated by a ReLU only."""
     pairs = conv_bn_pairs(model)
     if pairs:

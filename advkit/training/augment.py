@@ -39,10 +39,10 @@ from advkit._torch import (
 )
 from advkit.attacks.evaluate import XU2019
 from advkit.attacks.pgd import GENERATOR_SEEDED, get_attack
-from advkit.data import Batcher
+from advkit.data import Batcher, Dataset
 from advkit.progress import LoopProgress
 from advkit.runs.artifacts import as_stored, atomic_path, read_json, write_json
-from advkit.runs.checkpoints import load_torch
+from advkit.runs.checkpoints import load_model, load_torch
 from advkit.runs.run import Run, cache_is_current
 from advkit.training.objectives import Adversarial
 
@@ -195,6 +195,31 @@ class RegeneratedAugmentation(Adversarial):
 
     def __repr__(self) -> str:
         return f"RegeneratedAugmentation({self.attack!r}, {self.budget})"
+
+
+def xu_finetune(run: Run, data: Dataset, attack: str, budget: dict[str, Any], config, *, mode: str = "static",
+                storage: str = "uint8", batch_size: int = 128, device: torch.device | str = "cpu",
+                test: tuple[torch.Tensor, torch.Tensor] | None = None, name: str | None = None):
+    """Xu et al.'s fine-tune of the run's base model on `attack` examples of data's training images, saved as
+    `name` (default `attack`). `mode` "static": 1:1 clean + adversarial batches, the examples made once against
+    the base model (Sec. 2.2, `augmented_dataset`, kept as `storage`); "regenerate": half-size batches of clean
+    images, their examples made anew against the current weights (`RegeneratedAugmentation`). Random crop
+    (width / 8 px) + flip, seeded by `config` (`finetune_config`)."""
+    from advkit.training.fit import fit
+
+    check_choice("mode", mode, AUGMENT_MODES)
+    model = load_model(run.model("base"), device=device)  # the copy that is fine-tuned
+    if mode == "static":
+        base = load_model(run.model("base"), device=device)
+        x, y = augmented_dataset(base, data.x_train, data.y_train, attack, run=run, seed=config.seed,
+                                 dtype=storage, **budget)
+        objective = "clean"
+    else:
+        x, y = data.x_train, data.y_train
+        batch_size, objective = max(1, batch_size // 2), RegeneratedAugmentation(attack, **budget)
+    padding = data.x_train.shape[-1] // 8
+    batches = finetune_batcher(x, y, batch_size, padding=padding, seed=config.seed, device=device)
+    return fit(model, batches, config, objective=objective, test=test, run=run, name=name or attack)
 
 
 # The settings of fine-tunes made before these switches existed (no record beside their checkpoint).

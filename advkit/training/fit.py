@@ -26,8 +26,10 @@ from tqdm.auto import tqdm
 
 from advkit._checks import OPTIMIZERS, RECIPES, SCHEDULES, check_choice, check_int, check_number, check_seed
 from advkit._torch import autocast, check_precision, gpu_policy, loss_and_accuracy, model_device, train_mode
+from advkit.attacks.evaluate import evaluate_attacks
 from advkit.attacks.model import COMPILE_MODES, forward_fn
-from advkit.data import Batcher
+from advkit.data import Batcher, Dataset
+from advkit.models import IMAGENET_MEAN, IMAGENET_STD, get_model, load_akamaster_checkpoint
 from advkit.progress import LoopProgress
 from advkit.runs.artifacts import as_stored, atomic_path
 from advkit.runs.checkpoints import load_checkpoint, save_model
@@ -410,3 +412,24 @@ def apply_recipe(recipe: str, config: TrainConfig, batch_size: int) -> tuple[Tra
     if recipe == "paper":
         return config, batch_size
     return fast_config(seed=config.seed), FAST_RECIPE["batch_size"]
+
+
+AKAMASTER_RESNETS = ("resnet20", "resnet32", "resnet44", "resnet56")
+"""The CIFAR-10 ResNets of akamaster/pytorch_resnet_cifar10's pretrained checkpoints."""
+
+
+def pretrained_fit(run: Run, data: Dataset, model: str, checkpoint: str | Path,
+                   device: torch.device | str = "cpu") -> FitResult:
+    """Notebook 01's base model from a pretrained akamaster CIFAR-10 ResNet (`.th`, as the released code of
+    Xu et al.; ImageNet normalization inside the model) instead of training: saved as the run's base model,
+    with its clean test accuracy and loss as the history's one row (epoch 0)."""
+    if data.name != "cifar10" or model not in AKAMASTER_RESNETS:
+        raise ValueError(f"pretrained_checkpoint needs dataset='cifar10' and model resnet20-56, "
+                         f"got {data.name!r}, {model!r}")
+    net = get_model(model, data.num_classes, data.in_channels, mean=IMAGENET_MEAN, std=IMAGENET_STD).to(device)
+    depth = int(model.removeprefix("resnet"))
+    net.load_state_dict(load_akamaster_checkpoint(checkpoint, depth=depth).state_dict())
+    save_model(run.model("base"), net, {"pretrained_checkpoint": str(checkpoint)})
+    clean = evaluate_attacks(net, data.x_test.float().div(255), data.y_test, {}, ssim=False)
+    return FitResult(net, pd.DataFrame([{"epoch": 0, "test_acc": clean["accuracy"]["clean"],
+                                         "test_loss": clean["loss"]["clean"]}]))
