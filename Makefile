@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PROFILE ?= quick
 STAMP := $(VENV)/.advkit-installed
 
-.PHONY: run test lint browser-test notebooks lab clean
+.PHONY: run test fast-test lint browser-test notebooks lab clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: $(STAMP)
 ## ruff over the repository (pyproject.toml's [tool.ruff]: pycodestyle, pyflakes, import order, lines <= 120)
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+## the fast tier while working: unit tests under a second each (no notebooks, no CIFAR-10, no subprocess runs)
+fast-test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 ## the real-browser slicer test alone (installs Debian's chromium and playwright when missing)
 browser-test: $(STAMP)
