@@ -20,9 +20,14 @@ $(STAMP): pyproject.toml Makefile
 run: $(STAMP)
 	$(BIN)/python -m advkit run --profile $(PROFILE)
 
+# pytest-xdist: a worker per core (at most 4; the tests run torch on one thread each), a file at a time. The
+# notebooks are one pipeline, so tests/conftest.py sends them to one worker, in order; they go first, the
+# longest piece of work.
+XDIST := -n auto --maxprocesses 4 --dist loadfile
+
 ## unit tests and nbval notebook regression tests
 test: $(STAMP)
-	$(BIN)/python -m pytest --nbval --nbval-sanitize-with nbval_sanitize.cfg tests notebooks
+	$(BIN)/python -m pytest $(XDIST) --nbval --nbval-sanitize-with nbval_sanitize.cfg notebooks tests
 
 ## ruff over the repository (pyproject.toml's [tool.ruff]: pycodestyle, pyflakes, import order, lines <= 120)
 lint: $(STAMP)
@@ -30,12 +35,12 @@ lint: $(STAMP)
 
 ## the fast tier while working: unit tests under a second each (no notebooks, no CIFAR-10, no subprocess runs)
 fast-test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q $(XDIST) -m "not slow" tests
 
 ## the real-browser slicer test alone (installs Debian's chromium and playwright when missing)
 browser-test: $(STAMP)
 	.ci/browser-setup
-	$(BIN)/python -m pytest tests/test_slicer_browser.py
+	$(BIN)/python -m pytest tests/plots/test_slicer_browser.py
 
 ## re-execute the notebooks in place (quick profile, fresh run directory) to refresh their outputs and figures/
 notebooks: $(STAMP)

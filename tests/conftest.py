@@ -1,4 +1,6 @@
-"""Shared fixtures: the digits dataset and a small CNN trained on it (seconds on CPU)."""
+"""Shared fixtures: the digits dataset and a small CNN trained on it (seconds on CPU), and the cores a test may use."""
+
+import os
 
 import pytest
 import torch
@@ -11,6 +13,29 @@ from advkit.training.fit import TrainConfig, fit
 # Tiny models run fastest single-threaded (and test files may run side by side); the CIFAR-10
 # integration test asks for more threads itself.
 torch.set_num_threads(1)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Under pytest-xdist's `--dist loadfile`, a test file goes to one worker, and so do all the notebooks, in
+    order: they are one pipeline (02 reads what 01 wrote)."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class NotebooksInOneWorker(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "notebooks" if ".ipynb::" in nodeid else super()._split_scope(nodeid)
+
+    return NotebooksInOneWorker(config, log)
+
+
+@pytest.fixture(scope="session")
+def cores() -> int:
+    """The CPU cores one test process may use: its share when pytest-xdist runs workers side by side (more torch
+    threads than cores leave OpenMP's waiting threads stalling each other: several times slower)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, len(os.sched_getaffinity(0)) // workers)
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """The package's shape: concept folders whose imports flow one way (LAYERS), no import cycle, package
-`__init__` files without re-exports, no private name imported across modules, and the notebook
-parameters known to the pipeline only.
+`__init__` files without re-exports, no private name imported across modules, the notebook
+parameters known to the pipeline only, and test folders that mirror the concept folders.
 
 The import graph is read from the source with `ast`, so it sees every `import advkit.x`,
 `from advkit.x import y`, `from advkit import x` and relative import, at module level and inside
@@ -130,6 +130,14 @@ def test_imports_follow_the_layers():
                     for a, targets in import_graph().items() if a != "advkit"
                     for b in targets if b != "advkit" and layer(b) > layer(a))
     assert not upward, "imports against the layer order:\n" + "\n".join(upward)
+
+
+def test_the_tests_mirror_the_package():
+    """tests/<concept>/ for each concept folder advkit/<concept>/, and no test folder without one."""
+    tests = PACKAGE.parent / "tests"
+    concepts = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+    test_folders = {p.parent.name for p in tests.glob("*/test_*.py")}
+    assert concepts and test_folders == concepts, (sorted(concepts - test_folders), sorted(test_folders - concepts))
 
 
 def test_only_the_pipeline_imports_the_notebook_parameters():

@@ -1,5 +1,5 @@
 """benchmarks/speed_table.py (issue 12's table in one command) on CPU smoke sizes (its paper-profile
-projection is advkit.pipeline.plan's, checked by hand in tests/test_plan.py). No timing is asserted."""
+projection is advkit.pipeline.plan's, checked by hand in tests/pipeline/test_plan.py). No timing is asserted."""
 
 from __future__ import annotations
 

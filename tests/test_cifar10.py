@@ -15,9 +15,9 @@ pytestmark = [pytest.mark.slow,
 
 
 @pytest.fixture()
-def two_threads():
+def two_threads(cores):
     before = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(min(2, cores))
     yield
     torch.set_num_threads(before)
 

@@ -31,7 +31,7 @@ CHECKPOINT = Path(os.environ.get("ADVKIT_PRETRAINED_DIR") or ROOT.parent / "shar
 # iterations shrink.
 N_EVAL = 64
 SMALL = {"n_eval": N_EVAL, "n_autoattack": 20, "aa_steps": 10, "aa_targets": 3,
-         "stadv_flow_grid": "[0.075]", "eps_grid": "[0.0,0.031372549]", "threads": 2}
+         "stadv_flow_grid": "[0.075]", "eps_grid": "[0.0,0.031372549]"}
 
 
 def _fake_image_folder(root: Path, suffix: str, quality: int = 75) -> None:
@@ -82,9 +82,9 @@ def test_reported_tables_name_the_data_on_cifar10_only(tmp_path):
 @pytest.mark.skipif(not CIFAR, reason="set ADVKIT_CIFAR10_DIR to an extracted CIFAR-10 copy")
 @pytest.mark.skipif(not CHECKPOINT.exists(), reason=f"no pretrained ResNet-32 at {CHECKPOINT} "
                                                      "(set ADVKIT_PRETRAINED_DIR to the folder that holds it)")
-def test_pretrained_resnet32_attacks_on_cifar10(tmp_path):
+def test_pretrained_resnet32_attacks_on_cifar10(tmp_path, cores):
     env = {**os.environ, "ADVKIT_RUNS_DIR": str(tmp_path / "runs"), "ADVKIT_FIGURES_DIR": str(tmp_path / "figures")}
-    params = {"pretrained_checkpoint": CHECKPOINT, "data_dir": CIFAR, **SMALL}
+    params = {"pretrained_checkpoint": CHECKPOINT, "data_dir": CIFAR, **SMALL, "threads": min(2, cores)}
     command = [sys.executable, "-m", "advkit", "run", "--profile", "paper", "--only", "01,02"]
     command += [a for k, v in params.items() for a in ("-p", f"{k}={v}")]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)

@@ -34,6 +34,10 @@ while [ $# -gt 0 ]; do
   esac
 done
 names=("$@")
+# With the unit tests, side by side in workers as `make test` runs them (tests/conftest.py keeps the notebooks
+# in one worker, in order).
+xdist=()
+if [ ${#tests[@]} -gt 0 ]; then xdist=(-n auto --maxprocesses 4 --dist loadfile); fi
 if [ ${#names[@]} -eq 0 ] || [ "${names[0]}" = "all" ]; then names=("${ORDER[@]}"); fi
 for n in "${names[@]}"; do
   [ -n "${SETTINGS[$n]+x}" ] || { echo "unknown setting '$n'; choose from: ${ORDER[*]} all" >&2; exit 2; }
@@ -53,7 +57,7 @@ for n in "${names[@]}"; do
   # shellcheck disable=SC2086
   if env ${SETTINGS[$n]} ADVKIT_RUNS_DIR="$work/$n" ADVKIT_FIGURES_DIR="$work/$n-figures" \
       "$PY" -m pytest -c pyproject.toml --rootdir "$PWD" -p no:cacheprovider -p tools.nbval_tolerance -q --nbval \
-      --nbval-sanitize-with "$CFG" "${tests[@]}" "$nbdir"/0*.ipynb; then
+      --nbval-sanitize-with "$CFG" "${xdist[@]}" "$nbdir"/0*.ipynb "${tests[@]}"; then
     echo "== $n: PASS"
   else
     echo "== $n: FAIL"; status=1

@@ -9,7 +9,7 @@ settings dataclasses check themselves with the same validators and never import 
 Torch-free: only the pipeline layer (advkit.pipeline and the modules that run it) imports it, and
 `validate` fails on a bad value in well under a second. The checks that need the library (variant
 specs) or the machine (run name, device, files) are `advkit.pipeline.driver`'s. `notebook_parameters` reads
-the notebooks' `parameters` cells with `ast`; tests/test_params.py keeps this table, those
+the notebooks' `parameters` cells with `ast`; tests/pipeline/test_params.py keeps this table, those
 cells and the profiles in step.
 """
 
@@ -44,7 +44,7 @@ from advkit._checks import (
     shown,
 )
 
-# Registries of torch-importing modules, copied so that validation does not import torch; tests/test_params.py
+# Registries of torch-importing modules, copied so that validation does not import torch; tests/pipeline/test_params.py
 # asserts that they equal advkit's own.
 MODELS = ("small_cnn", "resnet20", "resnet32", "resnet44", "resnet56", "preact_resnet18", "resnet18")
 DATASETS = ("digits", "cifar10")

@@ -57,8 +57,8 @@ class NotebookParameters:
 
 @dataclass(frozen=True)
 class LandscapeParameters(NotebookParameters):
-    """Notebook 04's parameters that decide its surfaces (tests/test_distributed.py: all are in its `parameters`
-    cell, with the meanings its comments give)."""
+    """Notebook 04's parameters that decide its surfaces (tests/pipeline/test_distributed.py: all are in its
+    `parameters` cell, with the meanings its comments give)."""
 
     NOTEBOOK = "04_visualize"
 

@@ -13,7 +13,7 @@ import pytest
 from advkit.pipeline import driver as pipeline
 from advkit.pipeline import plan, sweep
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _values(**changes):

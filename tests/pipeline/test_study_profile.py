@@ -17,7 +17,7 @@ from advkit.runs.run import EARLY_SUFFIX
 from advkit.studies import correlation, zoo
 from advkit.training.variants import parse_variant
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 GOAL_S = 4 * 3600
 
 
