@@ -192,6 +192,24 @@ def test_every_name_is_imported_from_the_module_that_defines_it():
     assert not relayed, relayed
 
 
+def test_no_module_aliases_another_modules_name():
+    """No aliases either (`f = other.f` at module level, `other` one of the package's modules): one home per name."""
+    mods = modules()
+    aliases = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        bound = set()  # the names this file binds to the package's modules
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                bound |= {a.asname or a.name for a in node.names if f"{node.module}.{a.name}" in mods}
+            elif isinstance(node, ast.Import):
+                bound |= {a.asname for a in node.names if a.asname and a.name in mods}
+        aliases += [f"{path.relative_to(PACKAGE.parent)}:{node.lineno}" for node in tree.body
+                    if isinstance(node, ast.Assign) and isinstance(node.value, ast.Attribute)
+                    and isinstance(node.value.value, ast.Name) and node.value.value.id in bound]
+    assert not aliases, aliases
+
+
 def test_layer_rules_catch_an_upward_import(tmp_path):
     root = _package(tmp_path, {"__init__.py": "", "runs/__init__.py": "", "runs/run.py": "from advkit.plots import f\n",
                                "plots/__init__.py": "", "plots/f.py": "from advkit.runs import run\n"})

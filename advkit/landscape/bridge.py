@@ -1,4 +1,4 @@
-"""The referee's bridge between the landscape pictures and the Hessian (issue 14; Xu et al. 2019 review).
+"""The referee's bridge between the landscape pictures and the Hessian (the review of Xu et al. 2019).
 
 A 2D surface is f(α, β) = L(θ* + α d1 + β d2) (Xu et al. Eq. 5), so at its centre exactly
 

@@ -153,7 +153,7 @@ def probability_sharper(a: np.ndarray, b: np.ndarray, *, n_resamples: int = 2000
     return p, float(low), float(high), n_pairs
 
 
-def verdict(p: float, low: float, high: float) -> str:
+def ordering_verdict(p: float, low: float, high: float) -> str:
     """"sharper" when the interval lies above 1/2, "flatter" below it, "undecided" otherwise."""
     if not np.isfinite(low):
         return "one draw"
@@ -176,7 +176,8 @@ def ordering_probabilities(values: pd.DataFrame, *, n_resamples: int = 2000, con
                                                   confidence_level=confidence_level, seed=seed)
             rows.append({"quantity": quantity, "dims": d, "a": fa, "b": fb, "p_a_sharper": p, "ci_low": low,
                          "ci_high": high, "n_pairs": n, "direction_seeds": int(keep.sum()),
-                         "training_seeds_a": len(a), "training_seeds_b": len(b), "verdict": verdict(p, low, high)})
+                         "training_seeds_a": len(a), "training_seeds_b": len(b),
+                         "verdict": ordering_verdict(p, low, high)})
     out = pd.DataFrame(rows)
     out.attrs.update(n_resamples=n_resamples, confidence_level=confidence_level, seed=seed)
     return out
@@ -244,7 +245,7 @@ def ordering_lines(table: pd.DataFrame, *, quantity: str = "loss", dims: int | N
         if r.a == reference:
             p, low, high = 1 - p, 1 - high, 1 - low
         lines.append(f"{other} sharper than {reference} ({r.dims}D): P = {p:.2f} "
-                     f"[{low:.2f}, {high:.2f}] over {r.n_pairs} replicate pairs: {verdict(p, low, high)}")
+                     f"[{low:.2f}, {high:.2f}] over {r.n_pairs} replicate pairs: {ordering_verdict(p, low, high)}")
     return lines
 
 

@@ -39,12 +39,12 @@ COMMANDS = {"surfaces": "04_visualize", "flatness": "05_flatness_correlation"}
 
 def profile_values(profile: str, run: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every parameter's value for `profile` with `overrides` and the run name, checked as
-    `python -m advkit run` checks them (`advkit.pipeline.driver.validate`)."""
+    `python -m advkit run` checks them (`advkit.pipeline.driver.check_parameters`)."""
     values = {**pipeline.load_profile(profile), **(overrides or {})}
     if run is not None:
         values["run"] = params.coerce("run", run)
-    declared = pipeline.notebook_parameters(pipeline.notebook_paths())
-    pipeline.validate(values, declared)
+    declared = params.notebook_parameters(pipeline.notebook_paths())
+    pipeline.check_parameters(values, declared)
     return params.effective_values(values, declared)
 
 

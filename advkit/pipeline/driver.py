@@ -74,7 +74,7 @@ def load_profile(name: str) -> dict[str, Any]:
     """The parameter values of a profile (its `sweep:` section aside). A profile sets every parameter
     of every notebook, so that none silently takes the notebooks' (quick) default."""
     values = {k: params.coerce(k, v) for k, v in _profile_document(name).items() if k != SWEEP_SECTION}
-    declared = {n for nb in notebook_parameters(notebook_paths()).values() for n in nb}
+    declared = {n for nb in params.notebook_parameters(notebook_paths()).values() for n in nb}
     missing = sorted(declared - set(values))
     if missing:
         raise ValueError(f"profile {name!r} ({PROFILES_DIR / f'{name}.yaml'}) does not set {', '.join(missing)}: "
@@ -90,15 +90,12 @@ def load_sweep_section(name: str) -> dict[str, Any]:
     return section
 
 
-notebook_parameters = params.notebook_parameters  # {notebook: {parameter: type, default, help}}, no papermill
-
-
-def validate(values: dict[str, Any], declared: dict[str, dict[str, dict[str, Any]]],
-             environment: bool = True) -> None:
+def check_parameters(values: dict[str, Any], declared: dict[str, dict[str, dict[str, Any]]],
+                     environment: bool = True) -> None:
     """Raise ValueError naming the parameter(s) of the first bad value or broken rule: first the
     torch-free declarations (advkit.pipeline.params), then the variant specs (advkit.training.variants), then, with
     `environment`, the machine (`check_environment`)."""
-    full = params.validate(values, declared)
+    full = params.checked_values(values, declared)
     check_variants(full.get("at_variants") or [])
     if environment:
         check_environment(full)
@@ -427,9 +424,9 @@ def run(profile: str = "quick", only: Sequence[str] | None = None, overrides: di
     """Validate the parameters, print the run's plan (`plan`: an advkit.pipeline.plan.Request; None: no plan), then
     execute the notebooks in order into `runs/<run>/notebooks/`."""
     values = {**load_profile(profile), **(overrides or {})}
-    declared = notebook_parameters(notebook_paths())
+    declared = params.notebook_parameters(notebook_paths())
     paths = notebook_paths(only)
-    validate(values, declared)  # against every notebook, so a profile stays valid with --only
+    check_parameters(values, declared)  # against every notebook, so a profile stays valid with --only
     check_base_model(values, only)
     if plan is not None:  # its total before the first notebook; ValueError above plan.budget_h
         plan.announce([resolve_paths(values)], only)
@@ -511,7 +508,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         if args.command == "params":
             values = load_profile(args.profile)
-            for nb, declared in notebook_parameters(notebook_paths()).items():
+            for nb, declared in params.notebook_parameters(notebook_paths()).items():
                 print(f"{nb}:")
                 for name, info in declared.items():
                     val = values.get(name, info["default"])
@@ -552,7 +549,7 @@ def plan_main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
     try:
         values = {**load_profile(args.profile), **parse_assignments(args.param)}
-        params.validate(values, notebook_parameters(notebook_paths()))  # torch-free
+        params.checked_values(values, params.notebook_parameters(notebook_paths()))  # torch-free
         only = parse_only(args.only)
         if only is not None:
             notebook_paths(only)  # names existing notebooks

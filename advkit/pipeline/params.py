@@ -7,7 +7,7 @@ Xu et al.'s attacks, the seed range, the device rule, the quadratic-fit point ru
 settings dataclasses check themselves with the same validators and never import this module.
 
 Torch-free: only the pipeline layer (advkit.pipeline and the modules that run it) imports it, and
-`validate` fails on a bad value in well under a second. The checks that need the library (variant
+`checked_values` fails on a bad value in well under a second. The checks that need the library (variant
 specs) or the machine (run name, device, files) are `advkit.pipeline.driver`'s. `notebook_parameters` reads
 the notebooks' `parameters` cells with `ast`; tests/pipeline/test_params.py keeps this table, those
 cells and the profiles in step.
@@ -454,11 +454,11 @@ def effective_values(values: Mapping[str, Any], declared: Mapping[str, Mapping[s
     return {**out, **values}
 
 
-def validate(values: Mapping[str, Any], declared: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+def checked_values(values: Mapping[str, Any], declared: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """Raise ValueError naming the first unknown, mistyped or out-of-range parameter, then the
     first violated cross-parameter rule (naming every parameter in it); return the effective
     values (the notebooks' defaults overridden by `values`). Torch-free: the checks of variant
-    specs and of the machine are `advkit.pipeline.driver.validate`'s."""
+    specs and of the machine are `advkit.pipeline.driver.check_parameters`'s."""
     known = {name for params in declared.values() for name in params}
     for name, value in values.items():
         if name not in known:

@@ -126,12 +126,12 @@ class Cell:
 
 
 def plan(profile: str, axes: Mapping[str, list[Any]], fixed: Mapping[str, Any], run: str) -> list[Cell]:
-    """Every cell of the grid, each validated as it will run (advkit.pipeline.driver.validate: the profile's value
-    of an axis is never checked, each cell's is), before any job; the run name, device and files once."""
+    """Every cell of the grid, each validated as it will run (advkit.pipeline.driver.check_parameters: the profile's
+    value of an axis is never checked, each cell's is), before any job; the run name, device and files once."""
     from advkit.training.variants import parse_variant
 
     base = {**pipeline.load_profile(profile), **fixed, "run": run}
-    declared = pipeline.notebook_parameters(pipeline.notebook_paths())
+    declared = params.notebook_parameters(pipeline.notebook_paths())
     parts = cell_parts(axes, fixed)
     count = math.prod(len(v) for v in axes.values())
     if count > MAX_CELLS:
@@ -147,7 +147,7 @@ def plan(profile: str, axes: Mapping[str, list[Any]], fixed: Mapping[str, Any], 
         name = "_".join([_tag("", v) for k in NAMING_AXES if k in chosen for v in chosen[k]] + tags) or "cell"
         name = _shortened(name, MAX_CELL_NAME)
         try:
-            pipeline.validate(values, declared, environment=False)
+            pipeline.check_parameters(values, declared, environment=False)
         except ValueError as err:
             raise ValueError(f"sweep cell {name} ({shown(chosen)}): {err}") from None
         models = [m for m in params.expected_models(values, name=lambda s: parse_variant(s).name) if m != "base"]
@@ -223,7 +223,7 @@ def sweep(profile: str, axes: Mapping[str, list[Any]], fixed: Mapping[str, Any] 
     environment = resolve_environment_paths()
     folder = out / "sweep"
     base = pipeline.resolve_paths({**pipeline.load_profile(profile), **fixed, "run": run})
-    declared = pipeline.notebook_parameters(pipeline.notebook_paths())[NOTEBOOK]
+    declared = params.notebook_parameters(pipeline.notebook_paths())[NOTEBOOK]
     with one_at_a_time(folder / "sweep.lock", "sweep"):
         terminal = echo
 
@@ -338,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         if not args.grid:
             raise ValueError("give at least one axis, e.g. -g at_variants=pgd_at,trades -g seed=0,1")
-        declared = pipeline.notebook_parameters(pipeline.notebook_paths())[NOTEBOOK]
+        declared = params.notebook_parameters(pipeline.notebook_paths())[NOTEBOOK]
         axes = parse_axes(args.grid, declared)
         fixed = pipeline.parse_assignments(args.param)
         settings = JobSettings.of(pipeline.load_sweep_section(args.profile), partition=args.partition,

@@ -10,9 +10,9 @@ the handful of models of a run, many resamples reproduce the estimate up to roun
 bias correction counts those below it, and one ulp moved a bound from 0.973 to 0.981 (n = 6).
 `ci="bootstrap"` gives a seeded paired percentile bootstrap instead (continuous in the data,
 hence as stable), from `BOOTSTRAP_MIN_N` models on. Below each method's minimum n
-(`min_pairs`) there is no interval (NaN, `ci_method="none"`), and `summarize` says so.
+(`min_pairs`) there is no interval (NaN, `ci_method="none"`), and `claims_summary` says so.
 `correlation_table` makes one tidy DataFrame for a per-model table;
-`summarize` turns it into a few plain sentences: which expected relations (`Claim`) the
+`claims_summary` turns it into a few plain sentences: which expected relations (`Claim`) the
 numbers support, contradict or leave open, and how confidently.
 
 The second half is notebook 05's report on the per-model table that `advkit.studies.zoo.flatness_table`
@@ -271,7 +271,7 @@ def strength(r: float) -> str:
     return "negligible" if a < 0.1 else "weak" if a < 0.3 else "moderate" if a < 0.5 else "strong"
 
 
-def verdict(result: pd.Series | CorrelationResult, sign: int) -> str:
+def claim_verdict(result: pd.Series | CorrelationResult, sign: int) -> str:
     """'supported' / 'contradicted': the interval excludes 0 on the expected / opposite side; else 'inconclusive'."""
     get = (lambda k: result[k]) if isinstance(result, pd.Series) else (lambda k: getattr(result, k))  # noqa: E731
     lo, hi = get("ci_low"), get("ci_high")
@@ -284,7 +284,7 @@ def verdict(result: pd.Series | CorrelationResult, sign: int) -> str:
     return "inconclusive"
 
 
-def summarize(table: pd.DataFrame, claims: Sequence[Claim] = SEED_CLAIMS, *, method: str = "spearman") -> str:
+def claims_summary(table: pd.DataFrame, claims: Sequence[Claim] = SEED_CLAIMS, *, method: str = "spearman") -> str:
     """A short plain-language summary of `correlation_table` output for the given claims.
 
     One line per claim whose columns were correlated: verdict, coefficient with its
@@ -300,7 +300,7 @@ def summarize(table: pd.DataFrame, claims: Sequence[Claim] = SEED_CLAIMS, *, met
             untested.append(c.name)
             continue
         row = hit.iloc[0]
-        v = verdict(row, c.sign)
+        v = claim_verdict(row, c.sign)
         level = int(round(100 * row["confidence_level"]))
         direction = "" if strength(row["statistic"]) == "negligible" else \
             " positive" if row["statistic"] > 0 else " negative"
@@ -425,7 +425,7 @@ def _copies(table: pd.DataFrame) -> list[str]:
     return [m for m in table.index if family[m] != m or m.endswith(EARLY_SUFFIX)]
 
 
-def settings_of(table: pd.DataFrame) -> pd.Series:
+def table_settings(table: pd.DataFrame) -> pd.Series:
     """The settings every row was computed with (one set; ValueError if rows disagree)."""
     keys = table["settings"].unique()
     if len(keys) != 1:
@@ -457,7 +457,7 @@ def summary(table: pd.DataFrame, correlations: pd.DataFrame,
             local: Sequence[str] = (), ordering: Sequence[str] = ()) -> str:
     """Plain-language summary of notebook 05 generated from the numbers.
 
-    The cross-model claims (`summarize`), Xu et al.'s "adversarial
+    The cross-model claims (`claims_summary`), Xu et al.'s "adversarial
     fine-tuning sharpens the surface" as a count of fine-tunes sharper than `base`, and
     Walter et al.'s "adversarial examples sit in flat regions" from (clean, adversarial)
     `confidence_flatness` tables of one model (Mann-Whitney U test), then `local` (Walter et al.'s
@@ -471,7 +471,7 @@ def summary(table: pd.DataFrame, correlations: pd.DataFrame,
                      "this run has too few, so no cross-model claim can be tested. Add fine-tuned or "
                      "adversarially trained models (notebook 03).")
     else:
-        lines.append(summarize(correlations, claims, method=method))
+        lines.append(claims_summary(correlations, claims, method=method))
     lines += _xu_line(table, base)
     lines += list(ordering)  # Xu et al.'s "sharper" over replicates: advkit.landscape.replicates.summary_lines
     if confidence is not None:

@@ -377,7 +377,7 @@ def paper_config(objective: str, epochs: int | None = None, **overrides: Any) ->
 # NOT the papers' protocol, which stays the default (the paper profile: SGD 0.1, momentum 0.9, weight decay
 # 1e-4, batch 128, 160 epochs, x0.1 at 50 % and 75 %; He et al. 2016 report 92.49 % for ResNet-32 with it).
 # Each number and its source:
-# - batch 512: on an H200 ResNet-32 at batch 128 is launch-bound (issue 12: 4.3 s/epoch); 4x fewer steps.
+# - batch 512: ResNet-32 at batch 128 leaves a large GPU launch-bound (docs/gpu.md); 4x fewer steps.
 # - lr 0.4: the linear scaling rule (Goyal et al. 2017), 0.1 x 512/128, the peak of a one-cycle schedule.
 # - one-cycle (Smith & Topin 2019, "super-convergence"; torch's OneCycleLR: warm-up over 30 % of the steps
 #   from lr/25, cosine annealing to lr/1e4, momentum cycled 0.95 -> 0.85 -> 0.95): ResNets on CIFAR-10 reach
@@ -388,9 +388,9 @@ def paper_config(objective: str, epochs: int | None = None, **overrides: Any) ->
 #   airbench94 uses 0.2), bf16 autocast and channels_last on CUDA (precision "auto"), the Batcher's flip and
 #   4-pixel crop. `compile` stays off: its one-off compile time counts against a 2-minute budget;
 #   benchmarks/train_speed.py measures both.
-# UNMEASURED here (no GPU): whether this reaches 92.5 % test accuracy within 2 minutes on an H200. Run
-# `python benchmarks/train_speed.py --data-dir DIR --epochs-to-accuracy` to measure it; `fast_config(epochs=60)`
-# is the knob if 40 epochs fall short.
+# Whether it reaches 92.5 % test accuracy within 2 minutes on an H200: `python benchmarks/train_speed.py
+# --data-dir DIR --epochs-to-accuracy` measures it (benchmarks/RESULTS.md); `fast_config(epochs=60)` is the knob
+# if 40 epochs fall short.
 FAST_RECIPE: dict[str, Any] = dict(
     batch_size=512,  # the Batcher's (not a TrainConfig field)
     epochs=40, optimizer="sgd", lr=0.4, momentum=0.9, nesterov=True, weight_decay=5e-4, schedule="onecycle",

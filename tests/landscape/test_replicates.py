@@ -44,7 +44,7 @@ def test_training_seeds_count_every_pair_of_replicates():
 
 def test_one_draw_has_no_interval_and_ties_are_not_sharper():
     p, lo, hi, n = R.probability_sharper(np.ones((1, 1)), np.zeros((1, 1)))
-    assert p == 1 and n == 1 and np.isnan(lo) and np.isnan(hi) and R.verdict(p, lo, hi) == "one draw"
+    assert p == 1 and n == 1 and np.isnan(lo) and np.isnan(hi) and R.ordering_verdict(p, lo, hi) == "one draw"
     assert R.probability_sharper(np.ones((1, 5)), np.ones((1, 5)))[:3] == (0.0, 0.0, 0.0)
     with pytest.raises(ValueError, match="same direction seeds"):
         R.probability_sharper(np.ones((1, 3)), np.ones((1, 4)))

@@ -8,23 +8,24 @@ from pathlib import Path
 import pytest
 
 from advkit.pipeline import driver as pipeline
-from advkit.pipeline.driver import load_profile, notebook_parameters, notebook_paths, parse_assignments, validate
+from advkit.pipeline import params
+from advkit.pipeline.driver import check_parameters, load_profile, notebook_paths, parse_assignments
 
 
 @pytest.fixture(scope="module")
 def declared():
-    return notebook_parameters(notebook_paths())
+    return params.notebook_parameters(notebook_paths())
 
 
 def test_profiles_are_valid(declared):
     for profile in pipeline.available_profiles():
-        validate(load_profile(profile), declared)
+        check_parameters(load_profile(profile), declared)
     assert load_profile("paper")["model"] == "resnet32" and load_profile("quick")["dataset"] == "digits"
 
 
 def test_notebook_parameters_are_documented(declared):
-    for nb, params in declared.items():
-        for name, info in params.items():
+    for nb, parameters in declared.items():
+        for name, info in parameters.items():
             assert info["inferred_type_name"] not in (None, "None"), f"{nb}: {name} lacks a type annotation"
             assert info["help"], f"{nb}: {name} lacks a # comment"
 
@@ -45,11 +46,11 @@ def test_notebook_parameters_are_documented(declared):
 ])
 def test_bad_parameters_name_themselves(declared, values, match):
     with pytest.raises(ValueError, match=match):
-        validate(values, declared)
+        check_parameters(values, declared)
 
 
 def test_optional_and_float_parameters_accept_sensible_values(declared):
-    validate({"n_train": None, "lr": 1, "data_dir": "/tmp", "run": "2024"}, declared)
+    check_parameters({"n_train": None, "lr": 1, "data_dir": "/tmp", "run": "2024"}, declared)
 
 
 def test_parse_assignments_reads_yaml_values():
@@ -136,9 +137,9 @@ def test_cli_rejects_a_broken_profile(tmp_path, monkeypatch, capsys):
 
 
 def test_numeric_run_name_is_a_name(tmp_run):
-    declared = notebook_parameters(notebook_paths())
+    declared = params.notebook_parameters(notebook_paths())
     values = parse_assignments(["run=2024"])
-    validate(values, declared)
+    check_parameters(values, declared)
     assert values["run"] == "2024"
 
 
@@ -288,11 +289,11 @@ def test_a_yaml_alias_bomb_is_refused_with_a_short_message(name, capsys):
 
 def test_long_values_are_cut_in_messages(declared):
     with pytest.raises(ValueError) as err:
-        validate({"eps_grid": [0.1] * 5000 + [2.0]}, declared)
+        check_parameters({"eps_grid": [0.1] * 5000 + [2.0]}, declared)
     assert "eps_grid[5000] must be a finite number" in str(err.value)
     for values in ({"dataset": ["x"] * 5000}, {"run": ["x" * 10_000]}, {"x" * 10_000: 1}):
         with pytest.raises(ValueError) as err:
-            validate(values, declared)
+            check_parameters(values, declared)
         assert len(str(err.value)) < 2000, values.keys()
 
 
@@ -320,18 +321,18 @@ def test_text_parameters_are_read_as_the_text_written(tmp_path, monkeypatch):
 ])
 def test_values_that_failed_inside_a_notebook_are_refused_before_it(tmp_run, declared, assignment, names):
     with pytest.raises(ValueError) as err:
-        validate({**load_profile("quick"), **parse_assignments([assignment])}, declared)
+        check_parameters({**load_profile("quick"), **parse_assignments([assignment])}, declared)
     assert all(n in str(err.value) for n in names), str(err.value)
 
 
 def test_eigen_map_models_may_name_the_models_the_run_has(tmp_run, declared):
-    validate({**load_profile("quick"), "eigen_map_models": ["base", "trades_e004", "pgd_at"]}, declared)
+    check_parameters({**load_profile("quick"), "eigen_map_models": ["base", "trades_e004", "pgd_at"]}, declared)
     with pytest.raises(ValueError, match="eigen_map_models"):
-        validate({**load_profile("quick"), "eigen_map_models": ["mine"]}, declared)
+        check_parameters({**load_profile("quick"), "eigen_map_models": ["mine"]}, declared)
     models = tmp_run / "runs" / "quick" / "models"
     models.mkdir(parents=True)
     (models / "mine.pt").write_bytes(b"")
-    validate({**load_profile("quick"), "eigen_map_models": ["mine"]}, declared)
+    check_parameters({**load_profile("quick"), "eigen_map_models": ["mine"]}, declared)
 
 
 def test_a_later_notebook_refuses_another_dataset_than_the_base_models(tmp_run, monkeypatch, capsys):

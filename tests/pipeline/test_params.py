@@ -36,9 +36,9 @@ def test_declarations_match_the_notebook_annotations(declared):
 
 def test_notebook_defaults_and_profiles_pass(declared):
     for nb, p in declared.items():
-        pipeline.validate({name: info["default"] for name, info in p.items()}, declared, environment=False)
+        pipeline.check_parameters({name: info["default"] for name, info in p.items()}, declared, environment=False)
     for profile in pipeline.available_profiles():
-        pipeline.validate(pipeline.load_profile(profile), declared)
+        pipeline.check_parameters(pipeline.load_profile(profile), declared)
 
 
 def _typed(value):
@@ -120,11 +120,11 @@ def test_every_value_the_settings_reject_fails_the_parameter_check_first():
 
 def test_validation_does_not_import_torch():
     """The declarations, the rules and the profiles are checked without torch (well under a second)."""
-    code = ("import sys\nfrom advkit.pipeline import driver as pipeline\n"
-            "d = pipeline.notebook_parameters(pipeline.notebook_paths())\n"
-            "pipeline.params.validate(pipeline.load_profile('paper'), d)\n"
+    code = ("import sys\nfrom advkit.pipeline import driver as pipeline\nfrom advkit.pipeline import params\n"
+            "d = params.notebook_parameters(pipeline.notebook_paths())\n"
+            "params.checked_values(pipeline.load_profile('paper'), d)\n"
             "for bad in ({'epochs': -1}, {'resolution': 11}, {'eps_grid': [2.0]}):\n"
-            "    try:\n        pipeline.params.validate(bad, d)\n    except ValueError:\n        pass\n"
+            "    try:\n        params.checked_values(bad, d)\n    except ValueError:\n        pass\n"
             "    else:\n        raise SystemExit(f'accepted {bad}')\n"
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('advkit')))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
@@ -226,10 +226,10 @@ def test_grids_refuse_a_repeated_value(name, value, repeated):
 def test_an_unknown_name_suggests_the_closest(declared):
     # A typo listed all ~110 names; a close name is suggested instead, the list stays when none is close.
     with pytest.raises(ValueError, match=r"unknown parameter 'epoch'; did you mean 'epochs'") as err:
-        params.validate({"epoch": 2}, declared)
+        params.checked_values({"epoch": 2}, declared)
     assert "the notebooks take" not in str(err.value)
     with pytest.raises(ValueError, match="unknown parameter 'zzqqxx'; the notebooks take: aa_eps, "):
-        params.validate({"zzqqxx": 2}, declared)
+        params.checked_values({"zzqqxx": 2}, declared)
 
 
 def test_coerce_reads_declared_types():

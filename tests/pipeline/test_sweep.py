@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from advkit.pipeline import driver as pipeline
-from advkit.pipeline import jobs, sweep
+from advkit.pipeline import jobs, params, sweep
 from advkit.runs.run import Run
 
 RUN = "sw"
@@ -54,7 +54,7 @@ def cli(*argv: str) -> list[str]:
 
 # ---------------------------------------------------------------- the grid, without jobs
 def test_axes_read_like_parameters_and_cells_name_their_models(tmp_run):
-    declared = pipeline.notebook_parameters(pipeline.notebook_paths())["03_finetune"]
+    declared = params.notebook_parameters(pipeline.notebook_paths())["03_finetune"]
     axes = sweep.parse_axes(["at_variants=pgd_at,pgd_at+ls0.1", "seed=0,1", "keep_epochs=[1],[1,2]"], declared)
     assert axes == {"at_variants": [["pgd_at"], ["pgd_at+ls0.1"]], "seed": [0, 1], "keep_epochs": [[1], [1, 2]]}
     cells = sweep.plan("quick", {k: axes[k] for k in ("at_variants", "seed")}, {}, "x")
@@ -80,7 +80,7 @@ def test_axes_read_like_parameters_and_cells_name_their_models(tmp_run):
     (["at_eps=0.01,0.02"], {"zoo_parts": ["at", "report"]}, "'report' is the whole zoo's"),
 ])
 def test_bad_cells_are_refused_before_any_job(tmp_run, grid, fixed, match):
-    declared = pipeline.notebook_parameters(pipeline.notebook_paths())["03_finetune"]
+    declared = params.notebook_parameters(pipeline.notebook_paths())["03_finetune"]
     with pytest.raises(ValueError, match=match):
         sweep.plan("quick", sweep.parse_axes(grid, declared), fixed, "x")
 
@@ -237,7 +237,7 @@ def test_jobs_per_gpu_packs_cells_into_one_job(tmp_run):
 # ---------------------------------------------------------------- hostile grids and signals
 def test_cells_are_validated_as_they_will_run(tmp_run):
     """Every cell sets keep_epochs itself, so the profile's own [2, 4] beyond at_epochs=2 does not count."""
-    declared = pipeline.notebook_parameters(pipeline.notebook_paths())["03_finetune"]
+    declared = params.notebook_parameters(pipeline.notebook_paths())["03_finetune"]
     cells = sweep.plan("quick", sweep.parse_axes(["keep_epochs=[1],[2]"], declared), {"at_epochs": 2}, "x")
     assert [c.values["keep_epochs"] for c in cells] == [[1], [2]]
     with pytest.raises(ValueError, match=r"sweep cell keep_epochs3 .*keep_epochs \[3\] lie beyond at_epochs"):
@@ -245,7 +245,7 @@ def test_cells_are_validated_as_they_will_run(tmp_run):
 
 
 def test_hostile_axis_values_give_short_names_and_messages(tmp_run):
-    declared = pipeline.notebook_parameters(pipeline.notebook_paths())["03_finetune"]
+    declared = params.notebook_parameters(pipeline.notebook_paths())["03_finetune"]
     levels = ["&a0 [" + ",".join(["lol"] * 9) + "]"] + [f"&a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]"
                                                         for i in range(1, 10)]
     with pytest.raises(ValueError, match="expand to more than 10000 values") as err:

@@ -16,12 +16,12 @@ from advkit.studies.correlation import (
     BOOTSTRAP_MIN_N,
     METHODS,
     Claim,
+    claim_verdict,
+    claims_summary,
     correlate,
     correlation_table,
     fisher_interval,
     min_pairs,
-    summarize,
-    verdict,
 )
 
 matplotlib.use("Agg")
@@ -200,7 +200,7 @@ def test_summary_states_verdicts():
               Claim("worst", "robust_gap", "worst_case_flatness", +1),
               Claim("eig", "robust_gap", "hessian_top_eig", +1),
               Claim("ssim", "one_minus_ssim", "surface_sharpness", +1)]
-    text = summarize(tab, claims)
+    text = claims_summary(tab, claims)
     lines = text.splitlines()
     assert any(line.startswith("- avg: SUPPORTED - strong positive") and "Stutz" in line for line in lines)
     assert any(line.startswith("- worst: CONTRADICTED - strong negative") for line in lines)
@@ -208,9 +208,9 @@ def test_summary_states_verdicts():
     assert "Not tested" in text and "ssim" in text.split("Not tested")[1]
     assert "n = 12 models" in text
     small = correlation_table(df.head(5), ["robust_gap"], ["avg_case_flatness"], n_resamples=200)
-    assert "Caution: at most 5 models" in summarize(small, claims)
+    assert "Caution: at most 5 models" in claims_summary(small, claims)
     row = tab[(tab.flatness == "avg_case_flatness") & (tab.method == "spearman")].iloc[0]
-    assert verdict(row, +1) == "supported" and verdict(row, -1) == "contradicted"
+    assert claim_verdict(row, +1) == "supported" and claim_verdict(row, -1) == "contradicted"
 
 
 def test_a_column_is_never_correlated_with_itself():
@@ -225,7 +225,7 @@ def test_a_column_is_never_correlated_with_itself():
 def test_summary_without_an_interval_says_so():
     df = table_of_models().head(3)
     tab = correlation_table(df, ["robust_gap"], ["avg_case_flatness"], n_resamples=50)
-    text = summarize(tab, [Claim("avg", "robust_gap", "avg_case_flatness", +1)])
+    text = claims_summary(tab, [Claim("avg", "robust_gap", "avg_case_flatness", +1)])
     assert "- avg: INCONCLUSIVE" in text and "no interval, n = 3 models" in text and "3 models are too few" in text
     assert "nan" not in text
 
@@ -377,10 +377,10 @@ def test_overview_and_settings():
     view = report.overview(table)
     assert list(view.columns[:2]) == ["epoch", "clean_acc"] and "family" not in view.columns
     assert view["clean_acc"].eq(0.123).all()
-    assert report.settings_of(table).to_dict() == {"n_eval": 24, "version": 2}
+    assert report.table_settings(table).to_dict() == {"n_eval": 24, "version": 2}
     table.loc["base", "settings"] = json.dumps({"n_eval": 12, "version": 2})
     with pytest.raises(ValueError, match="2 different settings"):
-        report.settings_of(table)
+        report.table_settings(table)
 
 
 # --- zoo scale (issue 13) --------------------------------------------------------------------------

@@ -241,7 +241,7 @@ def test_recipe_parameter_is_validated_and_paper_by_default():
     assert declared["01_train"]["recipe"]["default"] == "paper"
     assert pipeline.load_profile("paper")["recipe"] == pipeline.load_profile("quick")["recipe"] == "paper"
     with pytest.raises(ValueError, match=r"recipe='bogus'.*\['paper', 'fast'\]"):
-        params.validate({"recipe": "bogus"}, declared)
+        params.checked_values({"recipe": "bogus"}, declared)
     with pytest.raises(ValueError, match="recipe"):
         TrainConfig(recipe="bogus")
 
