@@ -10,12 +10,13 @@
   by Walter et al. 2025) in closed form for softmax cross-entropy, and
   `confidence_flatness` for the "confidently wrong in flat regions" plot.
 
-Common conventions: a "layer" is one parameter tensor (weights and biases are separate
-layers); BatchNorm parameters are never perturbed unless `include_bn=True`; the model
-runs in eval mode and is never modified (`torch.func.functional_call`); the loss is the
-mean over the fixed subset (x in [0, 1], y), computed in chunks of `batch_size`; it is
-the robust loss when an `attack(model, x, y) -> x_adv` is given, re-run on every set of
-perturbed weights. Every random choice is seeded.
+Common conventions: the measures share one call shape, measure(model, x, y, loss, **own settings),
+where `loss` (a `FlatnessLoss`) says which loss is perturbed and which weights: a "layer" is one
+parameter tensor (weights and biases are separate layers); BatchNorm parameters are never perturbed
+unless `include_bn=True`; the loss is the mean over the fixed subset (x in [0, 1], y), computed in
+chunks of `batch_size`; it is the robust loss when an `attack(model, x, y) -> x_adv` is given, re-run
+on every set of perturbed weights. The model runs in eval mode and is never modified
+(`torch.func.functional_call`). Every random choice is seeded.
 """
 
 from __future__ import annotations
@@ -67,14 +68,6 @@ class FlatnessResult:
         return row
 
 
-def _settings(attack: Attack | None, loss_fn: PerExampleLoss | None, include_bn: bool, x: torch.Tensor,
-              **metric: Any) -> dict[str, Any]:
-    """The settings every flatness row records: the metric's own, then the loss it measured."""
-    return {**metric, "attack": describe_callable(attack),
-            "loss_fn": describe_callable(loss_fn or per_example_cross_entropy), "include_bn": include_bn,
-            "n_data": len(x)}
-
-
 # --- loss over the subset ---------------------------------------------------------------------
 
 
@@ -90,6 +83,42 @@ def dataset_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
                              loss_fn=loss_fn or per_example_cross_entropy, attack=attack, mode_of=model).loss
 
 
+@dataclass(frozen=True)
+class FlatnessLoss:
+    """The loss L(w) a flatness measure perturbs, and which weights: the mean `loss_fn` (None:
+    cross-entropy) over (x, y), or the robust loss (Stutz et al. 2021, Eq. 1-2) with `attack(model, x,
+    y) -> x_adv` re-run at every perturbed w; every parameter tensor but normalization layers'
+    (`include_bn`) or only `layers`; evaluated in chunks of `batch_size` (speed only)."""
+
+    attack: Attack | None = None
+    loss_fn: PerExampleLoss | None = None
+    include_bn: bool = False
+    layers: Sequence[str] | None = None
+    batch_size: int = 500
+
+    def __post_init__(self) -> None:
+        check_int("batch_size", self.batch_size)
+
+    @property
+    def per_example(self) -> PerExampleLoss:
+        return self.loss_fn or per_example_cross_entropy
+
+    def weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The parameter tensors the measures perturb, by name."""
+        return select_params(model, include_bn=self.include_bn, layers=self.layers)
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 params: dict[str, torch.Tensor] | None = None) -> float:
+        """L at the substituted `params` (`dataset_loss`)."""
+        return dataset_loss(model, x, y, params=params, attack=self.attack, loss_fn=self.loss_fn,
+                            batch_size=self.batch_size)
+
+    def record(self, x: torch.Tensor) -> dict[str, Any]:
+        """What every flatness row records of the loss it measured."""
+        return {"attack": describe_callable(self.attack), "loss_fn": describe_callable(self.per_example),
+                "include_bn": self.include_bn, "n_data": len(x)}
+
+
 # --- average-case flatness (Stutz et al. 2021, Eq. 1) -----------------------------------------
 
 
@@ -103,14 +132,12 @@ def relative_sphere(params: dict[str, torch.Tensor], xi: float, generator: torch
     return out
 
 
-def avg_case_flatness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, xi: float = 0.5,
-                      n_samples: int = 10, attack: Attack | None = None, loss_fn: PerExampleLoss | None = None,
-                      include_bn: bool = False, layers: Sequence[str] | None = None, seed: int = 0,
-                      batch_size: int = 500) -> FlatnessResult:
+def avg_case_flatness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: FlatnessLoss | None = None, *,
+                      xi: float = 0.5, n_samples: int = 10, seed: int = 0) -> FlatnessResult:
     """Average-case flatness (Stutz et al. 2021, Eq. 1): E_v[L(w + v)] - L(w).
 
     v is drawn uniformly on the relative per-layer L2 sphere of radius xi ||w_l|| (n_samples
-    draws, seeded); L is the clean loss, or the robust loss with the attack re-run on w + v.
+    draws, seeded); L is `loss`'s: the clean loss, or the robust loss with its attack re-run on w + v.
     Sphere, not ball: Stutz et al. define the neighbourhood as the ball B_xi(w) (Eq. 2) and draw
     "random weight perturbations v in B_xi(w)"; a uniform draw from a d_l-dimensional ball has
     radius xi ||w_l|| U^(1/d_l), on average d_l / (d_l + 1) of the boundary (>= 0.996 for the
@@ -120,16 +147,15 @@ def avg_case_flatness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, xi:
     check_data(x, y)
     check_number("xi", xi)
     check_int("n_samples", n_samples)
-    check_int("batch_size", batch_size)
-    params = select_params(model, include_bn=include_bn, layers=layers)
-    kw = dict(attack=attack, loss_fn=loss_fn, batch_size=batch_size)
-    ref = dataset_loss(model, x, y, **kw)
+    loss = loss or FlatnessLoss()
+    params = loss.weights(model)
+    ref = loss(model, x, y)
     gen = make_generator(model_device(model), seed)
     losses = []
     for _ in range(n_samples):
         v = relative_sphere(params, xi, gen)
-        losses.append(dataset_loss(model, x, y, params={n: w + v[n] for n, w in params.items()}, **kw))
-    settings = _settings(attack, loss_fn, include_bn, x, xi=xi, n_samples=n_samples, seed=seed)
+        losses.append(loss(model, x, y, params={n: w + v[n] for n, w in params.items()}))
+    settings = {"xi": xi, "n_samples": n_samples, "seed": seed, **loss.record(x)}
     return FlatnessResult("avg_case_flatness", float(np.mean(losses)) - ref, ref, float(np.mean(losses)),
                           [lo - ref for lo in losses], settings)
 
@@ -139,17 +165,17 @@ def avg_case_flatness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, xi:
 
 def _ascent(model: nn.Module, x: torch.Tensor, y: torch.Tensor, params: dict[str, torch.Tensor],
             u: dict[str, torch.Tensor], to_delta: Callable[[dict], dict], step: Callable[[dict, dict], dict],
-            steps: int, *, loss_fn: PerExampleLoss, attack: Attack | None, eps: float, input_step: float,
-            generator: torch.Generator, batch_size: int) -> float:
+            steps: int, loss: FlatnessLoss, *, eps: float, input_step: float, generator: torch.Generator) -> float:
     """Maximize L(w + to_delta(u), x_adv) by `steps` ascent steps on u (and on x_adv).
 
     The weight step sees the gradient of the mean loss over the whole subset (accumulated
-    over chunks). Inputs: with `attack`, each step re-runs it at the current weights
+    over chunks). Inputs: with `loss.attack`, each step re-runs it at the current weights
     (Danskin); else with eps > 0, Stutz et al.'s joint ascent: x_adv starts uniform in the
     L-inf eps-ball around x (in the [0, 1] box) and takes one PGD step (`pgd_step`, size
     `input_step`) per weight step, both from the gradient at the same point (w + v, x_adv);
     else clean. Returns the loss at the final weights and inputs (`dataset_loss`).
     """
+    attack, loss_fn = loss.attack, loss.per_example
     device = model_device(model)
     x, y = to_float(x.to(device)), y.to(device)
     joint = attack is None and eps > 0
@@ -160,14 +186,14 @@ def _ascent(model: nn.Module, x: torch.Tensor, y: torch.Tensor, params: dict[str
             d = to_delta(u)
             p = {k: w + d[k] for k, w in params.items()}
             g_sum = {k: torch.zeros_like(t) for k, t in u.items()}
-            for s in chunks(len(x), batch_size):
+            for s in chunks(len(x), loss.batch_size):
                 xb, yb = x_adv[s], y[s]
                 if attack is not None:
                     xb = attack(WithParams(model, {k: t.detach() for k, t in p.items()}), xb, yb).detach()
                 elif joint:
                     xb = xb.clone().requires_grad_(True)
-                loss = loss_fn(functional_call(model, p, (xb,)), yb).sum() / len(x)
-                grads = torch.autograd.grad(loss, list(u.values()) + ([xb] if joint else []))
+                mean = loss_fn(functional_call(model, p, (xb,)), yb).sum() / len(x)
+                grads = torch.autograd.grad(mean, list(u.values()) + ([xb] if joint else []))
                 for k, g in zip(u, grads):
                     g_sum[k] += g
                 if joint:
@@ -176,7 +202,7 @@ def _ascent(model: nn.Module, x: torch.Tensor, y: torch.Tensor, params: dict[str
                 u = step({k: t.detach() for k, t in u.items()}, g_sum)
     d = to_delta(u)
     final = {k: w + d[k].detach() for k, w in params.items()}
-    return dataset_loss(model, x_adv, y, params=final, attack=attack, loss_fn=loss_fn, batch_size=batch_size)
+    return loss(model, x_adv, y, params=final)
 
 
 def _relative_ball_step(params: dict[str, torch.Tensor], xi: float, frac: float):
@@ -191,18 +217,16 @@ def _relative_ball_step(params: dict[str, torch.Tensor], xi: float, frac: float)
     return step
 
 
-def worst_case_flatness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, xi: float = 0.003,
-                        steps: int = 20, restarts: int = 1, eps: float = 0.0, input_step: float | None = None,
-                        weight_step: float | None = None, attack: Attack | None = None,
-                        loss_fn: PerExampleLoss | None = None, include_bn: bool = False,
-                        layers: Sequence[str] | None = None, seed: int = 0,
-                        batch_size: int = 500) -> FlatnessResult:
+def worst_case_flatness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: FlatnessLoss | None = None, *,
+                        xi: float = 0.003, steps: int = 20, restarts: int = 1, eps: float = 0.0,
+                        input_step: float | None = None, weight_step: float | None = None,
+                        seed: int = 0) -> FlatnessResult:
     """Worst-case flatness (Stutz et al. 2021, Eq. 2): max_{v in B_xi} L(w + v) - L(w).
 
     Joint gradient ascent: per step a layer-wise normalized weight step of
     weight_step * xi ||w_l|| (default 2.5/steps), projected onto the relative ball, and -
     for the robust loss - one L-inf PGD step (`pgd_step`) of size input_step (default
-    2.5 eps/steps) on inputs that start uniform in the eps-ball (eps > 0), or the `attack`
+    2.5 eps/steps) on inputs that start uniform in the eps-ball (eps > 0), or `loss`'s attack
     re-run at the current weights. Start: v uniform in the ball (seeded); the maximum over
     `restarts`. L(w) uses the same input procedure with the weights fixed.
     """
@@ -211,36 +235,32 @@ def worst_case_flatness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, x
     check_number("eps", eps, high=1.0)
     check_int("steps", steps)
     check_int("restarts", restarts)
-    check_int("batch_size", batch_size)
-    if attack is not None and eps > 0:
+    loss = loss or FlatnessLoss()
+    if loss.attack is not None and eps > 0:
         raise ValueError("give either attack (re-run per step) or eps (joint PGD steps), not both")
     input_step = 2.5 * eps / steps if input_step is None else input_step
     weight_step = 2.5 / steps if weight_step is None else weight_step
     check_number("input_step", input_step)
     check_number("weight_step", weight_step)
-    loss_fn = loss_fn or per_example_cross_entropy
-    params = select_params(model, include_bn=include_bn, layers=layers)
+    params = loss.weights(model)
     gen = make_generator(model_device(model), seed)
-    kw = dict(loss_fn=loss_fn, attack=attack, eps=eps, input_step=input_step, generator=gen,
-              batch_size=batch_size)
+    kw = dict(eps=eps, input_step=input_step, generator=gen)
     zero = {k: torch.zeros_like(w) for k, w in params.items()}
-    ref = _ascent(model, x, y, params, zero, lambda u: u, lambda v, g: v, steps if eps > 0 else 0, **kw)
+    ref = _ascent(model, x, y, params, zero, lambda u: u, lambda v, g: v, steps if eps > 0 else 0, loss, **kw)
     losses = []
     for _ in range(restarts):
         v0 = relative_sphere(params, xi, gen)
         v0 = {k: t * torch.rand((), generator=gen, device=t.device) for k, t in v0.items()}
         losses.append(_ascent(model, x, y, params, v0, lambda u: u, _relative_ball_step(params, xi, weight_step),
-                              steps, **kw))
-    settings = _settings(attack, loss_fn, include_bn, x, xi=xi, steps=steps, restarts=restarts, eps=eps,
-                         input_step=input_step, weight_step=weight_step, seed=seed)
+                              steps, loss, **kw))
+    settings = {"xi": xi, "steps": steps, "restarts": restarts, "eps": eps, "input_step": input_step,
+                "weight_step": weight_step, "seed": seed, **loss.record(x)}
     return FlatnessResult("worst_case_flatness", max(losses) - ref, ref, max(losses),
                           [lo - ref for lo in losses], settings)
 
 
-def epsilon_sharpness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epsilon: float = 1e-3,
-                      steps: int = 10, attack: Attack | None = None, loss_fn: PerExampleLoss | None = None,
-                      include_bn: bool = False, layers: Sequence[str] | None = None, seed: int = 0,
-                      batch_size: int = 500) -> FlatnessResult:
+def epsilon_sharpness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: FlatnessLoss | None = None, *,
+                      epsilon: float = 1e-3, steps: int = 10, seed: int = 0) -> FlatnessResult:
     """Keskar et al. 2017 (Metric 2.1): 100 (max_{z in C} L(w + z) - L(w)) / (1 + L(w)).
 
     C is the box |z_i| <= epsilon (|w_i| + 1) in the full parameter space (A = I); the max
@@ -250,8 +270,8 @@ def epsilon_sharpness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps
     check_data(x, y)
     check_number("epsilon", epsilon)
     check_int("steps", steps)
-    loss_fn = loss_fn or per_example_cross_entropy
-    params = select_params(model, include_bn=include_bn, layers=layers)
+    loss = loss or FlatnessLoss()
+    params = loss.weights(model)
     gen = make_generator(model_device(model), seed)
     box = {k: epsilon * (w.abs() + 1) for k, w in params.items()}
 
@@ -259,17 +279,14 @@ def epsilon_sharpness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps
         return {k: (z[k] + 2.5 / steps * box[k] * g[k].sign()).clamp(-box[k], box[k]) for k in z}
 
     z0 = {k: (torch.rand(b.shape, generator=gen, device=b.device) * 2 - 1) * b for k, b in box.items()}
-    ref = dataset_loss(model, x, y, attack=attack, loss_fn=loss_fn, batch_size=batch_size)
-    top = _ascent(model, x, y, params, z0, lambda u: u, step, steps, loss_fn=loss_fn, attack=attack, eps=0.0,
-                  input_step=0.0, generator=gen, batch_size=batch_size)
-    settings = _settings(attack, loss_fn, include_bn, x, epsilon=epsilon, steps=steps, seed=seed)
+    ref = loss(model, x, y)
+    top = _ascent(model, x, y, params, z0, lambda u: u, step, steps, loss, eps=0.0, input_step=0.0, generator=gen)
+    settings = {"epsilon": epsilon, "steps": steps, "seed": seed, **loss.record(x)}
     return FlatnessResult("epsilon_sharpness", 100 * (top - ref) / (1 + ref), ref, top, [top - ref], settings)
 
 
-def adaptive_sharpness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, rho: float = 0.5,
-                       eta: float = 0.01, steps: int = 5, attack: Attack | None = None,
-                       loss_fn: PerExampleLoss | None = None, include_bn: bool = False,
-                       layers: Sequence[str] | None = None, seed: int = 0, batch_size: int = 500) -> FlatnessResult:
+def adaptive_sharpness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: FlatnessLoss | None = None, *,
+                       rho: float = 0.5, eta: float = 0.01, steps: int = 5, seed: int = 0) -> FlatnessResult:
     """Adaptive sharpness (Kwon et al. 2021, ASAM): max_{||T_w^-1 e||_2 <= rho} L(w + e) - L(w).
 
     T_w = diag(|w| + eta) makes it invariant to per-neuron rescaling. The max is taken by
@@ -280,8 +297,8 @@ def adaptive_sharpness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, rh
     check_number("rho", rho)
     check_number("eta", eta)
     check_int("steps", steps)
-    loss_fn = loss_fn or per_example_cross_entropy
-    params = select_params(model, include_bn=include_bn, layers=layers)
+    loss = loss or FlatnessLoss()
+    params = loss.weights(model)
     gen = make_generator(model_device(model), seed)
     scale = {k: w.abs() + eta for k, w in params.items()}
 
@@ -297,10 +314,10 @@ def adaptive_sharpness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, rh
     u0 = {k: torch.randn(w.shape, generator=gen, device=w.device) for k, w in params.items()}
     r = rho * torch.rand((), generator=gen, device=model_device(model)) / norm(u0)
     u0 = {k: t * r for k, t in u0.items()}
-    ref = dataset_loss(model, x, y, attack=attack, loss_fn=loss_fn, batch_size=batch_size)
-    top = _ascent(model, x, y, params, u0, lambda u: {k: scale[k] * t for k, t in u.items()}, step, steps,
-                  loss_fn=loss_fn, attack=attack, eps=0.0, input_step=0.0, generator=gen, batch_size=batch_size)
-    settings = _settings(attack, loss_fn, include_bn, x, rho=rho, eta=eta, steps=steps, seed=seed)
+    ref = loss(model, x, y)
+    top = _ascent(model, x, y, params, u0, lambda u: {k: scale[k] * t for k, t in u.items()}, step, steps, loss,
+                  eps=0.0, input_step=0.0, generator=gen)
+    settings = {"rho": rho, "eta": eta, "steps": steps, "seed": seed, **loss.record(x)}
     return FlatnessResult("adaptive_sharpness", top - ref, ref, top, [top - ref], settings)
 
 

@@ -21,7 +21,7 @@ from advkit._checks import check_choice, check_int, check_number
 from advkit._torch import Attack
 from advkit.landscape.settings import SurfaceSettings, settings_with
 from advkit.landscape.sharpness import quadratic_fit
-from advkit.landscape.studies import sensitivity_surfaces, sensitivity_table
+from advkit.landscape.studies import SensitivitySettings, sensitivity_surfaces, sensitivity_table
 from advkit.runs.run import Run, split_seed
 
 BN_VARIANTS = (("ignore", "eval"), ("include", "eval"), ("ignore", "recalibrate"))
@@ -85,10 +85,10 @@ def sensitivity_replicates(models: Mapping[str, nn.Module], x: torch.Tensor, y: 
             norms = list(spans) if (b, mode) == ("ignore", "eval") else ["filter"]
             if mode == "recalibrate" and bn_x is None:
                 continue
-            surf = sensitivity_surfaces(models, x, y, run, settings.replace(bn_mode=mode), norms=norms,
-                                        spans={n: [spans[n]] for n in norms}, dims=d, seed=seed, bn=b,
-                                        attack=attack, bn_x=bn_x if mode == "recalibrate" else None,
-                                        overwrite=overwrite, tag="-rep")
+            sweep = SensitivitySettings(norms=norms, spans={n: [spans[n]] for n in norms}, dims=d, seed=seed, bn=b)
+            surf = sensitivity_surfaces(models, x, y, run, settings.replace(bn_mode=mode), sweep, attack=attack,
+                                        bn_x=bn_x if mode == "recalibrate" else None, overwrite=overwrite,
+                                        tag="-rep")
             found.update({(variant_label(n, b, mode), s, m): ds for (n, s, m), ds in surf.items()})
         out[(seed, d, "clean")] = found
         if attack is not None:

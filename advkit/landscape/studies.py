@@ -5,6 +5,7 @@ and Kendall's tau of each setting's ordering against a reference setting."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -12,7 +13,7 @@ import torch
 import xarray as xr
 from torch import nn
 
-from advkit._checks import check_choice, check_number
+from advkit._checks import check_choice, check_number, check_seed
 from advkit._torch import Attack
 from advkit.landscape.directions import NORMS, random_directions
 from advkit.landscape.settings import SurfaceSettings, settings_with
@@ -24,47 +25,67 @@ METRICS = ("curvature", "mean_increase")
 SensitivitySurfaces = Mapping[tuple[str, float, str], xr.Dataset]
 
 
-def sensitivity_surfaces(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Tensor,
-                         run: Run | str | Path | None = None, settings: SurfaceSettings | None = None, *,
-                         norms: Sequence[str] = ("filter", "layer", "none"),
-                         spans: Sequence[float] | Mapping[str, Sequence[float]] = (0.25, 0.5, 1.0),
-                         dims: int = 1, seed: int = 0, overwrite: bool = False, bn: str = "ignore",
-                         attack: Attack | None = None, bn_x: torch.Tensor | None = None, tag: str = ""
-                         ) -> dict[tuple[str, float, str], xr.Dataset]:
-    """Surfaces of every model under every normalization and span, same seed for all (so each
-    model sees the same raw direction); `settings` gives the rest (resolution, data_name, ...;
-    its span is replaced by each of `spans`). With a `run`, cached as
-    `run.sensitivity_surface(model, norm, span, dims)` under the one cache policy; `overwrite`
-    recomputes even matching files.
+@dataclass(frozen=True)
+class SensitivitySettings:
+    """The referee's sweep, checked on creation: every normalization of `norms` at each of `spans` (or
+    {norm: its own spans}: unnormalized "none" Gaussian directions are far longer than the weights, so
+    their informative range is far smaller), `dims`-D surfaces, one direction `seed` for all (each model
+    sees the same raw direction), BatchNorm parameters perturbed or not (`bn`: "ignore" / "include")."""
 
-    `spans` may map a normalization to its own spans: unnormalized ("none") Gaussian
-    directions are far longer than the weights, so their informative range is far smaller.
-    `bn` ("ignore"/"include": BatchNorm parameters perturbed or not), `attack` (robust loss,
-    re-run at every point) and `bn_x` (for `settings.bn_mode="recalibrate"`) extend the sweep
-    (`advkit.landscape.replicates.sensitivity_replicates`); a non-default seed, `bn` or `bn_mode` is part
-    of the cache file's name, so the variants never overwrite each other's files; so is `tag`
-    (another study's files beside these).
+    norms: Sequence[str] = ("filter", "layer", "none")
+    spans: Sequence[float] | Mapping[str, Sequence[float]] = (0.25, 0.5, 1.0)
+    dims: int = 1
+    seed: int = 0
+    bn: str = "ignore"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "norms", tuple(self.norms))
+        check_choice("dims", self.dims, (1, 2))
+        check_seed("seed", self.seed)
+        check_choice("bn", self.bn, ("ignore", "include"))
+        for norm in self.norms:
+            check_choice("norms entry", norm, NORMS)
+        if isinstance(self.spans, Mapping):
+            missing = [n for n in self.norms if n not in self.spans]
+            if missing:
+                raise ValueError(f"spans has no entry for the normalization(s) {missing}; it has {sorted(self.spans)}")
+        for n, values in self.span_lists().items():
+            if not values:
+                raise ValueError(f"spans for norm={n!r} must be a non-empty list of numbers > 0, got {values}")
+            for s in values:
+                check_number(f"spans entry for norm={n!r}", s, low_open=True)
+
+    def span_lists(self) -> dict[str, list[float]]:
+        """{norm: its spans}."""
+        spans = self.spans
+        return {n: [float(s) for s in (spans[n] if isinstance(spans, Mapping) else spans)] for n in self.norms}
+
+
+def sensitivity_surfaces(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Tensor,
+                         run: Run | str | Path | None = None, settings: SurfaceSettings | None = None,
+                         sensitivity: SensitivitySettings | None = None, *, attack: Attack | None = None,
+                         bn_x: torch.Tensor | None = None, overwrite: bool = False, tag: str = ""
+                         ) -> dict[tuple[str, float, str], xr.Dataset]:
+    """Surfaces of every model under every normalization and span of `sensitivity`
+    (`SensitivitySettings`); `settings` gives the rest (resolution, data_name, ...; its span is
+    replaced by each of the spans). With a `run`, cached as `run.sensitivity_surface(model, norm, span,
+    dims)` under the one cache policy; `overwrite` recomputes even matching files.
+
+    `attack` (robust loss, re-run at every point) and `bn_x` (for `settings.bn_mode="recalibrate"`)
+    extend the sweep (`advkit.landscape.replicates.sensitivity_replicates`); a non-default seed, `bn` or
+    `bn_mode` is part of the cache file's name, so the variants never overwrite each other's files; so
+    is `tag` (another study's files beside these).
     """
     settings = settings_with(settings)
-    check_choice("dims", dims, (1, 2))
-    for norm in norms:
-        check_choice("norms entry", norm, NORMS)
-    if isinstance(spans, Mapping):
-        missing = [n for n in norms if n not in spans]
-        if missing:
-            raise ValueError(f"spans has no entry for the normalization(s) {missing}; it has {sorted(spans)}")
-    span_lists = {n: [float(s) for s in (spans[n] if isinstance(spans, Mapping) else spans)] for n in norms}
-    for n, values in span_lists.items():
-        if not values:
-            raise ValueError(f"spans for norm={n!r} must be a non-empty list of numbers > 0, got {values}")
-        for s in values:
-            check_number(f"spans entry for norm={n!r}", s, low_open=True)
+    sens = sensitivity or SensitivitySettings()
+    seed, bn, dims = sens.seed, sens.bn, sens.dims
+    span_lists = sens.span_lists()
     run = None if run is None else Run.of(run)
     surface = line if dims == 1 else grid
     out = {}
     variant = "".join([tag, f"-s{seed}" if seed else "", f"-bn{bn}" if bn != "ignore" else "",
                        f"-{settings.bn_mode}" if settings.bn_mode != "eval" else "", "-robust" if attack else ""])
-    for norm in norms:
+    for norm in sens.norms:
         for name, model in models.items():
             dirs = random_directions(model, dims, seed=seed, norm=norm, bn=bn)
             for span in span_lists[norm]:
@@ -138,13 +159,10 @@ def sensitivity_summary(surfaces: SensitivitySurfaces, *, metrics: Sequence[str]
 
 
 def sensitivity_analysis(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Tensor,
-                         run: Run | str | Path | None = None, settings: SurfaceSettings | None = None, *,
-                         norms: Sequence[str] = ("filter", "layer", "none"),
-                         spans: Sequence[float] | Mapping[str, Sequence[float]] = (0.25, 0.5, 1.0),
-                         dims: int = 1, seed: int = 0, overwrite: bool = False,
-                         metric: str = "curvature", radius_fraction: float = 0.2) -> pd.DataFrame:
+                         run: Run | str | Path | None = None, settings: SurfaceSettings | None = None,
+                         sensitivity: SensitivitySettings | None = None, *, metric: str = "curvature",
+                         radius_fraction: float = 0.2, overwrite: bool = False) -> pd.DataFrame:
     """`sensitivity_surfaces` then `sensitivity_table`: one call for the referee's table."""
     check_choice("metric", metric, METRICS)
-    surfaces = sensitivity_surfaces(models, x, y, run, settings, norms=norms, spans=spans, dims=dims, seed=seed,
-                                    overwrite=overwrite)
+    surfaces = sensitivity_surfaces(models, x, y, run, settings, sensitivity, overwrite=overwrite)
     return sensitivity_table(surfaces, metric=metric, radius_fraction=radius_fraction)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import xarray as xr
 from torch import nn
 
 from advkit import ranks
-from advkit._checks import check_choice, check_int
+from advkit._checks import check_choice, check_int, check_seed
 from advkit._torch import Attack, eval_mode, model_device, state_hash, tensors_hash, to_float
 from advkit.landscape.directions import (
     NORMS,
@@ -321,33 +322,56 @@ def interpolation_pairs(models: Mapping[str, nn.Module], reference: str | None =
     return ok, skipped
 
 
+@dataclass(frozen=True)
+class ComparisonSettings:
+    """Which surfaces `model_surfaces` compares and how, checked on creation: the direction `seed` and
+    normalization `norm` every model shares; the 1D line's `line_resolution` (None: the grid's);
+    `robust_resolution` points per axis of a 2D robust grid (0: none) and `robust_n`, the first images the
+    attacks run on (None: all); the `reference` the other models are interpolated from, t over
+    `interpolation_span`; and the sharpness `radius` the grid and line must hold (None: unchecked)."""
+
+    seed: int = 0
+    norm: str = "filter"
+    line_resolution: int | None = None
+    robust_resolution: int = 0
+    robust_n: int | None = None
+    reference: str | None = "base"
+    interpolation_span: tuple[float, float] = (0.0, 1.0)
+    radius: float | None = None
+
+    def __post_init__(self) -> None:
+        check_seed("seed", self.seed)
+        check_choice("norm", self.norm, NORMS)
+        if self.line_resolution is not None:
+            check_int("line_resolution", self.line_resolution, minimum=2)
+        check_int("robust_resolution", self.robust_resolution, minimum=0)
+        if self.robust_resolution == 1:
+            raise ValueError("robust_resolution must be 0 (no 2D robust surface) or >= 2, got 1")
+        if self.robust_n is not None:
+            check_int("robust_n", self.robust_n)
+
+
 def model_surfaces(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Tensor,
-                   run: Run | str | Path | None = None, settings: SurfaceSettings | None = None, *,
-                   seed: int, norm: str = "filter", line_resolution: int | None = None,
-                   attack: Attack | None = None, attack_name: str | None = None,
-                   robust_resolution: int = 0, robust_n: int | None = None, reference: str | None = "base",
-                   interpolation_span: tuple[float, float] = (0.0, 1.0), radius: float | None = None,
-                   overwrite: bool = False) -> dict[str, dict[str, xr.Dataset]]:
+                   run: Run | str | Path | None = None, settings: SurfaceSettings | None = None,
+                   comparison: ComparisonSettings | None = None, *, attack: Attack | None = None,
+                   attack_name: str | None = None, overwrite: bool = False) -> dict[str, dict[str, xr.Dataset]]:
     """Every model's comparison surfaces, all with the same direction seed (Xu et al. Fig. 1-2):
 
     - "grid": 2D clean loss/accuracy over the settings' [-span, span]^2 at their resolution;
-    - "line": 1D along the grid's first direction (`line_resolution` points), with the robust
-      loss/accuracy when an `attack` is given, re-run at every point (Stutz et al. Fig. 4);
-    - "robust_grid": 2D robust loss/accuracy at `robust_resolution` per axis (if > 0, needs `attack`);
-      with `robust_n`, "line" and "robust_grid" use only the first `robust_n` images (attacks are
-      the expensive part);
+    - "line": 1D along the grid's first direction, with the robust loss/accuracy when an `attack` is
+      given, re-run at every point (Stutz et al. Fig. 4);
+    - "robust_grid": 2D robust loss/accuracy (with `comparison.robust_resolution` > 0; needs `attack`);
+      "line" and "robust_grid" use the first `comparison.robust_n` images (attacks are the expensive part);
     - "interpolation": (1 - t) theta_reference + t theta_model for every other model of the
-      reference's architecture (`interpolation_pairs` says which are skipped and why), t over
-      `interpolation_span` (keep 0 and 1 on the grid of `line_resolution` points).
+      reference's architecture (`interpolation_pairs` says which are skipped and why).
 
     `settings` holds what every surface shares (span, resolution, data_name, bn_mode, precision,
-    speed options). Returns {kind: {model: Dataset}}. With a `run`, each surface is cached as
-    `run.surface(model, kind)` under the one cache policy; `overwrite` recomputes even matching
-    files. `radius`: the sharpness radius to be used on "grid" and "line" (checked before
-    computing: enough points for `quadratic_fit`).
+    speed options), `comparison` which surfaces are compared (`ComparisonSettings`). Returns
+    {kind: {model: Dataset}}. With a `run`, each surface is cached as `run.surface(model, kind)` under
+    the one cache policy; `overwrite` recomputes even matching files.
     """
     settings = settings_with(settings)
-    check_choice("norm", norm, NORMS)
+    c = comparison or ComparisonSettings()
     if not models:
         raise ValueError("models is empty: give a mapping name -> model")
     if settings.kind is not None or settings.attack_name is not None or settings.beta_span is not None:
@@ -357,20 +381,16 @@ def model_surfaces(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Te
     low, span = settings.span
     if low != -span:
         raise ValueError(f"model_surfaces needs a span centred on the model, (-s, s); got {settings.span}")
-    line_resolution = line_resolution or settings.resolution
-    check_int("line_resolution", line_resolution, minimum=2)
-    if robust_resolution and attack is None:
+    line_resolution = c.line_resolution or settings.resolution
+    if c.robust_resolution and attack is None:
         raise ValueError("robust_resolution > 0 needs attack=... (re-run at every point of the 2D grid)")
-    if robust_resolution < 0 or (0 < robust_resolution < 2):
-        raise ValueError(f"robust_resolution must be 0 (no 2D robust surface) or >= 2, got {robust_resolution}")
-    if radius is not None:
-        check_radius(radius, span, settings.resolution, dims=2)
-        check_radius(radius, span, line_resolution, dims=1)
+    if c.radius is not None:
+        check_radius(c.radius, span, settings.resolution, dims=2)
+        check_radius(c.radius, span, line_resolution, dims=1)
+    reference = c.reference
     if reference is not None and reference not in models and len(models) > 1:
         raise ValueError(f"reference={reference!r} is not among the models {list(models)}")
-    if robust_n is not None:
-        check_int("robust_n", robust_n)
-    x_r, y_r = (x, y) if robust_n is None or attack is None else (x[:robust_n], y[:robust_n])
+    x_r, y_r = (x, y) if c.robust_n is None or attack is None else (x[:c.robust_n], y[:c.robust_n])
     robust_data = settings.data_name if len(y_r) == len(y) else f"{settings.data_name}, first {len(y_r)}"
     robust = {"attack_name": attack_name} if attack is not None else {}
     run = None if run is None else Run.of(run)
@@ -385,19 +405,19 @@ def model_surfaces(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Te
     interpolated = set(interpolation_pairs(models, reference)[0])
     for name, model in models.items():
         own = settings.replace(model_name=name)
-        d2 = random_directions(model, 2, seed=seed, norm=norm)
-        d1 = random_directions(model, 1, seed=seed, norm=norm)  # = d2's first direction
+        d2 = random_directions(model, 2, seed=c.seed, norm=c.norm)
+        d1 = random_directions(model, 1, seed=c.seed, norm=c.norm)  # = d2's first direction
         out["grid"][name] = grid(model, d2, x, y, own, path=path(name, "grid"))
         out["line"][name] = line(model, d1, x_r, y_r, own.replace(resolution=line_resolution, data_name=robust_data,
                                                                   **robust), path=path(name, "line"), attack=attack)
-        if robust_resolution:
+        if c.robust_resolution:
             out["robust_grid"][name] = grid(
-                model, d2, x_r, y_r, own.replace(resolution=robust_resolution, data_name=robust_data,
+                model, d2, x_r, y_r, own.replace(resolution=c.robust_resolution, data_name=robust_data,
                                                  quantities=("robust_loss", "robust_accuracy"), **robust),
                 path=path(name, "robust_grid"), attack=attack)
         if name in interpolated:
             out["interpolation"][name] = interpolation(
                 models[reference], model, x, y, settings.replace(
-                    kind="interpolation", span=interpolation_span, resolution=line_resolution,
+                    kind="interpolation", span=c.interpolation_span, resolution=line_resolution,
                     model_name=f"{reference} -> {name}"), path=path(name, "interpolation"))
     return {k: v for k, v in out.items() if v}

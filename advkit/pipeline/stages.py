@@ -27,8 +27,8 @@ from advkit._torch import Attack, to_float
 from advkit.attacks.pgd import pgd
 from advkit.data import Dataset, get_dataset, subset
 from advkit.landscape.settings import SurfaceSettings
-from advkit.landscape.studies import sensitivity_surfaces
-from advkit.landscape.surfaces import model_surfaces
+from advkit.landscape.studies import SensitivitySettings, sensitivity_surfaces
+from advkit.landscape.surfaces import ComparisonSettings, model_surfaces
 from advkit.runs.run import Run, load_models, resolve_device
 from advkit.studies import zoo
 
@@ -147,21 +147,21 @@ class LandscapeStudy:
         """The comparison surfaces (`advkit.landscape.surfaces.model_surfaces`: grid, line, robust grid,
         interpolations), cached in the run's landscapes/."""
         p = self.parameters
-        return model_surfaces(
-            self.models, self.x, self.y, self.run, self.settings, seed=p.direction_seed, norm=p.normalization,
-            line_resolution=p.line_resolution, attack=self.attack,
-            attack_name=f"PGD-{p.pgd_steps}, ε = {p.pgd_eps:.3g}",
-            robust_resolution=p.robust_resolution if p.robust else 0, robust_n=p.robust_n_images,
-            radius=p.radius, overwrite=p.overwrite)
+        comparison = ComparisonSettings(
+            seed=p.direction_seed, norm=p.normalization, line_resolution=p.line_resolution,
+            robust_resolution=p.robust_resolution if p.robust else 0, robust_n=p.robust_n_images, radius=p.radius)
+        return model_surfaces(self.models, self.x, self.y, self.run, self.settings, comparison, attack=self.attack,
+                              attack_name=f"PGD-{p.pgd_steps}, ε = {p.pgd_eps:.3g}", overwrite=p.overwrite)
 
     def sensitivity_surfaces(self) -> dict[tuple[str, float, str], xr.Dataset]:
         """The sensitivity study's lines (`advkit.landscape.studies.sensitivity_surfaces`), every normalization
         at its radii (unnormalized directions at `sensitivity_none_radii`)."""
         p = self.parameters
         spans = {n: p.sensitivity_none_radii if n == "none" else p.sensitivity_radii for n in p.sensitivity_norms}
-        return sensitivity_surfaces(
-            self.models, self.x, self.y, self.run, self.settings.replace(resolution=p.sensitivity_resolution),
-            norms=p.sensitivity_norms, spans=spans, seed=p.direction_seed, overwrite=p.overwrite)
+        sweep = SensitivitySettings(norms=p.sensitivity_norms, spans=spans, seed=p.direction_seed)
+        return sensitivity_surfaces(self.models, self.x, self.y, self.run,
+                                    self.settings.replace(resolution=p.sensitivity_resolution), sweep,
+                                    overwrite=p.overwrite)
 
 
 def landscape_study(p: LandscapeParameters) -> LandscapeStudy:

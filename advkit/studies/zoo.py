@@ -40,7 +40,7 @@ from advkit._torch import Attack, loss_and_accuracy, to_float
 from advkit.attacks.evaluate import STUTZ2021
 from advkit.attacks.pgd import autoattack, pgd
 from advkit.curvature.estimators import hessian_eigenvalues, hessian_trace
-from advkit.curvature.flatness import avg_case_flatness, relative_flatness, worst_case_flatness
+from advkit.curvature.flatness import FlatnessLoss, avg_case_flatness, relative_flatness, worst_case_flatness
 from advkit.curvature.operator import HessianOperator, adversarial_inputs
 from advkit.data import DATASETS, Dataset, subset
 from advkit.progress import LoopProgress
@@ -181,14 +181,13 @@ def model_metrics(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor],
             row["relative_flatness"] = relative_flatness(model, x, batch_size=bs).value
             row["relative_flatness_adv"] = relative_flatness(model, x_adv, batch_size=bs).value
     row["robust_gap"] = row["robust_loss_test"] - row["robust_loss_train"]
-    avg_train = avg_case_flatness(model, *train, xi=s.flatness_xi, n_samples=s.flatness_samples,
-                                  attack=flat_attack, seed=s.seed, batch_size=bs)
+    robust = FlatnessLoss(attack=flat_attack, batch_size=bs)  # PGD re-run at every perturbed w
+    avg_train = avg_case_flatness(model, *train, robust, xi=s.flatness_xi, n_samples=s.flatness_samples, seed=s.seed)
     row["avg_case_flatness_train"] = avg_train.value
     x, y = test
-    avg = avg_case_flatness(model, x, y, xi=s.flatness_xi, n_samples=s.flatness_samples, attack=flat_attack,
-                            seed=s.seed, batch_size=bs)
-    worst = worst_case_flatness(model, x, y, xi=s.worst_xi, steps=s.worst_steps, eps=s.pgd_eps, seed=s.seed,
-                                batch_size=bs)
+    avg = avg_case_flatness(model, x, y, robust, xi=s.flatness_xi, n_samples=s.flatness_samples, seed=s.seed)
+    joint = FlatnessLoss(batch_size=bs)  # made robust by worst_case_flatness's joint PGD steps (eps)
+    worst = worst_case_flatness(model, x, y, joint, xi=s.worst_xi, steps=s.worst_steps, eps=s.pgd_eps, seed=s.seed)
     op = HessianOperator(model, x, y, batch_size=bs, backend=s.hessian_backend)
     eig = hessian_eigenvalues(op, iters=s.hessian_iters, seed=s.seed)
     trace = hessian_trace(op, n_samples=s.hessian_samples, method=s.trace_method, seed=s.seed)

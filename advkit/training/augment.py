@@ -39,7 +39,7 @@ from advkit._torch import (
 )
 from advkit.attacks.evaluate import XU2019
 from advkit.attacks.pgd import GENERATOR_SEEDED, get_attack
-from advkit.data import Batcher, Dataset
+from advkit.data import Batcher, Dataset, crop_padding
 from advkit.progress import LoopProgress
 from advkit.runs.artifacts import as_stored, atomic_path, read_json, write_json
 from advkit.runs.checkpoints import load_model, load_torch
@@ -217,8 +217,7 @@ def xu_finetune(run: Run, data: Dataset, attack: str, budget: dict[str, Any], co
     else:
         x, y = data.x_train, data.y_train
         batch_size, objective = max(1, batch_size // 2), RegeneratedAugmentation(attack, **budget)
-    padding = data.x_train.shape[-1] // 8
-    batches = finetune_batcher(x, y, batch_size, padding=padding, seed=config.seed, device=device)
+    batches = finetune_batcher(x, y, batch_size, padding=crop_padding(data.x_train), seed=config.seed, device=device)
     return fit(model, batches, config, objective=objective, test=test, run=run, name=name or attack)
 
 

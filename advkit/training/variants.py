@@ -26,15 +26,12 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from advkit.data import Batcher
+from advkit.data import Batcher, crop_padding
 from advkit.models import get_model
 from advkit.training.fit import FitResult, TrainConfig, fit, paper_config
 from advkit.training.objectives import AWP_INNER, Objective, get_objective
@@ -166,18 +163,16 @@ def variant_config(variant: Variant | str, epochs: int, **overrides: Any) -> Tra
 
 
 def train_variant(spec: str, arch: str, train: tuple[torch.Tensor, torch.Tensor], *, epochs: int, eps: float,
-                  steps: int, alpha: float | None = None, num_classes: int = 10, in_channels: int = 3,
-                  batch_size: int = 128, padding: int = 4, seed: int = 0, device: str | torch.device = "cpu",
-                  test: tuple[torch.Tensor, torch.Tensor] | None = None,
-                  evaluate: Callable[[nn.Module], dict[str, float]] | None = None, select: str | None = None,
-                  keep_epochs: Sequence[int] = (), run: str | Path | None = None, precision: str = "auto",
-                  progress: bool = True, name: str | None = None, **fit_kwargs: Any) -> FitResult:
-    """Adversarially train a fresh `arch` from scratch on `train` (uint8 images) with the variant
-    `spec`: one call per notebook-03 variant, in batches of `batch_size` with random crop (`padding`)
-    + flip (the papers' 128 and 4 px). Weights, batch order and augmentation are seeded by `seed`;
-    label noise is drawn once from `seed`; `precision` is TrainConfig's. The model is saved as
-    `models/<spec>.pt` (final) and, with `select`, `models/<spec>_early.pt` (early stopped); `name`
-    replaces `<spec>` (a sweep cell's `<spec><suffix>`, advkit.pipeline.sweep)."""
+                  steps: int, alpha: float | None = None, num_classes: int = 10, batch_size: int = 128,
+                  seed: int = 0, device: str | torch.device = "cpu", precision: str = "auto",
+                  **fit_options: Any) -> FitResult:
+    """Adversarially train a fresh `arch` from scratch on `train` (N x C x H x W uint8 images, labels) with
+    the variant `spec`: one call per notebook-03 variant, in batches of `batch_size` with random crop
+    (`advkit.data.crop_padding`) + flip (the papers' 128 and 4 px at 32 px). Weights, batch order and
+    augmentation are seeded by `seed`; label noise is drawn once from `seed`; `precision` is TrainConfig's.
+    `fit_options` go to `advkit.training.fit.fit` (test, evaluate, select, keep_epochs, run, progress, name):
+    the model is saved as `models/<spec>.pt` (final) and, with `select`, `models/<spec>_early.pt` (early
+    stopped); `name` replaces `<spec>` (a sweep cell's `<spec><suffix>`, advkit.pipeline.sweep)."""
     v = parse_variant(spec)
     if arch not in _arch_names():
         raise ValueError(f"arch={arch!r} is not available; choose one of {_arch_names()}")
@@ -187,11 +182,10 @@ def train_variant(spec: str, arch: str, train: tuple[torch.Tensor, torch.Tensor]
     if v.label_noise:
         y = noisy_labels(y, v.label_noise, num_classes, seed=seed)
     batcher_cls = AutoAugmentBatcher if v.autoaugment else Batcher
-    batcher = batcher_cls(x, y, batch_size, augment=True, padding=padding, seed=seed, device=device)
+    batcher = batcher_cls(x, y, batch_size, augment=True, padding=crop_padding(x), seed=seed, device=device)
     torch.manual_seed(seed)
-    model = get_model(arch, num_classes, in_channels).to(device)
-    return fit(model, batcher, config, objective=objective, test=test, evaluate=evaluate, select=select,
-               keep_epochs=keep_epochs, run=run, name=name or v.name, progress=progress, **fit_kwargs)
+    model = get_model(arch, num_classes, in_channels=x.shape[1]).to(device)
+    return fit(model, batcher, config, objective=objective, **{"name": v.name, **fit_options})
 
 
 def _arch_names() -> list[str]:

@@ -13,6 +13,7 @@ from torch.func import functional_call
 
 from advkit.curvature.estimators import hessian_trace
 from advkit.curvature.flatness import (
+    FlatnessLoss,
     adaptive_sharpness,
     avg_case_flatness,
     confidence_flatness,
@@ -140,14 +141,14 @@ def test_robust_loss_reruns_the_attack(data):
         calls.append(1)
         return fgsm(net, xb, yb)
 
-    res = avg_case_flatness(model, x, y, xi=0.2, n_samples=2, attack=counting, batch_size=40)
+    res = avg_case_flatness(model, x, y, FlatnessLoss(attack=counting, batch_size=40), xi=0.2, n_samples=2)
     assert len(calls) == 3 * 3                       # (reference + 2 perturbations) x 3 chunks
     assert res.loss > dataset_loss(model, x, y)      # robust loss above clean loss
     assert "counting" in res.settings["attack"]
     joint = worst_case_flatness(model, x, y, xi=0.01, steps=3, eps=0.1)
     assert joint.loss > dataset_loss(model, x, y)
     with pytest.raises(ValueError, match="either attack"):
-        worst_case_flatness(model, x, y, eps=0.1, attack=fgsm)
+        worst_case_flatness(model, x, y, FlatnessLoss(attack=fgsm), eps=0.1)
 
 
 def test_joint_ascent_is_pgd_from_a_random_start(data):
@@ -157,7 +158,7 @@ def test_joint_ascent_is_pgd_from_a_random_start(data):
     x, y = data
     model = mlp()
     eps, steps = 0.1, 3
-    res = worst_case_flatness(model, x, y, xi=0.0, steps=steps, eps=eps, seed=5, batch_size=40)
+    res = worst_case_flatness(model, x, y, FlatnessLoss(batch_size=40), xi=0.0, steps=steps, eps=eps, seed=5)
     gen = torch.Generator().manual_seed(5)
     x_adv = (x + (2 * torch.rand(x.shape, generator=gen) - 1) * eps).clamp(0, 1)
     for _ in range(steps):
@@ -180,12 +181,12 @@ def test_with_advkit_pgd_and_batchnorm(data):
                           nn.Linear(24, 3)).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     pgd = functools.partial(attacks.pgd, eps=0.05, steps=2)
-    res = avg_case_flatness(model, x, y, xi=0.1, n_samples=2, attack=pgd)
+    res = avg_case_flatness(model, x, y, FlatnessLoss(attack=pgd), xi=0.1, n_samples=2)
     assert np.isfinite(res.value) and "pgd" in res.settings["attack"] and "eps=0.05" in res.settings["attack"]
     assert model.training and model[1].training
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
-    bn_too = avg_case_flatness(model, x, y, xi=0.1, n_samples=2, include_bn=True)
+    bn_too = avg_case_flatness(model, x, y, FlatnessLoss(include_bn=True), xi=0.1, n_samples=2)
     assert bn_too.value != avg_case_flatness(model, x, y, xi=0.1, n_samples=2).value
 
 
@@ -277,4 +278,4 @@ def test_bad_input(data):
     with pytest.raises(ValueError, match="equal length"):
         avg_case_flatness(model, x, y[:3])
     with pytest.raises(ValueError, match="layers"):
-        avg_case_flatness(model, x, y, layers=["nope"])
+        avg_case_flatness(model, x, y, FlatnessLoss(layers=["nope"]))

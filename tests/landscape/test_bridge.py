@@ -136,7 +136,7 @@ def test_curvature_table_and_its_checks():
     x, y = torch.rand(12, 1, 4, 4, generator=gen), torch.randint(0, 3, (12,), generator=gen)
     attack = functools.partial(pgd, eps=0.05, steps=2, seed=0)
     settings = SurfaceSettings(span=0.1, resolution=5, precision="fp32")
-    surfaces = model_surfaces({"m": model}, x, y, None, settings, seed=0, attack=attack, attack_name="pgd")
+    surfaces = model_surfaces({"m": model}, x, y, None, settings, attack=attack, attack_name="pgd")
     table = C.curvature_table({"m": model}, x, y, surfaces, attack=attack, radius=0.1)
     assert list(table.index) == [("m", "clean"), ("m", "robust")]
     clean = table.loc[("m", "clean")]
@@ -196,7 +196,7 @@ def test_eigen_maps_are_each_models_maps_in_its_surface_plane():
     gen = torch.Generator().manual_seed(1)
     x, y = torch.rand(12, 1, 4, 4, generator=gen), torch.randint(0, 3, (12,), generator=gen)
     attack = functools.partial(pgd, eps=0.05, steps=2, seed=0)
-    surfaces = model_surfaces(models, x, y, None, SurfaceSettings(span=0.1, resolution=3, precision="fp32"), seed=0)
+    surfaces = model_surfaces(models, x, y, None, SurfaceSettings(span=0.1, resolution=3, precision="fp32"))
     coords = [-0.1, 0.0, 0.1]
     maps = C.eigen_maps(models, surfaces["grid"], x, y, coords, names=["b", "absent"], n_images=6, attack=attack,
                         steps=3, seed=2)

@@ -25,8 +25,22 @@ from advkit.landscape.files import load_surface
 from advkit.landscape.precision import autocast_error, choose_precision
 from advkit.landscape.settings import SurfaceSettings
 from advkit.landscape.sharpness import check_radius, mean_increase, quadratic_fit, sharpness_summary, sharpness_table
-from advkit.landscape.studies import sensitivity_analysis, sensitivity_summary, sensitivity_surfaces, sensitivity_table
-from advkit.landscape.surfaces import grid, interpolation, interpolation_pairs, line, model_surfaces, plane
+from advkit.landscape.studies import (
+    SensitivitySettings,
+    sensitivity_analysis,
+    sensitivity_summary,
+    sensitivity_surfaces,
+    sensitivity_table,
+)
+from advkit.landscape.surfaces import (
+    ComparisonSettings,
+    grid,
+    interpolation,
+    interpolation_pairs,
+    line,
+    model_surfaces,
+    plane,
+)
 from advkit.models import get_model
 from advkit.runs.run import Run, StaleCacheWarning
 
@@ -508,7 +522,7 @@ def test_sensitivity_ordering_against_a_hand_computed_case(cnn, cnn_b, cnn_c, xy
     models = {"small": small, "b": cnn_b, "c": cnn_c}
     spans = {"filter": [0.25, 0.5], "none": [0.05]}
     surfaces = sensitivity_surfaces(models, x, y, Run(tmp_path), SurfaceSettings(resolution=5),
-                                      norms=("filter", "none"), spans=spans)
+                                    SensitivitySettings(norms=("filter", "none"), spans=spans))
     assert len(list((tmp_path / "landscapes" / "sensitivity").glob("*_1d.nc"))) == 9
     hand = {(n, s): {m: _hand_curvature_and_increase(model, n, s, x, y) for m, model in models.items()}
             for n in spans for s in spans[n]}
@@ -535,7 +549,7 @@ def test_sensitivity_analysis_reads_its_run_files(cnn, cnn_b, xy, tmp_path):
     x, y = xy[0][:32], xy[1][:32]
     run = Run(tmp_path)
     table = sensitivity_analysis({"a": cnn, "b": cnn_b}, x, y, run, SurfaceSettings(resolution=11),
-                                   norms=("filter", "none"), spans=(0.5,), radius_fraction=0.4)
+                                 SensitivitySettings(norms=("filter", "none"), spans=(0.5,)), radius_fraction=0.4)
     assert len(table) == 2 and set(table.columns) >= {"a", "b", "kendall_tau", "same_ordering"}
     for norm in ("filter", "none"):  # each value is the fit on its file, at radius 0.4 * span
         row = table[table.norm == norm].iloc[0]
@@ -576,9 +590,9 @@ def test_model_surfaces_are_consistent_cached_and_checked(cnn, cnn_b, xy, tmp_pa
     x, y = xy[0][:32], xy[1][:32]
     models = {"base": cnn, "ft": cnn_b}
     settings = SurfaceSettings(span=0.5, resolution=5)
-    kw = dict(seed=0, attack=functools.partial(_fgsm, eps=0.1), attack_name="FGSM 0.1")
+    kw = dict(attack=functools.partial(_fgsm, eps=0.1), attack_name="FGSM 0.1")
     run = Run(tmp_path)
-    out = model_surfaces(models, x, y, run, settings, **kw)
+    out = model_surfaces(models, x, y, run, settings, ComparisonSettings(seed=0), **kw)
     assert set(out) == {"grid", "line", "interpolation"} and list(out["interpolation"]) == ["ft"]
     assert sorted(p.name for p in (tmp_path / "landscapes").glob("*.nc")) == [
         "base_grid.nc", "base_line.nc", "ft_grid.nc", "ft_interpolation.nc", "ft_line.nc"]
@@ -591,30 +605,47 @@ def test_model_surfaces_are_consistent_cached_and_checked(cnn, cnn_b, xy, tmp_pa
     interp = out["interpolation"]["ft"]
     assert interp.attrs["model"] == "base -> ft"
     assert interp.loss.values[[0, -1]] == pytest.approx([own_loss(cnn, x, y)[0], own_loss(cnn_b, x, y)[0]], rel=1e-5)
-    again = model_surfaces(models, x, y, run, settings, **kw)  # reused from the files, not recomputed
+    again = model_surfaces(models, x, y, run, settings, ComparisonSettings(seed=0), **kw)  # reused, not recomputed
     assert again["grid"]["ft"].attrs["created"] == out["grid"]["ft"].attrs["created"]
     np.testing.assert_array_equal(again["line"]["base"].robust_loss.values, out["line"]["base"].robust_loss.values)
     with pytest.warns(StaleCacheWarning) as stale:
-        other = model_surfaces({"base": cnn}, x, y, run, settings, **{**kw, "seed": 1})
+        other = model_surfaces({"base": cnn}, x, y, run, settings, ComparisonSettings(seed=1), **kw)
     assert sorted(str(w.message).partition(" was made with direction_seed=0, this call asks for direction_seed=1")[0]
                   .rpartition("/")[2] for w in stale) == ["base_grid.nc", "base_line.nc"]
     assert other["grid"]["base"].attrs["direction_seed"] == 1
     assert load_surface(run.surface("base", "grid")).attrs["direction_seed"] == 1  # the file was replaced
-    redone = model_surfaces({"base": cnn}, x, y, run, settings, **{**kw, "seed": 1}, overwrite=True)
+    redone = model_surfaces({"base": cnn}, x, y, run, settings, ComparisonSettings(seed=1), **kw, overwrite=True)
     assert redone["grid"]["base"].attrs["created"] >= other["grid"]["base"].attrs["created"]
     with pytest.raises(ValueError, match="radius=0.1 holds only 1 point"):
-        model_surfaces(models, x, y, Run(tmp_path / "new"), settings, **kw, radius=0.1)
+        model_surfaces(models, x, y, Run(tmp_path / "new"), settings, ComparisonSettings(radius=0.1), **kw)
     assert not (tmp_path / "new").exists()  # failed before computing anything
     with pytest.raises(ValueError, match="robust_resolution > 0 needs attack"):
-        model_surfaces(models, x, y, seed=0, robust_resolution=5)
+        model_surfaces(models, x, y, comparison=ComparisonSettings(robust_resolution=5))
     with pytest.raises(ValueError, match=r"span centred on the model"):
-        model_surfaces(models, x, y, settings=SurfaceSettings(span=(0, 1)), seed=0)
+        model_surfaces(models, x, y, settings=SurfaceSettings(span=(0, 1)))
+
+
+@pytest.mark.parametrize("fields, match", [
+    (dict(robust_resolution=1), "robust_resolution must be 0"), (dict(norm="filters"), "norm"),
+    (dict(line_resolution=1), "line_resolution"), (dict(robust_n=0), "robust_n"), (dict(seed=-1), "seed")])
+def test_comparison_settings_name_the_bad_field(fields, match):
+    with pytest.raises(ValueError, match=match):
+        ComparisonSettings(**fields)
+
+
+@pytest.mark.parametrize("fields, match", [
+    (dict(norms=("filter", "filters")), "norms entry"), (dict(spans=()), "non-empty"), (dict(spans=(0,)), "spans"),
+    (dict(dims=3), "dims"), (dict(bn="exclude"), "bn"), (dict(seed=-1), "seed")])
+def test_sensitivity_settings_name_the_bad_field(fields, match):
+    with pytest.raises(ValueError, match=match):
+        SensitivitySettings(**fields)
 
 
 def test_model_surfaces_robust_subset_and_robust_grid(cnn, xy):
     x, y = xy[0][:32], xy[1][:32]
     out = model_surfaces({"base": cnn}, x, y, settings=SurfaceSettings(span=0.5, resolution=3, data_name="test"),
-                           seed=0, robust_resolution=3, robust_n=8, attack=functools.partial(_fgsm, eps=0.1))
+                         comparison=ComparisonSettings(robust_resolution=3, robust_n=8),
+                         attack=functools.partial(_fgsm, eps=0.1))
     assert set(out) == {"grid", "line", "robust_grid"}  # one model: nothing to interpolate
     assert out["grid"]["base"].attrs["data_n"] == 32 and out["line"]["base"].attrs["data_n"] == 8
     assert out["robust_grid"]["base"].attrs["data"] == "test, first 8"
@@ -648,7 +679,7 @@ def test_sensitivity_summary_per_norm_spans_and_one_model(cnn, cnn_b, xy, tmp_pa
     x, y = xy[0][:16], xy[1][:16]
     spans = {"filter": [0.1, 0.2], "none": [0.01]}
     surfaces = sensitivity_surfaces({"a": cnn, "b": cnn_b}, x, y, Run(tmp_path), SurfaceSettings(resolution=5),
-                                      norms=("filter", "none"), spans=spans)
+                                    SensitivitySettings(norms=("filter", "none"), spans=spans))
     assert sorted(surfaces) == [("filter", 0.1, "a"), ("filter", 0.1, "b"), ("filter", 0.2, "a"),
                                 ("filter", 0.2, "b"), ("none", 0.01, "a"), ("none", 0.01, "b")]
     table = sensitivity_summary(surfaces, radius_fraction=1.0, reference=("filter", 0.2))
@@ -663,7 +694,7 @@ def test_sensitivity_summary_per_norm_spans_and_one_model(cnn, cnn_b, xy, tmp_pa
     single = sensitivity_summary({k: v for k, v in surfaces.items() if k[2] == "a"}, radius_fraction=1.0)
     assert single.same_ordering.all() and single.kendall_tau.isna().all()  # one model: trivially the same
     with pytest.raises(ValueError, match="spans has no entry.*'layer'"):
-        sensitivity_surfaces({"a": cnn}, x, y, norms=("filter", "layer"), spans=spans)
+        SensitivitySettings(norms=("filter", "layer"), spans=spans)
     fig = pytest.importorskip("advkit.plots.figures").sensitivity_figure(table)
     assert len(fig.axes) == 4  # 2 metrics x 2 normalizations
     fig.clf()
@@ -708,7 +739,7 @@ def test_models_of_different_architectures_are_not_interpolated(tmp_path):
     models = {"base": base, "ft": ft, "pgd_at": at}
     ok, skipped = interpolation_pairs(models)
     assert ok == ["ft"] and list(skipped) == ["pgd_at"] and "resnet32 vs resnet18" in skipped["pgd_at"]
-    out = model_surfaces(models, x, y, Run(tmp_path), SurfaceSettings(span=0.5, resolution=3), seed=0)
+    out = model_surfaces(models, x, y, Run(tmp_path), SurfaceSettings(span=0.5, resolution=3))
     assert list(out["interpolation"]) == ["ft"] and set(out["grid"]) == set(models)
     # random directions are drawn per architecture: the ResNet-18 grid is centred on its own loss
     assert out["grid"]["pgd_at"].loss.sel(alpha=0, beta=0).item() == pytest.approx(

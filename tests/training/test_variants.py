@@ -76,8 +76,7 @@ def test_train_variant_saves_final_and_early_stopped_weights(digits, tmp_path, s
     evaluate = epoch_robust_metrics(None, s["test_sub"], s["val"], AttackSpec("pgd", attack))
     train = (s["train"][0][:64], s["train"][1][:64])
     result = train_variant(spec, "small_cnn", train, epochs=2, eps=0.1, steps=2, alpha=0.04, num_classes=10,
-                           in_channels=1, batch_size=32, padding=1, evaluate=evaluate, select="val_robust_loss",
-                           run=tmp_path, progress=False)
+                           batch_size=32, evaluate=evaluate, select="val_robust_loss", run=tmp_path, progress=False)
     assert len(result.history) == 2 and torch.isfinite(torch.tensor(result.history["train_loss"].to_numpy())).all()
     assert {spec, f"{spec}_early"} <= set(list_models(tmp_path))  # zoo members, not epoch checkpoints
     final, early = load_model(tmp_path / "models" / f"{spec}.pt"), load_model(tmp_path / "models" / f"{spec}_early.pt")
@@ -98,8 +97,8 @@ def test_label_noise_variant_trains_on_noisy_labels(digits, tmp_path, monkeypatc
 
     monkeypatch.setattr(variants, "fit", spy)
     x, y = digits.x_train[:100], digits.y_train[:100]
-    train_variant("pgd_at+ln0.2", "small_cnn", (x, y), epochs=1, eps=0.1, steps=1, in_channels=1, batch_size=50,
-                  padding=1, seed=4, progress=False)
+    train_variant("pgd_at+ln0.2", "small_cnn", (x, y), epochs=1, eps=0.1, steps=1, batch_size=50, seed=4,
+                  progress=False)
     assert (seen["y"] != y).sum().item() == 20
     assert {k: seen["batcher"][k] for k in ("batch_size", "augment", "padding", "seed")} == \
         {"batch_size": 50, "augment": True, "padding": 1, "seed": 4}  # the batcher fit uses as given
