@@ -64,6 +64,11 @@ SCHEDULES = ("constant", "multistep", "cosine", "onecycle")  # advkit.training.f
 RECIPES = ("paper", "fast")                                  # advkit.training.fit: as given, or FAST_RECIPE
 # Xu et al. 2019's fine-tunes, named after their attack (advkit.attacks.evaluate.XU2019)
 XU_ATTACKS = ("fgsm", "pgd", "stadv")
+AUGMENT_MODES = ("static", "regenerate")            # advkit.training.augment.xu_finetune: fixed or regenerated
+AUGMENT_DTYPES = ("uint8", "float32")               # advkit.training.augment.augmented_dataset's storage
+DIRECTION_NORMS = ("filter", "layer", "weight", "none")  # advkit.landscape.directions (Li et al. 2018's filter)
+HESSIAN_BACKENDS = ("forward", "reverse")           # advkit.curvature.operator.HessianOperator's products
+CI_METHODS = ("fisher", "bootstrap")                # advkit.studies.correlation's confidence intervals
 MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit; torch takes these too
 QUADRATIC_FIT_POINTS = {1: 4, 2: 7}
 """Grid points within the radius that the sharpness's quadratic fit needs, 1D and 2D

@@ -47,6 +47,7 @@ from common import (  # first: repository root on sys.path
 )
 from torch import nn
 
+from advkit._checks import HESSIAN_BACKENDS
 from advkit.curvature.blocks import vmap_fallback
 from advkit.curvature.estimators import hessian_eigenvalues, hessian_trace
 from advkit.curvature.operator import HessianOperator
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=1000, help="images per HVP chunk (ours)")
     ap.add_argument("--block-sizes", type=_block, nargs="+", default=[1, "auto"],
                     help="Hutchinson probes per batched product (ours), one row each; 'auto' allowed")
-    ap.add_argument("--backends", nargs="+", choices=HessianOperator.BACKENDS, default=["reverse", "forward"])
+    ap.add_argument("--backends", nargs="+", choices=HESSIAN_BACKENDS, default=["reverse", "forward"])
     ap.add_argument("--data-dir", default=None, help="folder with CIFAR-10 (advkit.data format); else random")
     ap.add_argument("--checkpoint", default=None, help="advkit checkpoint (advkit.runs.checkpoints.save_model) to load")
     ap.add_argument("--device", default="auto")

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
-from advkit._checks import check_choice, check_int
+from advkit._checks import HESSIAN_BACKENDS, check_choice, check_int
 from advkit._torch import Attack, PerExampleLoss, WithParams, chunks, eval_mode, model_device, to_float
 
 
@@ -109,14 +109,12 @@ class HessianOperator:
     vectors in the convolution and BatchNorm backward ops): better GPU use, often slower on CPUs.
     """
 
-    BACKENDS = ("forward", "reverse")
-
     def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
                  loss_fn: PerExampleLoss | None = None, attack: Attack | None = None, include_bn: bool = False,
                  layers: Sequence[str] | None = None, batch_size: int = 500, backend: str = "forward"):
         check_data(x, y)
         check_int("batch_size", batch_size)
-        check_choice("backend", backend, self.BACKENDS)
+        check_choice("backend", backend, HESSIAN_BACKENDS)
         self.model = model
         self.loss_fn = loss_fn or per_example_cross_entropy
         self.batch_size = batch_size

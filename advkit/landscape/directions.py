@@ -18,10 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from advkit._checks import check_choice, check_int
+from advkit._checks import DIRECTION_NORMS, check_choice, check_int
 from advkit._torch import model_device, tensors_hash
 
-NORMS = ("filter", "layer", "weight", "none")
 BN_POLICIES = ("ignore", "include")
 # Modules whose affine parameters are "BatchNorm parameters" in Li et al.'s sense.
 NORM_MODULES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
@@ -118,7 +117,7 @@ def normalize_direction(d: torch.Tensor, theta: torch.Tensor, norm: str) -> torc
     (Li et al. 2018; Xu et al. Eq. 6). layer: the whole tensor gets norm ||theta||.
     weight: d * |theta| elementwise. none: unchanged.
     """
-    check_choice("norm", norm, NORMS)
+    check_choice("norm", norm, DIRECTION_NORMS)
     d, theta = d.float(), theta.detach().float()
     if norm == "none":
         return d.clone()
@@ -145,7 +144,7 @@ def random_directions(model: nn.Module, n: int = 2, *, seed: int, norm: str = "f
     """
     if n not in (1, 2):
         raise ValueError(f"n must be 1 or 2, got {n}")
-    check_choice("norm", norm, NORMS)
+    check_choice("norm", norm, DIRECTION_NORMS)
     check_choice("bn", bn, BN_POLICIES)
     check_int("seed", seed, minimum=0)
     params = dict(model.named_parameters())

@@ -13,9 +13,9 @@ import torch
 import xarray as xr
 from torch import nn
 
-from advkit._checks import check_choice, check_number, check_seed
+from advkit._checks import DIRECTION_NORMS, check_choice, check_number, check_seed
 from advkit._torch import Attack
-from advkit.landscape.directions import NORMS, random_directions
+from advkit.landscape.directions import random_directions
 from advkit.landscape.settings import SurfaceSettings, settings_with
 from advkit.landscape.sharpness import mean_increase, quadratic_fit
 from advkit.landscape.surfaces import grid, line
@@ -44,7 +44,7 @@ class SensitivitySettings:
         check_seed("seed", self.seed)
         check_choice("bn", self.bn, ("ignore", "include"))
         for norm in self.norms:
-            check_choice("norms entry", norm, NORMS)
+            check_choice("norms entry", norm, DIRECTION_NORMS)
         if isinstance(self.spans, Mapping):
             missing = [n for n in self.norms if n not in self.spans]
             if missing:

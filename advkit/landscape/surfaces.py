@@ -24,10 +24,9 @@ import xarray as xr
 from torch import nn
 
 from advkit import ranks
-from advkit._checks import check_choice, check_int, check_seed
+from advkit._checks import DIRECTION_NORMS, check_choice, check_int, check_seed
 from advkit._torch import Attack, eval_mode, model_device, state_hash, tensors_hash, to_float
 from advkit.landscape.directions import (
-    NORMS,
     Directions,
     architecture_mismatch,
     interpolation_directions,
@@ -341,7 +340,7 @@ class ComparisonSettings:
 
     def __post_init__(self) -> None:
         check_seed("seed", self.seed)
-        check_choice("norm", self.norm, NORMS)
+        check_choice("norm", self.norm, DIRECTION_NORMS)
         if self.line_resolution is not None:
             check_int("line_resolution", self.line_resolution, minimum=2)
         check_int("robust_resolution", self.robust_resolution, minimum=0)

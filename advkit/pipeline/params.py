@@ -30,6 +30,11 @@ from typing import Any
 import numpy as np
 
 from advkit._checks import (
+    AUGMENT_DTYPES,
+    AUGMENT_MODES,
+    CI_METHODS,
+    DIRECTION_NORMS,
+    HESSIAN_BACKENDS,
     MAX_SEED,
     OPTIMIZERS,
     QUADRATIC_FIT_POINTS,
@@ -44,16 +49,11 @@ from advkit._checks import (
     shown,
 )
 
-# Registries of torch-importing modules, copied so that validation does not import torch; tests/pipeline/test_params.py
-# asserts that they equal advkit's own.
+# Registries of constructors in torch-importing modules, named here so that validation does not import torch;
+# tests/pipeline/test_params.py asserts that they equal advkit's own. (Plain choices live in advkit._checks.)
 MODELS = ("small_cnn", "resnet20", "resnet32", "resnet44", "resnet56", "preact_resnet18", "resnet18")
 DATASETS = ("digits", "cifar10")
-NORMS = ("filter", "layer", "weight", "none")       # advkit.landscape.directions.NORMS
-AUGMENT_MODES = ("static", "regenerate")            # advkit.training.augment.AUGMENT_MODES
-AUGMENT_DTYPES = ("uint8", "float32")               # advkit.training.augment.DTYPES
 SPLITS = ("test", "train")
-HESSIAN_BACKENDS = ("forward", "reverse")           # advkit.studies.zoo.HESSIAN_BACKENDS
-CI_METHODS = ("fisher", "bootstrap")                # advkit.studies.correlation.CI_METHODS
 # (train, test) images of each dataset (digits: 1797 split 1437/360; CIFAR-10: 50000/10000).
 DATASET_SIZES = {"digits": (1437, 360), "cifar10": (50000, 10000)}
 NUM_CLASSES = 10  # both datasets
@@ -233,7 +233,7 @@ PARAMS: dict[str, Param] = {
     "n_images": integer(1),
     "landscape_split": choice(SPLITS),
     "direction_seed": integer(0, MAX_SEED),
-    "normalization": choice(NORMS),
+    "normalization": choice(DIRECTION_NORMS),
     "span": number(0, lo_open=True),
     "resolution": _grid(MAX_GRID_POINTS, 2),
     "line_resolution": _grid(MAX_GRID_POINTS, 1),
@@ -244,12 +244,12 @@ PARAMS: dict[str, Param] = {
     "robust_n_images": integer(1, optional=True),
     "robust_resolution": Param(int, f"0 (off) or {_grid(MAX_GRID_POINTS, 2).allowed}", _check_robust_resolution),
     "radius": number(0, lo_open=True),
-    "sensitivity_norms": listof(choice(NORMS)),
+    "sensitivity_norms": listof(choice(DIRECTION_NORMS)),
     "sensitivity_radii": listof(number(0, lo_open=True), distinct=True),
     "sensitivity_none_radii": listof(number(0, lo_open=True), distinct=True),
     "sensitivity_resolution": _grid(MAX_GRID_POINTS, 1, lo=4),
     "direction_replicates": integer(2, 1000),  # advkit.landscape.replicates: direction seeds per surface
-    "replicate_norms": listof(choice(NORMS)),
+    "replicate_norms": listof(choice(DIRECTION_NORMS)),
     "replicate_dims": listof(integer(1, 2), distinct=True),
     "replicate_resolution": _grid(MAX_GRID_POINTS, 2, lo=5),
     "replicate_n_images": integer(1),

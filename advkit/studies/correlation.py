@@ -35,11 +35,10 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
-from advkit._checks import XU_ATTACKS
+from advkit._checks import CI_METHODS, XU_ATTACKS
 from advkit.runs.run import EARLY_SUFFIX, split_seed
 
 METHODS = ("pearson", "spearman", "kendall")
-CI_METHODS = ("fisher", "bootstrap")
 BOOTSTRAP_MIN_N = 8   # fewer models give too few distinct resamples for a percentile interval
 
 

@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from advkit import ranks
-from advkit._checks import XU_ATTACKS, check_choice, check_int, check_number, check_seed
+from advkit._checks import HESSIAN_BACKENDS, XU_ATTACKS, check_choice, check_int, check_number, check_seed
 from advkit._torch import Attack, loss_and_accuracy, to_float
 from advkit.attacks.evaluate import STUTZ2021
 from advkit.attacks.pgd import autoattack, pgd
@@ -49,7 +49,6 @@ from advkit.runs.checkpoints import load_checkpoint, load_model
 from advkit.runs.run import Run, cache_is_current, is_epoch_name
 
 ZOO_VERSION = 2  # bump when a metric's definition changes: cached rows are then recomputed
-HESSIAN_BACKENDS = HessianOperator.BACKENDS
 TRACE_METHODS = ("hutchpp", "hutchinson")
 # Columns that come from other notebooks' files, not from the metrics: never cached. Each source
 # is named as `Run` names it, with the notebook that writes it and the columns it gives.

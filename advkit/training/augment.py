@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from advkit._checks import XU_ATTACKS, check_choice, check_int, check_number
+from advkit._checks import AUGMENT_DTYPES, AUGMENT_MODES, XU_ATTACKS, check_choice, check_int, check_number
 from advkit._torch import (
     chunks,
     eval_mode,
@@ -45,8 +45,6 @@ from advkit.runs.artifacts import as_stored, atomic_path, read_json, write_json
 from advkit.runs.checkpoints import load_model, load_torch
 from advkit.runs.run import Run, cache_is_current
 from advkit.training.objectives import Adversarial
-
-DTYPES = ("uint8", "float32")
 
 
 def xu_budget(attack: str) -> dict[str, Any]:
@@ -69,7 +67,7 @@ def adversarial_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, att
     success rate before and after storing (rounding to uint8).
     """
     params = {**xu_budget(attack), **budget}
-    check_choice("dtype", dtype, DTYPES)
+    check_choice("dtype", dtype, AUGMENT_DTYPES)
     check_int("batch_size", batch_size)
     if x.dim() != 4 or len(x) != len(y):
         raise ValueError(f"x must be (N, C, H, W) images with N = len(y), got {tuple(x.shape)} and {tuple(y.shape)}")
@@ -151,7 +149,6 @@ def finetune_batcher(x: torch.Tensor, y: torch.Tensor, batch_size: int = 128, *,
 
 # --- Xu et al.'s ambiguities as switches --------------------------------------------------------
 
-AUGMENT_MODES = ("static", "regenerate")
 CODE_EPS = 8 / 255  # the L-inf bound of the released code (joycex99/adversarial-training, L_INF_BOUND)
 
 

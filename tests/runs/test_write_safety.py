@@ -1,6 +1,7 @@
 """Shared run files under concurrent writers, kills between a write's steps, full disks and files in the
 way (advkit.runs.artifacts, advkit.runs, the driver's run lock and kernel files in advkit.pipeline)."""
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -29,6 +30,26 @@ from advkit.runs.checkpoints import load_model, save_model
 from advkit.runs.run import Run, figures_dir, one_at_a_time, run_dir, update_manifest
 
 FORK = multiprocessing.get_context("fork")  # the children share the test's imports (no torch import each)
+
+
+@contextlib.contextmanager
+def held_by_a_child(lock):
+    """Yield the pid of a forked process that holds the context manager `lock()` until the block ends."""
+    held, release = FORK.Event(), FORK.Event()
+
+    def hold():
+        with lock():
+            held.set()
+            release.wait(60)
+
+    child = FORK.Process(target=hold)
+    child.start()
+    try:
+        assert held.wait(60)
+        yield child.pid
+    finally:
+        release.set()
+        child.join(30)
 
 
 # --- concurrent writers --------------------------------------------------------------------------
@@ -99,48 +120,22 @@ def test_concurrent_writes_of_one_file_keep_each_file_with_its_own_checksum(tmp_
 
 def test_file_lock_refuses_a_second_holder_by_pid_and_is_reentrant(tmp_path):
     lock = tmp_path / "x.lock"
-    held, release = FORK.Event(), FORK.Event()
-
-    def hold():
-        with file_lock(lock):
-            held.set()
-            release.wait(30)
-
-    child = FORK.Process(target=hold)
-    child.start()
-    try:
-        assert held.wait(30)
-        with pytest.raises(LockHeld, match=f"held by process {child.pid}") as info:
+    with held_by_a_child(lambda: file_lock(lock)) as pid:
+        with pytest.raises(LockHeld, match=f"held by process {pid}") as info:
             with file_lock(lock, wait=False):
                 pass
-        assert info.value.pid == child.pid
-    finally:
-        release.set()
-        child.join(30)
+        assert info.value.pid == pid
     with file_lock(lock, wait=False), file_lock(lock, wait=False):  # the holder may take it again
         assert lock.read_text().strip() == str(os.getpid())
 
 
 def test_a_second_advkit_run_of_a_run_is_refused_naming_the_holder(tmp_run, monkeypatch, capsys):
     monkeypatch.setattr(pipeline, "_execute", lambda *a, **k: pytest.fail("a notebook started"))
-    held, release = FORK.Event(), FORK.Event()
-
-    def hold():
-        with one_at_a_time(Run(run_dir("busy")).lock, "python -m advkit run"):
-            held.set()
-            release.wait(60)
-
-    child = FORK.Process(target=hold)
-    child.start()
-    try:
-        assert held.wait(60)
+    with held_by_a_child(lambda: one_at_a_time(Run(run_dir("busy")).lock, "python -m advkit run")) as pid:
         with pytest.raises(SystemExit) as exit_:
             pipeline.main(["run", "--only", "01", "-p", "run=busy"])
-    finally:
-        release.set()
-        child.join(30)
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert exit_.value.code == 2 and err.startswith("error: another python -m advkit run") and str(child.pid) in err
+    assert exit_.value.code == 2 and err.startswith("error: another python -m advkit run") and str(pid) in err
     assert not (tmp_run / "runs" / "busy" / "manifest.json").exists()  # refused before anything was written
 
 
@@ -290,19 +285,6 @@ def test_a_second_sweep_of_a_run_is_refused_naming_the_holder(tmp_run):
     run = Run(run_dir("busy"))
     atomic_write_text(run.model("base"), "placeholder")  # notebooks 01-02's results, as far as the sweep checks
     atomic_write_text(run.attack_table("budgets", ".json"), "{}")
-    held, release = FORK.Event(), FORK.Event()
-
-    def hold():
-        with one_at_a_time(run / "sweep" / "sweep.lock", "sweep"):
-            held.set()
-            release.wait(60)
-
-    child = FORK.Process(target=hold)
-    child.start()
-    try:
-        assert held.wait(60)
-        with pytest.raises(ValueError, match=f"another sweep \\(pid {child.pid}\\) holds .*sweep.lock"):
+    with held_by_a_child(lambda: one_at_a_time(run / "sweep" / "sweep.lock", "sweep")) as pid:
+        with pytest.raises(ValueError, match=f"another sweep \\(pid {pid}\\) holds .*sweep.lock"):
             sweep.sweep("quick", {"seed": [0, 1]}, run="busy", cell_function=lambda payload: pytest.fail("a job ran"))
-    finally:
-        release.set()
-        child.join(30)
