@@ -1,11 +1,13 @@
 """Notebooks 01 and 02 at CIFAR scale on a real network: akamaster's pretrained ResNet-32 (very likely Xu et al.'s
-base model) attacked with Xu et al.'s budgets on a slice of the shared JPEG copy of CIFAR-10, through the driver.
-Also the data source that the reported-vs-reproduced tables name (`Dataset.source`), tested offline.
+base model) attacked with Xu et al.'s budgets on a slice of the shared JPEG copy of CIFAR-10, through the driver;
+the flatness of its robust loss and its comparison surfaces through the library. Also the data source that the
+reported-vs-reproduced tables name (`Dataset.source`), tested offline.
 
 .ci/run exports ADVKIT_CIFAR10_DIR; the weights are read from ../shared/models beside the repository
 (ADVKIT_PRETRAINED_DIR overrides that folder). Without either, the slow test is skipped with the reason.
 """
 
+import functools
 import os
 import subprocess
 import sys
@@ -17,7 +19,13 @@ import pytest
 import torch
 from PIL import Image
 
+from advkit._torch import to_float
+from advkit.attacks.pgd import pgd
+from advkit.curvature.flatness import FlatnessLoss, avg_case_flatness, worst_case_flatness
 from advkit.data import CIFAR10_CLASSES, Dataset, get_dataset, jpeg_quality
+from advkit.landscape.settings import SurfaceSettings
+from advkit.landscape.surfaces import ComparisonSettings, model_surfaces
+from advkit.models import load_akamaster_checkpoint
 from advkit.runs.run import Run
 from advkit.studies import published as P
 
@@ -78,10 +86,21 @@ def test_reported_tables_name_the_data_on_cifar10_only(tmp_path):
                                       P.compare(tmp_path, claim, dataset="digits"))
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not CIFAR, reason="set ADVKIT_CIFAR10_DIR to an extracted CIFAR-10 copy")
-@pytest.mark.skipif(not CHECKPOINT.exists(), reason=f"no pretrained ResNet-32 at {CHECKPOINT} "
-                                                     "(set ADVKIT_PRETRAINED_DIR to the folder that holds it)")
+CIFAR_AND_CHECKPOINT = (
+    pytest.mark.slow,
+    pytest.mark.skipif(not CIFAR, reason="set ADVKIT_CIFAR10_DIR to an extracted CIFAR-10 copy"),
+    pytest.mark.skipif(not CHECKPOINT.exists(), reason=f"no pretrained ResNet-32 at {CHECKPOINT} "
+                                                        "(set ADVKIT_PRETRAINED_DIR to the folder that holds it)"),
+)
+
+
+def on_the_pretrained_network(test):
+    for mark in CIFAR_AND_CHECKPOINT:
+        test = mark(test)
+    return test
+
+
+@on_the_pretrained_network
 def test_pretrained_resnet32_attacks_on_cifar10(tmp_path, cores):
     env = {**os.environ, "ADVKIT_RUNS_DIR": str(tmp_path / "runs"), "ADVKIT_FIGURES_DIR": str(tmp_path / "figures")}
     params = {"pretrained_checkpoint": CHECKPOINT, "data_dir": CIFAR, **SMALL, "threads": min(2, cores)}
@@ -124,3 +143,32 @@ def test_pretrained_resnet32_attacks_on_cifar10(tmp_path, cores):
         table = run.read_table(run.reported(claim))
         assert len(table) and table["note"].str.contains(f"run data: {data.source}", regex=False).all()
         assert table["difference"].notna().all()  # CIFAR-10: compared, not only shown for reference
+
+
+@on_the_pretrained_network
+def test_robust_loss_flatness_and_comparison_surfaces_of_the_pretrained_resnet32():
+    """Stutz et al.'s flatness of the robust loss (`FlatnessLoss`) and notebook 04's comparison surfaces
+    (`ComparisonSettings`) at CIFAR-10's shape on a trained network, with the surface branches a GPU run
+    takes (points per forward through vmap, folded BatchNorm, channels_last) run on the CPU."""
+    data = get_dataset("cifar10", CIFAR)
+    x, y = to_float(data.x_test[:32]), data.y_test[:32]
+    net = load_akamaster_checkpoint(CHECKPOINT, depth=32)
+    attack = functools.partial(pgd, eps=1 / 255, steps=3, restarts=0)  # no random start: one answer per call
+    clean, robust = FlatnessLoss(), FlatnessLoss(attack=attack, batch_size=16)
+    clean_loss, robust_loss = clean(net, x, y), robust(net, x, y)
+    assert robust_loss > clean_loss + 0.1  # PGD at 1/255 already costs an undefended network much of its loss
+
+    avg = avg_case_flatness(net, x, y, robust, xi=0.5, n_samples=2)
+    assert avg.loss == pytest.approx(robust_loss) and avg.value > 0  # a trained minimum: random steps go uphill
+    assert "pgd" in avg.settings["attack"] and avg.settings["n_data"] == 32
+    worst = worst_case_flatness(net, x, y, clean, xi=0.003, steps=3, eps=1 / 255)  # Stutz et al.'s joint ascent
+    assert worst.value > 0 and worst.loss > clean_loss  # L(w) at the ascended inputs is the robust loss
+
+    settings = SurfaceSettings(span=0.1, resolution=3, data_name="cifar10 test[:32]", precision="fp32",
+                               points_per_forward=3, fold_bn=True, channels_last=True)
+    out = model_surfaces({"base": net}, x, y, None, settings, ComparisonSettings(seed=0, robust_n=16),
+                         attack=attack, attack_name="PGD-3, 1/255")
+    grid, line = out["grid"]["base"], out["line"]["base"]
+    assert float(grid.loss.sel(alpha=0.0, beta=0.0)) == pytest.approx(clean_loss, rel=1e-4)
+    assert float(line.robust_loss.sel(alpha=0.0)) == pytest.approx(robust(net, x[:16], y[:16]), rel=1e-3)
+    assert (line.robust_loss >= line.loss - 1e-6).all()

@@ -19,6 +19,7 @@ from torch import nn
 
 from advkit._checks import check_choice, check_int, check_number
 from advkit._torch import Attack
+from advkit.landscape.directions import BN_POLICIES
 from advkit.landscape.settings import SurfaceSettings, settings_with
 from advkit.landscape.sharpness import quadratic_fit
 from advkit.landscape.studies import SensitivitySettings, sensitivity_surfaces, sensitivity_table
@@ -73,7 +74,7 @@ def sensitivity_replicates(models: Mapping[str, nn.Module], x: torch.Tensor, y: 
     if not seeds:
         raise ValueError("seeds must name at least one direction seed")
     for b, mode in bn_variants:
-        check_choice("bn_variants bn", b, ("ignore", "include"))
+        check_choice("bn_variants bn", b, BN_POLICIES)
         check_choice("bn_variants bn_mode", mode, ("eval", "recalibrate"))
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for model in models.values() for m in model.modules()):
         bn_variants = [v for v in bn_variants if v == ("ignore", "eval")]  # no BatchNorm: nothing to vary

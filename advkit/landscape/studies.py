@@ -15,7 +15,7 @@ from torch import nn
 
 from advkit._checks import DIRECTION_NORMS, check_choice, check_number, check_seed
 from advkit._torch import Attack
-from advkit.landscape.directions import random_directions
+from advkit.landscape.directions import BN_POLICIES, random_directions
 from advkit.landscape.settings import SurfaceSettings, settings_with
 from advkit.landscape.sharpness import mean_increase, quadratic_fit
 from advkit.landscape.surfaces import grid, line
@@ -42,7 +42,7 @@ class SensitivitySettings:
         object.__setattr__(self, "norms", tuple(self.norms))
         check_choice("dims", self.dims, (1, 2))
         check_seed("seed", self.seed)
-        check_choice("bn", self.bn, ("ignore", "include"))
+        check_choice("bn", self.bn, BN_POLICIES)
         for norm in self.norms:
             check_choice("norms entry", norm, DIRECTION_NORMS)
         if isinstance(self.spans, Mapping):
